@@ -1,0 +1,47 @@
+//! # raft: consensus for raftsched
+//!
+//! openraft 0.9 (storage-v2) wired to our storage and transport:
+//!
+//! * [`TypeConfig`]: log payload = [`state_machine::Command`], response =
+//!   [`state_machine::Response`], `u64` node ids, [`NodeInfo`] (the node's gRPC address);
+//! * [`log_store`]: the durable Raft log — append-only segment files with a CRC per record and
+//!   `fdatasync` before openraft hears that entries are durable;
+#![allow(clippy::result_large_err)]
+
+use serde::{Deserialize, Serialize};
+
+pub mod log_store;
+
+/// What the cluster knows about a member: where to reach it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// `host:port` of the node's gRPC endpoint (public API and the internal Raft service).
+    pub addr: String,
+}
+
+impl std::fmt::Display for NodeInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.addr)
+    }
+}
+
+openraft::declare_raft_types!(
+    /// The openraft type configuration of raftsched.
+    pub TypeConfig:
+        D = state_machine::Command,
+        R = state_machine::Response,
+        NodeId = u64,
+        Node = NodeInfo,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = tokio::fs::File,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// Node id type.
+pub type NodeId = u64;
+/// The Raft handle.
+pub type Raft = openraft::Raft<TypeConfig>;
+/// A log entry.
+pub type Entry = openraft::Entry<TypeConfig>;
+/// openraft's storage error for our config.
+pub type StorageError = openraft::StorageError<NodeId>;

@@ -1,0 +1,1 @@
+//! placeholder: the durable log (being written)

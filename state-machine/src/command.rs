@@ -1,0 +1,246 @@
+//! Commands (the Raft log payload) and their responses.
+//!
+//! A command is a *decision* the leader made, stamped with the leader's clock (`now`). Apply is
+//! a deterministic function of (state, command): every replica computes the same response and
+//! the same next state. Business failures are values: a rejected command is still applied (it
+//! changes nothing, or only what its accepted items change) and its rejection is the response.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Rejection;
+use crate::model::{Fence, Millis, TaskId, TaskSpec, TaskStateKind, WorkerId, WorkerSpec};
+
+/// One entry of the replicated log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// The leader's wall clock when it proposed the command. Apply uses
+    /// `max(log_time, now)`, so a leader with a slow clock never moves time backwards.
+    pub now: Millis,
+    /// What to do.
+    pub op: Op,
+}
+
+impl Command {
+    /// A command with the given time.
+    pub fn new(now: Millis, op: Op) -> Self {
+        Command { now, op }
+    }
+}
+
+/// The operations of the scheduler.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Submit a batch of tasks atomically: either every task is valid and the batch is
+    /// accepted, or nothing changes and the first problem is returned.
+    Submit {
+        /// The tasks, in order; dependencies may point into the batch by position.
+        tasks: Vec<NewTask>,
+    },
+    /// Cancel tasks; dependents that can no longer run become UpstreamFailed.
+    Cancel {
+        /// Tasks to cancel.
+        ids: Vec<TaskId>,
+        /// Free text recorded on the task.
+        reason: String,
+    },
+    /// Register a worker, or re-register after a reconnect (same `instance`) or a restart (new
+    /// `instance`: what the previous instance held is requeued).
+    RegisterWorker {
+        /// The worker's description.
+        spec: WorkerSpec,
+        /// The worker process's nonce.
+        instance: u64,
+    },
+    /// Stop giving a worker new tasks; it keeps what it holds.
+    DrainWorker {
+        /// Which worker.
+        worker: WorkerId,
+    },
+    /// A worker leaves gracefully; whatever it still holds is requeued.
+    DeregisterWorker {
+        /// Which worker.
+        worker: WorkerId,
+        /// Its session (a stale session is rejected).
+        session: u64,
+    },
+    /// The leader saw no heartbeat within the TTL; the worker's tasks are requeued with a new
+    /// attempt. Quoting the session makes a decision about an old session harmless.
+    ExpireWorker {
+        /// Which worker.
+        worker: WorkerId,
+        /// The session the leader timed out.
+        session: u64,
+    },
+    /// Placement decisions made by the leader's planner; each is re-validated at apply.
+    Assign {
+        /// task -> worker pairs.
+        assignments: Vec<Assignment>,
+    },
+    /// Progress reports from one worker, each carrying the attempt's fencing token.
+    Report {
+        /// The reporting worker.
+        worker: WorkerId,
+        /// Started / Succeeded / Failed, in order.
+        reports: Vec<Report>,
+    },
+    /// Apply every time-based transition due at `now`: Delayed tasks whose time has come become
+    /// Queued; attempts past their deadline fail with a timeout.
+    AdvanceTime,
+    /// Retention: remove terminal tasks that finished before `finished_before`, and dead
+    /// workers that died before it; at most `limit` tasks.
+    Purge {
+        /// Cut-off in log time.
+        finished_before: Millis,
+        /// Upper bound on tasks removed by this command.
+        limit: u32,
+    },
+}
+
+impl Op {
+    /// A short name for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Submit { .. } => "submit",
+            Op::Cancel { .. } => "cancel",
+            Op::RegisterWorker { .. } => "register_worker",
+            Op::DrainWorker { .. } => "drain_worker",
+            Op::DeregisterWorker { .. } => "deregister_worker",
+            Op::ExpireWorker { .. } => "expire_worker",
+            Op::Assign { .. } => "assign",
+            Op::Report { .. } => "report",
+            Op::AdvanceTime => "advance_time",
+            Op::Purge { .. } => "purge",
+        }
+    }
+}
+
+/// A dependency as written by the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DepRef {
+    /// A task that already exists.
+    Id(TaskId),
+    /// The task at this position of the same batch.
+    Batch(u32),
+}
+
+/// A task in a submit batch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewTask {
+    /// Everything but the dependencies.
+    pub spec: TaskSpec,
+    /// Dependencies by id or batch position.
+    pub depends_on: Vec<DepRef>,
+}
+
+/// One placement decision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// The task to place.
+    pub task: TaskId,
+    /// The worker to place it on.
+    pub worker: WorkerId,
+}
+
+/// One report from a worker about one attempt.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// The task.
+    pub task: TaskId,
+    /// The attempt's fencing token.
+    pub fence: Fence,
+    /// What happened.
+    pub outcome: ReportKind,
+}
+
+/// What a worker reports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReportKind {
+    /// The worker began executing (acknowledges delivery; Assigned -> Running).
+    Started,
+    /// It finished successfully, with a bounded result.
+    Succeeded {
+        /// The result bytes.
+        result: Vec<u8>,
+    },
+    /// It failed.
+    Failed {
+        /// The error text.
+        message: String,
+        /// False for errors that no retry can fix.
+        retryable: bool,
+    },
+}
+
+/// The response of a command. `Err` means the whole command was rejected and changed nothing.
+pub type Response = Result<Output, Rejection>;
+
+/// Successful outputs, one variant per operation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Output {
+    /// Ids of the submitted tasks, in batch order.
+    Submitted(Vec<Submitted>),
+    /// One outcome per id.
+    Cancelled(Vec<Result<CancelOutcome, Rejection>>),
+    /// The worker's session.
+    Registered {
+        /// Session to quote in heartbeats.
+        session: u64,
+        /// Tasks the worker holds (after a reconnect) or that were requeued (after a restart).
+        requeued: Vec<TaskId>,
+    },
+    /// Drain / deregister / expire applied.
+    WorkerUpdated {
+        /// Tasks taken away from the worker and requeued (or failed when out of attempts).
+        requeued: Vec<TaskId>,
+    },
+    /// One outcome per assignment: the fencing token, or why it was refused.
+    Assigned(Vec<Result<Fence, Rejection>>),
+    /// One outcome per report.
+    Reported(Vec<Result<ReportOutcome, Rejection>>),
+    /// Time-based transitions applied.
+    Advanced {
+        /// Delayed -> Queued.
+        promoted: u32,
+        /// Attempts failed by their deadline.
+        timed_out: u32,
+    },
+    /// Retention applied.
+    Purged {
+        /// Tasks removed.
+        tasks: u32,
+        /// Workers removed.
+        workers: u32,
+    },
+}
+
+/// One submitted task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Submitted {
+    /// Its id.
+    pub id: TaskId,
+    /// False when the idempotency key matched an existing task (nothing new was created).
+    pub created: bool,
+    /// Its state after the submit.
+    pub state: TaskStateKind,
+}
+
+/// What cancelling one task did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CancelOutcome {
+    /// It is now Cancelled; `dependents` turned UpstreamFailed.
+    Cancelled {
+        /// Dependents failed transitively.
+        dependents: Vec<TaskId>,
+    },
+    /// It was already cancelled (a retried cancel).
+    AlreadyCancelled,
+}
+
+/// What a report did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReportOutcome {
+    /// Accepted; the task is now in this state.
+    Accepted(TaskStateKind),
+    /// The same report was accepted before (a retry); nothing changed.
+    Duplicate(TaskStateKind),
+}

@@ -1,0 +1,121 @@
+//! Rejections: the business failures of apply, returned as values.
+//!
+//! Every variant names what is wrong precisely enough for the node to map it to one gRPC code
+//! (see `node::error`) and for a user to fix the request: `field` paths look like
+//! `tasks[3].depends_on[1]`.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::model::{Fence, TaskId, TaskStateKind, WorkerId};
+
+/// Why apply refused a command or one item of it.
+#[derive(Clone, Debug, PartialEq, Eq, Error, Serialize, Deserialize)]
+pub enum Rejection {
+    /// A field is malformed (empty, wrong characters, out of range).
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument {
+        /// Path of the field.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A size or count limit is exceeded.
+    #[error("{field} exceeds the limit: {actual} > {limit}")]
+    LimitExceeded {
+        /// Path of the field.
+        field: String,
+        /// The limit.
+        limit: u64,
+        /// What was sent.
+        actual: u64,
+    },
+    /// A dependency id does not exist (never did, or was purged).
+    #[error("{field}: unknown task {task}")]
+    UnknownDependency {
+        /// Path of the field.
+        field: String,
+        /// The missing id.
+        task: TaskId,
+    },
+    /// Dependencies inside a batch form a cycle.
+    #[error("dependency cycle among batch positions {positions:?}")]
+    DependencyCycle {
+        /// Batch positions on the cycle (or unorderable).
+        positions: Vec<u32>,
+    },
+    /// No such task.
+    #[error("task {task} not found")]
+    TaskNotFound {
+        /// The id.
+        task: TaskId,
+    },
+    /// No such worker.
+    #[error("worker {worker} not found")]
+    WorkerNotFound {
+        /// The id.
+        worker: WorkerId,
+    },
+    /// The worker exists but cannot do this (dead, draining, wrong session).
+    #[error("worker {worker} is {status}: {reason}")]
+    WorkerUnavailable {
+        /// The id.
+        worker: WorkerId,
+        /// Its status name.
+        status: String,
+        /// Why that matters here.
+        reason: String,
+    },
+    /// A report or decision quoted a fencing token that is not the task's current one.
+    #[error("stale fencing token {given} for task {task} (current: {current:?})")]
+    StaleFence {
+        /// The task.
+        task: TaskId,
+        /// The current attempt's token, if one is in progress.
+        current: Option<Fence>,
+        /// The token quoted.
+        given: Fence,
+    },
+    /// A report came from a worker that does not hold the task.
+    #[error("task {task} is not held by worker {given} (holder: {holder:?})")]
+    WrongWorker {
+        /// The task.
+        task: TaskId,
+        /// Who holds it, if anyone.
+        holder: Option<WorkerId>,
+        /// Who reported.
+        given: WorkerId,
+    },
+    /// The task's state does not allow this (e.g. assigning a task that is not queued).
+    #[error("task {task} is {state}: {reason}")]
+    InvalidState {
+        /// The task.
+        task: TaskId,
+        /// Its current state.
+        state: TaskStateKind,
+        /// What was attempted.
+        reason: String,
+    },
+    /// An assignment does not fit the worker (queue, labels, slots or resources).
+    #[error("task {task} does not fit worker {worker}: {reason}")]
+    DoesNotFit {
+        /// The task.
+        task: TaskId,
+        /// The worker.
+        worker: WorkerId,
+        /// What does not fit.
+        reason: String,
+    },
+}
+
+impl Rejection {
+    /// Shorthand for [`Rejection::InvalidArgument`].
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Rejection::InvalidArgument { field: field.into(), reason: reason.into() }
+    }
+
+    /// Shorthand for [`Rejection::LimitExceeded`].
+    pub fn limit(field: impl Into<String>, limit: u64, actual: u64) -> Self {
+        Rejection::LimitExceeded { field: field.into(), limit, actual }
+    }
+}

@@ -1,0 +1,442 @@
+//! Stateless validation of what clients and workers send, shared by the node (which checks
+//! before proposing, with its configured limits) and apply (which re-checks with the hard
+//! limits, so a command that slipped past an edge with looser settings is still refused the
+//! same way on every replica).
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::command::{DepRef, NewTask};
+use crate::error::Rejection;
+use crate::model::{RetryPolicy, TaskSpec, WorkerId, WorkerSpec};
+
+/// Size and count limits. The node's configured limits must not exceed [`HARD`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Tasks in one submit.
+    pub max_batch_tasks: usize,
+    /// Bytes of one payload.
+    pub max_payload_bytes: usize,
+    /// Dependencies of one task.
+    pub max_deps: usize,
+    /// Bytes of a result reported by a worker.
+    pub max_result_bytes: usize,
+    /// Bytes of an error message kept (longer ones are truncated, not refused).
+    pub max_error_bytes: usize,
+    /// Bytes of a name, queue, label or metadata key, idempotency key.
+    pub max_name_bytes: usize,
+    /// Bytes of a label or metadata value.
+    pub max_value_bytes: usize,
+    /// Entries in the labels or metadata map.
+    pub max_map_entries: usize,
+    /// Attempts a retry policy may allow.
+    pub max_attempts: u32,
+    /// Longest backoff, timeout or not_before distance (ms): seven days.
+    pub max_duration_ms: u64,
+    /// Queues a worker may subscribe to.
+    pub max_worker_queues: usize,
+    /// Slots a worker may offer.
+    pub max_worker_slots: u32,
+}
+
+/// The limits apply enforces. Configured limits can only be tighter.
+pub const HARD: Limits = Limits {
+    max_batch_tasks: 10_000,
+    max_payload_bytes: 1 << 20,
+    max_deps: 1_000,
+    max_result_bytes: 1 << 20,
+    max_error_bytes: 16 << 10,
+    max_name_bytes: 256,
+    max_value_bytes: 1024,
+    max_map_entries: 64,
+    max_attempts: 1_000,
+    max_duration_ms: 7 * 24 * 3600 * 1000,
+    max_worker_queues: 64,
+    max_worker_slots: 100_000,
+};
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_payload_bytes: 256 << 10, max_result_bytes: 64 << 10, ..HARD }
+    }
+}
+
+impl Limits {
+    /// These limits, each clamped to at most the hard limit.
+    pub fn clamped(&self) -> Limits {
+        Limits {
+            max_batch_tasks: self.max_batch_tasks.min(HARD.max_batch_tasks),
+            max_payload_bytes: self.max_payload_bytes.min(HARD.max_payload_bytes),
+            max_deps: self.max_deps.min(HARD.max_deps),
+            max_result_bytes: self.max_result_bytes.min(HARD.max_result_bytes),
+            max_error_bytes: self.max_error_bytes.min(HARD.max_error_bytes),
+            max_name_bytes: self.max_name_bytes.min(HARD.max_name_bytes),
+            max_value_bytes: self.max_value_bytes.min(HARD.max_value_bytes),
+            max_map_entries: self.max_map_entries.min(HARD.max_map_entries),
+            max_attempts: self.max_attempts.min(HARD.max_attempts),
+            max_duration_ms: self.max_duration_ms.min(HARD.max_duration_ms),
+            max_worker_queues: self.max_worker_queues.min(HARD.max_worker_queues),
+            max_worker_slots: self.max_worker_slots.min(HARD.max_worker_slots),
+        }
+    }
+}
+
+fn is_ident_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '@' | '/')
+}
+
+/// A name-like field: non-empty, at most `max_name_bytes`, identifier characters.
+pub fn ident(field: &str, value: &str, limits: &Limits) -> Result<(), Rejection> {
+    if value.is_empty() {
+        return Err(Rejection::invalid(field, "must not be empty"));
+    }
+    if value.len() > limits.max_name_bytes {
+        return Err(Rejection::limit(field, limits.max_name_bytes as u64, value.len() as u64));
+    }
+    if let Some(c) = value.chars().find(|c| !is_ident_char(*c)) {
+        return Err(Rejection::invalid(
+            field,
+            format!("character {c:?} not allowed (use letters, digits and . _ - : @ /)"),
+        ));
+    }
+    Ok(())
+}
+
+/// A worker id.
+pub fn worker_id(field: &str, id: &WorkerId) -> Result<(), Rejection> {
+    ident(field, id.as_str(), &Limits { max_name_bytes: 128, ..HARD })
+}
+
+fn string_map(
+    field: &str,
+    map: &BTreeMap<String, String>,
+    limits: &Limits,
+) -> Result<(), Rejection> {
+    if map.len() > limits.max_map_entries {
+        return Err(Rejection::limit(field, limits.max_map_entries as u64, map.len() as u64));
+    }
+    for (k, v) in map {
+        ident(&format!("{field}[{k:?}]"), k, limits)?;
+        if v.len() > limits.max_value_bytes {
+            return Err(Rejection::limit(
+                format!("{field}[{k:?}]"),
+                limits.max_value_bytes as u64,
+                v.len() as u64,
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn retry(field: &str, r: &RetryPolicy, limits: &Limits) -> Result<(), Rejection> {
+    if r.max_attempts == 0 {
+        return Err(Rejection::invalid(
+            format!("{field}.max_attempts"),
+            "must be at least 1 (1 = no retries)",
+        ));
+    }
+    if r.max_attempts > limits.max_attempts {
+        return Err(Rejection::limit(
+            format!("{field}.max_attempts"),
+            limits.max_attempts as u64,
+            r.max_attempts as u64,
+        ));
+    }
+    if !(1000..=10_000).contains(&r.multiplier_permille) {
+        return Err(Rejection::invalid(
+            format!("{field}.multiplier_permille"),
+            "must be between 1000 (constant) and 10000 (x10)",
+        ));
+    }
+    if r.initial_backoff_ms > r.max_backoff_ms {
+        return Err(Rejection::invalid(
+            format!("{field}.initial_backoff_ms"),
+            "must not exceed max_backoff_ms",
+        ));
+    }
+    if r.max_backoff_ms > limits.max_duration_ms {
+        return Err(Rejection::limit(
+            format!("{field}.max_backoff_ms"),
+            limits.max_duration_ms,
+            r.max_backoff_ms,
+        ));
+    }
+    Ok(())
+}
+
+/// One task spec, without its dependencies. `now` bounds `not_before`.
+pub fn task_spec(
+    field: &str,
+    spec: &TaskSpec,
+    now: u64,
+    limits: &Limits,
+) -> Result<(), Rejection> {
+    ident(&format!("{field}.name"), &spec.name, limits)?;
+    ident(&format!("{field}.queue"), &spec.queue, limits)?;
+    if spec.payload.len() > limits.max_payload_bytes {
+        return Err(Rejection::limit(
+            format!("{field}.payload"),
+            limits.max_payload_bytes as u64,
+            spec.payload.len() as u64,
+        ));
+    }
+    string_map(&format!("{field}.labels"), &spec.labels, limits)?;
+    string_map(&format!("{field}.metadata"), &spec.metadata, limits)?;
+    if spec.resources.named.len() > limits.max_map_entries {
+        return Err(Rejection::limit(
+            format!("{field}.resources"),
+            limits.max_map_entries as u64,
+            spec.resources.named.len() as u64,
+        ));
+    }
+    for name in spec.resources.named.keys() {
+        ident(&format!("{field}.resources[{name:?}]"), name, limits)?;
+    }
+    retry(&format!("{field}.retry"), &spec.retry, limits)?;
+    if let Some(t) = spec.timeout_ms {
+        if t == 0 {
+            return Err(Rejection::invalid(
+                format!("{field}.timeout_ms"),
+                "must be positive (omit it for no timeout)",
+            ));
+        }
+        if t > limits.max_duration_ms {
+            return Err(Rejection::limit(format!("{field}.timeout_ms"), limits.max_duration_ms, t));
+        }
+    }
+    if let Some(nb) = spec.not_before {
+        if nb > now.saturating_add(limits.max_duration_ms) {
+            return Err(Rejection::invalid(
+                format!("{field}.not_before"),
+                "is more than seven days in the future",
+            ));
+        }
+    }
+    if let Some(key) = &spec.idempotency_key {
+        if key.is_empty() {
+            return Err(Rejection::invalid(
+                format!("{field}.idempotency_key"),
+                "must not be empty (omit it instead)",
+            ));
+        }
+        if key.len() > limits.max_name_bytes {
+            return Err(Rejection::limit(
+                format!("{field}.idempotency_key"),
+                limits.max_name_bytes as u64,
+                key.len() as u64,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A submit batch: sizes, every spec, dependency shape inside the batch (self, duplicate and
+/// out-of-range positions, cycles) and duplicate idempotency keys. Dependencies on existing
+/// ids are checked against the state by apply.
+pub fn submit_batch(tasks: &[NewTask], now: u64, limits: &Limits) -> Result<(), Rejection> {
+    if tasks.is_empty() {
+        return Err(Rejection::invalid("tasks", "must contain at least one task"));
+    }
+    if tasks.len() > limits.max_batch_tasks {
+        return Err(Rejection::limit("tasks", limits.max_batch_tasks as u64, tasks.len() as u64));
+    }
+    let mut keys: HashMap<&str, usize> = HashMap::new();
+    for (i, t) in tasks.iter().enumerate() {
+        let field = format!("tasks[{i}]");
+        task_spec(&field, &t.spec, now, limits)?;
+        if t.depends_on.len() > limits.max_deps {
+            return Err(Rejection::limit(
+                format!("{field}.depends_on"),
+                limits.max_deps as u64,
+                t.depends_on.len() as u64,
+            ));
+        }
+        let mut seen = std::collections::HashSet::with_capacity(t.depends_on.len());
+        for (j, d) in t.depends_on.iter().enumerate() {
+            let dfield = format!("{field}.depends_on[{j}]");
+            if let DepRef::Batch(p) = d {
+                if *p as usize == i {
+                    return Err(Rejection::invalid(dfield, "a task cannot depend on itself"));
+                }
+                if *p as usize >= tasks.len() {
+                    return Err(Rejection::invalid(
+                        dfield,
+                        format!("batch position {p} is out of range (batch has {})", tasks.len()),
+                    ));
+                }
+            }
+            if !seen.insert(*d) {
+                return Err(Rejection::invalid(dfield, "duplicate dependency"));
+            }
+        }
+        if let Some(k) = &t.spec.idempotency_key {
+            if let Some(first) = keys.insert(k.as_str(), i) {
+                return Err(Rejection::invalid(
+                    format!("{field}.idempotency_key"),
+                    format!("duplicates the key of tasks[{first}]"),
+                ));
+            }
+        }
+    }
+    topo_order(tasks).map(|_| ())
+}
+
+/// Batch positions in an order where every in-batch dependency comes first (Kahn's algorithm,
+/// smallest position first for determinism). A cycle is refused with the positions involved.
+pub fn topo_order(tasks: &[NewTask]) -> Result<Vec<u32>, Rejection> {
+    let n = tasks.len();
+    let mut indegree = vec![0u32; n];
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); n];
+    for (i, t) in tasks.iter().enumerate() {
+        for d in &t.depends_on {
+            if let DepRef::Batch(p) = d {
+                indegree[i] += 1;
+                out[*p as usize].push(i as u32);
+            }
+        }
+    }
+    let mut ready: std::collections::BTreeSet<u32> =
+        (0..n as u32).filter(|&i| indegree[i as usize] == 0).collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some(i) = ready.pop_first() {
+        order.push(i);
+        for &j in &out[i as usize] {
+            indegree[j as usize] -= 1;
+            if indegree[j as usize] == 0 {
+                ready.insert(j);
+            }
+        }
+    }
+    if order.len() < n {
+        let positions = (0..n as u32).filter(|&i| indegree[i as usize] > 0).collect();
+        return Err(Rejection::DependencyCycle { positions });
+    }
+    Ok(order)
+}
+
+/// A worker's registration.
+pub fn worker_spec(spec: &WorkerSpec, limits: &Limits) -> Result<(), Rejection> {
+    worker_id("worker.id", &spec.id)?;
+    if spec.queues.is_empty() {
+        return Err(Rejection::invalid("worker.queues", "must name at least one queue"));
+    }
+    if spec.queues.len() > limits.max_worker_queues {
+        return Err(Rejection::limit(
+            "worker.queues",
+            limits.max_worker_queues as u64,
+            spec.queues.len() as u64,
+        ));
+    }
+    for (i, q) in spec.queues.iter().enumerate() {
+        ident(&format!("worker.queues[{i}]"), q, limits)?;
+    }
+    string_map("worker.labels", &spec.labels, limits)?;
+    for name in spec.capacity.named.keys() {
+        ident(&format!("worker.capacity[{name:?}]"), name, limits)?;
+    }
+    if spec.slots == 0 {
+        return Err(Rejection::invalid("worker.slots", "must be at least 1"));
+    }
+    if spec.slots > limits.max_worker_slots {
+        return Err(Rejection::limit(
+            "worker.slots",
+            limits.max_worker_slots as u64,
+            spec.slots as u64,
+        ));
+    }
+    Ok(())
+}
+
+/// Truncate an error message to at most `max` bytes on a character boundary.
+pub fn truncate_message(message: &str, max: usize) -> String {
+    if message.len() <= max {
+        return message.to_string();
+    }
+    let mut end = max;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message[..end].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nt(deps: Vec<DepRef>) -> NewTask {
+        NewTask { spec: TaskSpec::new("t"), depends_on: deps }
+    }
+
+    #[test]
+    fn empty_batch_is_refused() {
+        assert!(matches!(
+            submit_batch(&[], 0, &HARD),
+            Err(Rejection::InvalidArgument { field, .. }) if field == "tasks"
+        ));
+    }
+
+    #[test]
+    fn self_duplicate_and_out_of_range_positions_are_refused() {
+        let e = submit_batch(&[nt(vec![DepRef::Batch(0)])], 0, &HARD).unwrap_err();
+        assert_eq!(
+            e,
+            Rejection::invalid("tasks[0].depends_on[0]", "a task cannot depend on itself")
+        );
+        let e = submit_batch(&[nt(vec![]), nt(vec![DepRef::Batch(0), DepRef::Batch(0)])], 0, &HARD)
+            .unwrap_err();
+        assert_eq!(e, Rejection::invalid("tasks[1].depends_on[1]", "duplicate dependency"));
+        let e = submit_batch(&[nt(vec![DepRef::Batch(5)])], 0, &HARD).unwrap_err();
+        assert!(matches!(e, Rejection::InvalidArgument { field, .. } if field == "tasks[0].depends_on[0]"));
+    }
+
+    #[test]
+    fn cycles_are_refused_with_their_positions() {
+        let batch = vec![nt(vec![]), nt(vec![DepRef::Batch(2)]), nt(vec![DepRef::Batch(1)])];
+        assert_eq!(
+            submit_batch(&batch, 0, &HARD).unwrap_err(),
+            Rejection::DependencyCycle { positions: vec![1, 2] }
+        );
+    }
+
+    #[test]
+    fn forward_references_are_ordered() {
+        let batch = vec![nt(vec![DepRef::Batch(1)]), nt(vec![])];
+        assert_eq!(topo_order(&batch).unwrap(), vec![1, 0]);
+    }
+
+    #[test]
+    fn fields_are_named() {
+        let mut t = nt(vec![]);
+        t.spec.queue = "bad queue".into();
+        let e = submit_batch(&[nt(vec![]), t], 0, &HARD).unwrap_err();
+        assert!(matches!(e, Rejection::InvalidArgument { field, .. } if field == "tasks[1].queue"));
+
+        let mut t = nt(vec![]);
+        t.spec.payload = vec![0; 300 << 10];
+        let e = submit_batch(&[t], 0, &Limits::default()).unwrap_err();
+        assert_eq!(e, Rejection::limit("tasks[0].payload", 256 << 10, 300 << 10));
+
+        let mut t = nt(vec![]);
+        t.spec.retry.max_attempts = 0;
+        let e = submit_batch(&[t], 0, &HARD).unwrap_err();
+        assert!(
+            matches!(e, Rejection::InvalidArgument { field, .. } if field == "tasks[0].retry.max_attempts")
+        );
+    }
+
+    #[test]
+    fn duplicate_keys_in_a_batch_are_refused() {
+        let mut a = nt(vec![]);
+        a.spec.idempotency_key = Some("k".into());
+        let b = a.clone();
+        let e = submit_batch(&[a, b], 0, &HARD).unwrap_err();
+        assert!(
+            matches!(e, Rejection::InvalidArgument { field, .. } if field == "tasks[1].idempotency_key")
+        );
+    }
+
+    #[test]
+    fn truncation_respects_char_boundaries() {
+        assert_eq!(truncate_message("héllo", 2), "h");
+        assert_eq!(truncate_message("abc", 10), "abc");
+    }
+}

@@ -1,0 +1,681 @@
+//! Every transition and every rejection of `apply`, one behaviour per test. Invariants are
+//! checked after every apply by the harness in `common`.
+
+mod common;
+
+use common::*;
+use state_machine::*;
+
+// ----- submit ---------------------------------------------------------------------------
+
+#[test]
+fn submit_creates_queued_tasks_with_monotonic_ids() {
+    let mut h = H::new();
+    let a = h.submit1(spec("a"));
+    let b = h.submit1(spec("b"));
+    assert_eq!((a, b), (TaskId(1), TaskId(2)));
+    assert!(matches!(h.task(a).state, TaskState::Queued { since: 1_000 }));
+    assert_eq!(h.s.count(TaskStateKind::Queued), 2);
+}
+
+#[test]
+fn submit_reports_changed_records_and_events() {
+    let mut h = H::new();
+    h.s.take_changes();
+    let id = h.submit1(spec("a"));
+    let ch = h.s.take_changes();
+    assert!(ch.records.contains(&RecordKey::Task(id)));
+    assert!(ch.records.contains(&RecordKey::Meta));
+    assert_eq!(ch.events.len(), 1);
+    assert_eq!(ch.events[0].task, id);
+    assert_eq!(ch.events[0].state, TaskStateKind::Queued);
+}
+
+#[test]
+fn batch_dependencies_by_position_wait_and_forward_references_work() {
+    let mut h = H::new();
+    // position 0 depends on position 1 (a forward reference).
+    let ids = h.submit(vec![nt(spec("child"), vec![DepRef::Batch(1)]), nt(spec("parent"), vec![])]);
+    assert_eq!(ids, vec![TaskId(1), TaskId(2)]);
+    assert_eq!(h.kind(ids[0]), TaskStateKind::Waiting);
+    assert_eq!(h.kind(ids[1]), TaskStateKind::Queued);
+    assert_eq!(h.task(ids[0]).deps, vec![ids[1]]);
+}
+
+#[test]
+fn unknown_dependency_is_refused_and_changes_nothing() {
+    let mut h = H::new();
+    h.submit1(spec("a"));
+    let before = h.s.digest();
+    let r = h.apply(Op::Submit { tasks: vec![nt(spec("ok"), vec![]), nt(spec("b"), vec![DepRef::Id(TaskId(99))])] });
+    assert_eq!(
+        r,
+        Err(Rejection::UnknownDependency { field: "tasks[1].depends_on[0]".into(), task: TaskId(99) })
+    );
+    assert_eq!(h.s.digest(), before, "a rejected batch must change nothing");
+    assert_eq!(h.s.task_count(), 1);
+}
+
+#[test]
+fn cycle_in_batch_is_refused() {
+    let mut h = H::new();
+    h.submit1(spec("a"));
+    let before = h.s.digest();
+    let r = h.apply(Op::Submit {
+        tasks: vec![nt(spec("a"), vec![DepRef::Batch(1)]), nt(spec("b"), vec![DepRef::Batch(0)])],
+    });
+    assert_eq!(r, Err(Rejection::DependencyCycle { positions: vec![0, 1] }));
+    assert_eq!(h.s.digest(), before, "a rejected batch must change nothing");
+}
+
+#[test]
+fn self_and_duplicate_dependencies_are_refused() {
+    let mut h = H::new();
+    let a = h.submit1(spec("a"));
+    let r = h.apply(Op::Submit { tasks: vec![nt(spec("b"), vec![DepRef::Id(a), DepRef::Id(a)])] });
+    assert!(matches!(r, Err(Rejection::InvalidArgument { ref field, .. }) if field == "tasks[0].depends_on[1]"));
+    let r = h.apply(Op::Submit { tasks: vec![nt(spec("b"), vec![DepRef::Batch(0)])] });
+    assert!(matches!(r, Err(Rejection::InvalidArgument { ref reason, .. }) if reason.contains("itself")));
+    // An id and a position that resolve to the same (deduplicated) task are duplicates too.
+    let keyed_id = h.submit1(keyed("k", "key-a"));
+    assert_eq!(keyed_id, TaskId(2));
+    let r = h.apply(Op::Submit {
+        tasks: vec![nt(keyed("k", "key-a"), vec![]), nt(spec("c"), vec![DepRef::Batch(0), DepRef::Id(TaskId(2))])],
+    });
+    assert!(matches!(r, Err(Rejection::InvalidArgument { ref reason, .. }) if reason.contains("duplicate")));
+}
+
+#[test]
+fn limits_are_enforced_at_apply() {
+    let mut h = H::new();
+    let mut big = spec("a");
+    big.payload = vec![0; (1 << 20) + 1];
+    let r = h.apply(Op::Submit { tasks: vec![nt(big, vec![])] });
+    assert_eq!(r, Err(Rejection::limit("tasks[0].payload", 1 << 20, (1 << 20) + 1)));
+    let r = h.apply(Op::Submit { tasks: vec![] });
+    assert!(matches!(r, Err(Rejection::InvalidArgument { ref field, .. }) if field == "tasks"));
+}
+
+#[test]
+fn idempotency_key_returns_the_existing_task() {
+    let mut h = H::new();
+    let first = h.submit1(keyed("a", "k1"));
+    let r = h.apply(Op::Submit { tasks: vec![nt(keyed("a", "k1"), vec![]), nt(keyed("b", "k2"), vec![DepRef::Batch(0)])] });
+    let Ok(Output::Submitted(v)) = r else { panic!("{r:?}") };
+    assert_eq!(v[0], Submitted { id: first, created: false, state: TaskStateKind::Queued });
+    assert!(v[1].created);
+    assert_eq!(h.task(v[1].id).deps, vec![first]);
+    assert_eq!(h.s.task_count(), 2);
+    assert_eq!(h.s.task_by_key("k1"), Some(first));
+}
+
+#[test]
+fn not_before_delays_until_log_time_passes() {
+    let mut h = H::new();
+    let mut s = spec("later");
+    s.not_before = Some(5_000);
+    let id = h.submit1(s);
+    assert!(matches!(h.task(id).state, TaskState::Delayed { until: 5_000 }));
+    assert_eq!(h.s.next_timer(), Some(5_000));
+    h.now = 4_999;
+    assert_eq!(h.apply(Op::AdvanceTime), Ok(Output::Advanced { promoted: 0, timed_out: 0 }));
+    assert_eq!(h.kind(id), TaskStateKind::Delayed);
+    h.now = 5_000;
+    assert_eq!(h.apply(Op::AdvanceTime), Ok(Output::Advanced { promoted: 1, timed_out: 0 }));
+    assert_eq!(h.kind(id), TaskStateKind::Queued);
+}
+
+#[test]
+fn depending_on_a_failed_task_is_upstream_failed_at_once() {
+    let mut h = H::new();
+    h.worker("w1", 4);
+    let mut s = spec("a");
+    s.retry.max_attempts = 1;
+    let a = h.submit1(s);
+    let f = h.assign(a, "w1").unwrap();
+    h.fail("w1", a, f, true).unwrap();
+    assert_eq!(h.kind(a), TaskStateKind::Failed);
+    let b = h.submit(vec![nt(spec("b"), vec![DepRef::Id(a)])])[0];
+    assert!(matches!(h.task(b).state, TaskState::UpstreamFailed { upstream, .. } if upstream == a));
+}
+
+#[test]
+fn depending_on_a_succeeded_task_is_ready() {
+    let mut h = H::new();
+    h.worker("w1", 4);
+    let a = h.submit1(spec("a"));
+    let f = h.assign(a, "w1").unwrap();
+    h.complete("w1", a, f).unwrap();
+    let b = h.submit(vec![nt(spec("b"), vec![DepRef::Id(a)])])[0];
+    assert_eq!(h.kind(b), TaskStateKind::Queued);
+}
+
+// ----- assign -------------------------------------------------------------------------
+
+#[test]
+fn assign_issues_increasing_fences_and_counts_attempts() {
+    let mut h = H::new();
+    h.worker("w1", 4);
+    let a = h.submit1(spec("a"));
+    let b = h.submit1(spec("b"));
+    let fa = h.assign(a, "w1").unwrap();
+    let fb = h.assign(b, "w1").unwrap();
+    assert!(fb > fa);
+    assert_eq!(h.task(a).attempt, 1);
+    assert!(matches!(&h.task(a).state, TaskState::Assigned { worker, fence, .. } if worker.as_str() == "w1" && *fence == fa));
+    assert_eq!(h.s.held_by(&w("w1")).count(), 2);
+}
+
+#[test]
+fn assign_revalidates_everything() {
+    let mut h = H::new();
+    h.worker("w1", 1);
+    let a = h.submit1(spec("a"));
+    let b = h.submit1(spec("b"));
+    assert_eq!(h.assign(TaskId(77), "w1"), Err(Rejection::TaskNotFound { task: TaskId(77) }));
+    assert_eq!(h.assign(a, "nope"), Err(Rejection::WorkerNotFound { worker: w("nope") }));
+    h.assign(a, "w1").unwrap();
+    assert!(matches!(h.assign(a, "w1"), Err(Rejection::InvalidState { state: TaskStateKind::Assigned, .. })));
+    assert!(matches!(h.assign(b, "w1"), Err(Rejection::DoesNotFit { ref reason, .. }) if reason.contains("slots")));
+
+    let mut q = spec("other-queue");
+    q.queue = "gpu".into();
+    let c = h.submit1(q);
+    h.worker("w2", 4);
+    assert!(matches!(h.assign(c, "w2"), Err(Rejection::DoesNotFit { ref reason, .. }) if reason.contains("queue")));
+
+    let mut l = spec("labelled");
+    l.labels.insert("zone".into(), "eu".into());
+    let d = h.submit1(l);
+    assert!(matches!(h.assign(d, "w2"), Err(Rejection::DoesNotFit { ref reason, .. }) if reason.contains("zone=eu")));
+
+    let mut r = spec("hungry");
+    r.resources.cpu_milli = 9_000;
+    let e = h.submit1(r);
+    assert!(matches!(h.assign(e, "w2"), Err(Rejection::DoesNotFit { ref reason, .. }) if reason.contains("cpu")));
+
+    h.apply(Op::DrainWorker { worker: w("w2") }).unwrap();
+    assert!(matches!(h.assign(b, "w2"), Err(Rejection::WorkerUnavailable { .. })));
+}
+
+#[test]
+fn assignments_in_one_command_share_capacity() {
+    let mut h = H::new();
+    h.worker("w1", 1);
+    let a = h.submit1(spec("a"));
+    let b = h.submit1(spec("b"));
+    let r = h.apply(Op::Assign {
+        assignments: vec![Assignment { task: a, worker: w("w1") }, Assignment { task: b, worker: w("w1") }],
+    });
+    let Ok(Output::Assigned(v)) = r else { panic!() };
+    assert!(v[0].is_ok());
+    assert!(matches!(v[1], Err(Rejection::DoesNotFit { .. })));
+}
+
+// ----- reports --------------------------------------------------------------------------
+
+#[test]
+fn start_then_complete_and_repeat_is_idempotent() {
+    let mut h = H::new();
+    h.worker("w1", 2);
+    let a = h.submit1(spec("a"));
+    let f = h.assign(a, "w1").unwrap();
+    assert_eq!(h.report("w1", a, f, ReportKind::Started), Ok(ReportOutcome::Accepted(TaskStateKind::Running)));
+    assert_eq!(h.report("w1", a, f, ReportKind::Started), Ok(ReportOutcome::Duplicate(TaskStateKind::Running)));
+    assert_eq!(h.complete("w1", a, f), Ok(ReportOutcome::Accepted(TaskStateKind::Succeeded)));
+    assert_eq!(h.complete("w1", a, f), Ok(ReportOutcome::Duplicate(TaskStateKind::Succeeded)));
+    assert!(matches!(&h.task(a).state, TaskState::Succeeded { result, fence, .. } if result == b"ok" && *fence == f));
+    assert_eq!(h.s.held_by(&w("w1")).count(), 0);
+}
+
+#[test]
+fn completion_may_skip_start() {
+    let mut h = H::new();
+    h.worker("w1", 2);
+    let a = h.submit1(spec("a"));
+    let f = h.assign(a, "w1").unwrap();
+    assert_eq!(h.complete("w1", a, f), Ok(ReportOutcome::Accepted(TaskStateKind::Succeeded)));
+}
+
+#[test]
+fn completion_releases_dependents_in_the_same_apply() {
+    let mut h = H::new();
+    h.worker("w1", 4);
+    let ids = h.submit(vec![
+        nt(spec("a"), vec![]),
+        nt(spec("b"), vec![]),
+        nt(spec("c"), vec![DepRef::Batch(0), DepRef::Batch(1)]),
+    ]);
+    let fa = h.assign(ids[0], "w1").unwrap();
+    let fb = h.assign(ids[1], "w1").unwrap();
+    h.complete("w1", ids[0], fa).unwrap();
+    assert_eq!(h.kind(ids[2]), TaskStateKind::Waiting, "still waiting on b");
+    assert_eq!(h.s.explain(ids[2]), Some(Explanation::Waiting { on: vec![ids[1]] }));
+    h.s.take_changes();
+    h.complete("w1", ids[1], fb).unwrap();
+    let ch = h.s.take_changes();
+    assert_eq!(h.kind(ids[2]), TaskStateKind::Queued);
+    assert!(ch.events.iter().any(|e| e.task == ids[2] && e.state == TaskStateKind::Queued));
+}
+
+#[test]
+fn stale_fence_and_wrong_worker_are_rejected() {
+    let mut h = H::new();
+    h.worker("w1", 2);
+    h.worker("w2", 2);
+    let a = h.submit1(spec("a"));
+    let f = h.assign(a, "w1").unwrap();
+    assert_eq!(
+        h.complete("w1", a, Fence(f.0 + 100)),
+        Err(Rejection::StaleFence { task: a, current: Some(f), given: Fence(f.0 + 100) })
+    );
+    assert_eq!(
+        h.complete("w2", a, f),
+        Err(Rejection::WrongWorker { task: a, holder: Some(w("w1")), given: w("w2") })
+    );
+    assert_eq!(h.kind(a), TaskStateKind::Assigned);
+}
+
+#[test]
+fn retryable_failure_backs_off_then_gets_a_new_fence() {
+    let mut h = H::new();
+    h.worker("w1", 2);
+    let a = h.submit1(spec("a"));
+    let f1 = h.assign(a, "w1").unwrap();
+    assert_eq!(h.fail("w1", a, f1, true), Ok(ReportOutcome::Accepted(TaskStateKind::Delayed)));
+    assert!(matches!(h.task(a).state, TaskState::Delayed { until: 2_000 }));
+    assert_eq!(h.fail("w1", a, f1, true), Ok(ReportOutcome::Duplicate(TaskStateKind::Delayed)));
+    assert!(matches!(h.s.explain(a), Some(Explanation::Delayed { until: 2_000, after_failure: Some(_) })));
+    h.now = 2_000;
+    h.apply(Op::AdvanceTime).unwrap();
+    assert_eq!(h.kind(a), TaskStateKind::Queued);
+    let f2 = h.assign(a, "w1").unwrap();
+    assert!(f2 > f1);
+    assert_eq!(h.task(a).attempt, 2);
+    // The first attempt's late completion is refused.
+    assert_eq!(h.complete("w1", a, f1), Err(Rejection::StaleFence { task: a, current: Some(f2), given: f1 }));
+}
+
+#[test]
+fn attempts_exhausted_fail_the_task_and_cascade() {
+    let mut h = H::new();
+    h.worker("w1", 2);
+    let mut s = spec("a");
+    s.retry.max_attempts = 2;
+    s.retry.initial_backoff_ms = 0;
+    let ids = h.submit(vec![
+        nt(s, vec![]),
+        nt(spec("b"), vec![DepRef::Batch(0)]),
+        nt(spec("c"), vec![DepRef::Batch(1)]),
+    ]);
+    let f1 = h.assign(ids[0], "w1").unwrap();
+    h.fail("w1", ids[0], f1, true).unwrap();
+    assert_eq!(h.kind(ids[0]), TaskStateKind::Queued, "zero backoff requeues at once");
+    let f2 = h.assign(ids[0], "w1").unwrap();
+    h.fail("w1", ids[0], f2, true).unwrap();
+    assert_eq!(h.kind(ids[0]), TaskStateKind::Failed);
+    assert!(matches!(h.task(ids[1]).state, TaskState::UpstreamFailed { upstream, .. } if upstream == ids[0]));
+    assert!(matches!(h.task(ids[2]).state, TaskState::UpstreamFailed { upstream, .. } if upstream == ids[1]));
+}
+
+#[test]
+fn fatal_failure_is_not_retried() {
+    let mut h = H::new();
+    h.worker("w1", 2);
+    let a = h.submit1(spec("a"));
+    let f = h.assign(a, "w1").unwrap();
+    h.fail("w1", a, f, false).unwrap();
+    assert_eq!(h.kind(a), TaskStateKind::Failed);
+    assert_eq!(h.task(a).last_failure.as_ref().unwrap().kind, FailureKind::Fatal);
+}
+
+#[test]
+fn report_on_an_unknown_task_or_after_the_end_is_refused() {
+    let mut h = H::new();
+    h.worker("w1", 2);
+    assert_eq!(h.complete("w1", TaskId(5), Fence(1)), Err(Rejection::TaskNotFound { task: TaskId(5) }));
+    let a = h.submit1(spec("a"));
+    let f = h.assign(a, "w1").unwrap();
+    h.apply(Op::Cancel { ids: vec![a], reason: "stop".into() }).unwrap();
+    assert!(matches!(h.complete("w1", a, f), Err(Rejection::InvalidState { state: TaskStateKind::Cancelled, .. })));
+    let b = h.submit1(spec("b"));
+    assert_eq!(h.complete("w1", b, Fence(1)), Err(Rejection::StaleFence { task: b, current: None, given: Fence(1) }));
+}
+
+#[test]
+fn oversized_result_is_refused() {
+    let mut h = H::new();
+    h.worker("w1", 2);
+    let a = h.submit1(spec("a"));
+    let f = h.assign(a, "w1").unwrap();
+    let r = h.report("w1", a, f, ReportKind::Succeeded { result: vec![0; (1 << 20) + 1] });
+    assert!(matches!(r, Err(Rejection::LimitExceeded { .. })));
+    assert_eq!(h.kind(a), TaskStateKind::Assigned);
+}
+
+// ----- cancel ---------------------------------------------------------------------------
+
+#[test]
+fn cancel_cascades_and_is_idempotent() {
+    let mut h = H::new();
+    let ids = h.submit(vec![
+        nt(spec("a"), vec![]),
+        nt(spec("b"), vec![DepRef::Batch(0)]),
+        nt(spec("c"), vec![DepRef::Batch(1)]),
+    ]);
+    let r = h.apply(Op::Cancel { ids: vec![ids[0]], reason: "user".into() });
+    assert_eq!(
+        r,
+        Ok(Output::Cancelled(vec![Ok(CancelOutcome::Cancelled { dependents: vec![ids[1], ids[2]] })]))
+    );
+    let r = h.apply(Op::Cancel { ids: vec![ids[0], TaskId(42)], reason: "again".into() });
+    assert_eq!(
+        r,
+        Ok(Output::Cancelled(vec![Ok(CancelOutcome::AlreadyCancelled), Err(Rejection::TaskNotFound { task: TaskId(42) })]))
+    );
+}
+
+#[test]
+fn cancelling_a_running_task_revokes_it_from_its_worker() {
+    let mut h = H::new();
+    h.worker("w1", 1);
+    let a = h.submit1(spec("a"));
+    let f = h.assign(a, "w1").unwrap();
+    h.report("w1", a, f, ReportKind::Started).unwrap();
+    h.s.take_changes();
+    h.apply(Op::Cancel { ids: vec![a], reason: "".into() }).unwrap();
+    let ch = h.s.take_changes();
+    assert_eq!(ch.events[0].revoked_from, Some((w("w1"), f)));
+    assert_eq!(h.s.held_by(&w("w1")).count(), 0, "the slot is free again");
+}
+
+#[test]
+fn a_finished_task_cannot_be_cancelled() {
+    let mut h = H::new();
+    h.worker("w1", 1);
+    let a = h.submit1(spec("a"));
+    let f = h.assign(a, "w1").unwrap();
+    h.complete("w1", a, f).unwrap();
+    let r = h.apply(Op::Cancel { ids: vec![a], reason: "".into() });
+    assert!(matches!(r, Ok(Output::Cancelled(ref v)) if matches!(v[0], Err(Rejection::InvalidState { state: TaskStateKind::Succeeded, .. }))));
+}
+
+// ----- workers ----------------------------------------------------------------------------
+
+#[test]
+fn reconnect_keeps_session_and_tasks_restart_requeues() {
+    let mut h = H::new();
+    let s1 = h.worker_spec(wspec("w1", 2), 7);
+    let a = h.submit1(spec("a"));
+    let f = h.assign(a, "w1").unwrap();
+    // Same instance: a reconnect.
+    assert_eq!(h.worker_spec(wspec("w1", 2), 7), s1);
+    assert_eq!(h.kind(a), TaskStateKind::Assigned);
+    // New instance: a restart; the old attempt is lost.
+    let r = h.apply(Op::RegisterWorker { spec: wspec("w1", 2), instance: 8 });
+    let Ok(Output::Registered { session: s2, requeued }) = r else { panic!("{r:?}") };
+    assert!(s2 > s1);
+    assert_eq!(requeued, vec![a]);
+    assert_eq!(h.kind(a), TaskStateKind::Queued);
+    assert_eq!(h.task(a).last_failure.as_ref().unwrap().kind, FailureKind::WorkerLost);
+    assert_eq!(h.complete("w1", a, f), Err(Rejection::StaleFence { task: a, current: None, given: f }));
+}
+
+#[test]
+fn reconnect_cannot_shrink_below_what_is_held() {
+    let mut h = H::new();
+    h.worker_spec(wspec("w1", 2), 1);
+    let a = h.submit1(spec("a"));
+    let b = h.submit1(spec("b"));
+    h.assign(a, "w1").unwrap();
+    h.assign(b, "w1").unwrap();
+    let r = h.apply(Op::RegisterWorker { spec: wspec("w1", 1), instance: 1 });
+    assert!(matches!(r, Err(Rejection::InvalidArgument { ref field, .. }) if field == "worker.slots"));
+}
+
+#[test]
+fn invalid_worker_registration_names_the_field() {
+    let mut h = H::new();
+    let mut s = wspec("w 1", 1);
+    let r = h.apply(Op::RegisterWorker { spec: s.clone(), instance: 1 });
+    assert!(matches!(r, Err(Rejection::InvalidArgument { ref field, .. }) if field == "worker.id"));
+    s.id = w("w1");
+    s.queues.clear();
+    let r = h.apply(Op::RegisterWorker { spec: s.clone(), instance: 1 });
+    assert!(matches!(r, Err(Rejection::InvalidArgument { ref field, .. }) if field == "worker.queues"));
+    s.queues = vec!["q".into()];
+    s.slots = 0;
+    let r = h.apply(Op::RegisterWorker { spec: s, instance: 1 });
+    assert!(matches!(r, Err(Rejection::InvalidArgument { ref field, .. }) if field == "worker.slots"));
+}
+
+#[test]
+fn expiry_requeues_with_a_new_attempt_and_rejects_stale_sessions() {
+    let mut h = H::new();
+    let s = h.worker("w1", 2);
+    h.worker("w2", 2);
+    let a = h.submit1(spec("a"));
+    let f1 = h.assign(a, "w1").unwrap();
+    let r = h.apply(Op::ExpireWorker { worker: w("w1"), session: s + 100 });
+    assert!(matches!(r, Err(Rejection::WorkerUnavailable { .. })));
+    h.s.take_changes();
+    let r = h.apply(Op::ExpireWorker { worker: w("w1"), session: s });
+    assert_eq!(r, Ok(Output::WorkerUpdated { requeued: vec![a] }));
+    let ch = h.s.take_changes();
+    assert_eq!(ch.events[0].revoked_from, Some((w("w1"), f1)));
+    assert!(matches!(h.s.worker(&w("w1")).unwrap().status, WorkerStatus::Dead { reason: DeathReason::Expired, .. }));
+    // Repeating the same expiry is harmless.
+    assert_eq!(h.apply(Op::ExpireWorker { worker: w("w1"), session: s }), Ok(Output::WorkerUpdated { requeued: vec![] }));
+    let f2 = h.assign(a, "w2").unwrap();
+    assert!(f2 > f1);
+    assert!(matches!(h.complete("w1", a, f1), Err(Rejection::StaleFence { .. })));
+    assert_eq!(h.complete("w2", a, f2), Ok(ReportOutcome::Accepted(TaskStateKind::Succeeded)));
+}
+
+#[test]
+fn worker_loss_counts_as_an_attempt() {
+    let mut h = H::new();
+    let mut s = spec("a");
+    s.retry.max_attempts = 1;
+    let a = h.submit1(s);
+    let sess = h.worker("w1", 1);
+    h.assign(a, "w1").unwrap();
+    h.apply(Op::ExpireWorker { worker: w("w1"), session: sess }).unwrap();
+    assert_eq!(h.kind(a), TaskStateKind::Failed);
+}
+
+#[test]
+fn draining_keeps_tasks_but_takes_no_new_ones_and_deregister_requeues() {
+    let mut h = H::new();
+    let s = h.worker("w1", 4);
+    let a = h.submit1(spec("a"));
+    h.assign(a, "w1").unwrap();
+    h.apply(Op::DrainWorker { worker: w("w1") }).unwrap();
+    assert_eq!(h.kind(a), TaskStateKind::Assigned);
+    h.submit1(spec("b"));
+    assert!(h.plan_and_assign().is_empty());
+    assert_eq!(h.apply(Op::DeregisterWorker { worker: w("w1"), session: s }), Ok(Output::WorkerUpdated { requeued: vec![a] }));
+    assert!(matches!(h.apply(Op::DrainWorker { worker: w("w1") }), Err(Rejection::WorkerUnavailable { .. })));
+    assert!(matches!(h.apply(Op::DrainWorker { worker: w("zz") }), Err(Rejection::WorkerNotFound { .. })));
+    // A dead worker can come back with a fresh session.
+    let s2 = h.worker("w1", 4);
+    assert!(s2 > s);
+    assert_eq!(h.s.worker(&w("w1")).unwrap().status, WorkerStatus::Alive);
+}
+
+// ----- time -------------------------------------------------------------------------------
+
+#[test]
+fn attempt_timeout_fails_the_attempt() {
+    let mut h = H::new();
+    h.worker("w1", 1);
+    let mut s = spec("slow");
+    s.timeout_ms = Some(500);
+    let a = h.submit1(s);
+    let f = h.assign(a, "w1").unwrap();
+    assert_eq!(h.s.next_timer(), Some(1_500));
+    h.tick(499);
+    assert_eq!(h.apply(Op::AdvanceTime), Ok(Output::Advanced { promoted: 0, timed_out: 0 }));
+    h.tick(1);
+    h.s.take_changes();
+    assert_eq!(h.apply(Op::AdvanceTime), Ok(Output::Advanced { promoted: 0, timed_out: 1 }));
+    assert_eq!(h.kind(a), TaskStateKind::Delayed);
+    assert_eq!(h.task(a).last_failure.as_ref().unwrap().kind, FailureKind::Timeout);
+    let ch = h.s.take_changes();
+    assert_eq!(ch.events[0].revoked_from, Some((w("w1"), f)));
+}
+
+#[test]
+fn log_time_never_moves_backwards() {
+    let mut h = H::new();
+    h.now = 10_000;
+    h.submit1(spec("a"));
+    h.now = 5_000; // a new leader with a slow clock
+    let b = h.submit1(spec("b"));
+    assert_eq!(h.s.log_time(), 10_000);
+    assert_eq!(h.task(b).submitted_at, 10_000);
+}
+
+// ----- purge ------------------------------------------------------------------------------
+
+#[test]
+fn purge_removes_old_terminal_tasks_and_frees_keys() {
+    let mut h = H::new();
+    let sess = h.worker("w1", 4);
+    let a = h.submit1(keyed("a", "ka"));
+    let b = h.submit1(spec("b"));
+    let f = h.assign(a, "w1").unwrap();
+    h.complete("w1", a, f).unwrap();
+    h.tick(1_000);
+    h.apply(Op::ExpireWorker { worker: w("w1"), session: sess }).unwrap();
+    h.tick(1_000);
+    // Cut-off before the completion: nothing goes.
+    assert_eq!(h.apply(Op::Purge { finished_before: 1_000, limit: 10 }), Ok(Output::Purged { tasks: 0, workers: 0 }));
+    assert_eq!(h.apply(Op::Purge { finished_before: 5_000, limit: 10 }), Ok(Output::Purged { tasks: 1, workers: 1 }));
+    assert!(h.s.task(a).is_none());
+    assert_eq!(h.kind(b), TaskStateKind::Queued, "non-terminal tasks stay");
+    assert!(h.s.worker(&w("w1")).is_none());
+    // The key is free again: a new task, with a new id.
+    let a2 = h.submit1(keyed("a", "ka"));
+    assert!(a2 > b);
+}
+
+#[test]
+fn purge_respects_its_limit() {
+    let mut h = H::new();
+    let ids: Vec<TaskId> = (0..5).map(|i| h.submit1(spec(&format!("t{i}")))).collect();
+    h.apply(Op::Cancel { ids: ids.clone(), reason: "".into() }).unwrap();
+    h.tick(10);
+    assert_eq!(h.apply(Op::Purge { finished_before: h.now, limit: 2 }), Ok(Output::Purged { tasks: 2, workers: 0 }));
+    assert_eq!(h.s.task_count(), 3);
+}
+
+// ----- explain ----------------------------------------------------------------------------
+
+#[test]
+fn explain_names_the_obstacle() {
+    let mut h = H::new();
+    let mut gpu = spec("train");
+    gpu.queue = "gpu".into();
+    gpu.resources.named.insert("gpu".into(), 2);
+    let t = h.submit1(gpu.clone());
+    let blocker = |h: &H| match h.s.explain(t) {
+        Some(Explanation::Queued { blocker, .. }) => blocker,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(blocker(&h), Some(Blocker::NoWorkerForQueue { queue: "gpu".into() }));
+
+    let mut ws = wspec("g1", 2);
+    ws.queues = vec!["gpu".into()];
+    ws.capacity.named.insert("gpu".into(), 1);
+    h.worker_spec(ws.clone(), 1);
+    assert_eq!(blocker(&h), Some(Blocker::TooLarge { resource: "gpu".into(), need: 2, largest: 1 }));
+
+    ws.capacity.named.insert("gpu".into(), 2);
+    h.worker_spec(ws, 2);
+    assert_eq!(blocker(&h), None);
+    let text = h.s.explain(t).unwrap().to_string();
+    assert!(text.contains("will be placed"), "{text}");
+
+    // Occupy the worker's gpus with another task: now it is busy.
+    let other = h.submit1(gpu);
+    let f = h.assign(t, "g1").unwrap();
+    assert_eq!(
+        h.s.explain(other).map(|e| match e {
+            Explanation::Queued { blocker, .. } => blocker,
+            e => panic!("{e:?}"),
+        }),
+        Some(Some(Blocker::Busy { eligible: 1, short: Some(("gpu".into(), 2, 0)) }))
+    );
+    assert!(matches!(h.s.explain(t), Some(Explanation::Assigned { attempt: 1, fence, .. }) if fence == f));
+
+    let mut lab = spec("labelled");
+    lab.labels.insert("ssd".into(), "yes".into());
+    let l = h.submit1(lab);
+    h.worker("w1", 1);
+    assert_eq!(
+        h.s.explain(l).map(|e| match e {
+            Explanation::Queued { blocker, .. } => blocker,
+            e => panic!("{e:?}"),
+        }),
+        Some(Some(Blocker::MissingLabel { queue: "default".into(), label: "ssd=yes".into() }))
+    );
+    assert_eq!(h.s.explain(TaskId(999)), None);
+}
+
+#[test]
+fn explain_counts_tasks_ahead() {
+    let mut h = H::new();
+    h.submit1(prio("low", 0));
+    h.submit1(prio("high", 5));
+    let mid = h.submit1(prio("mid", 1));
+    assert!(matches!(h.s.explain(mid), Some(Explanation::Queued { ahead: 1, .. })));
+}
+
+// ----- records ----------------------------------------------------------------------------
+
+#[test]
+fn state_rebuilt_from_records_is_identical() {
+    let mut h = H::new();
+    h.worker("w1", 2);
+    h.worker("w2", 1);
+    let ids = h.submit(vec![
+        nt(prio("a", 3), vec![]),
+        nt(keyed("b", "kb"), vec![DepRef::Batch(0)]),
+        nt(spec("c"), vec![]),
+        nt(spec("d"), vec![]),
+    ]);
+    let mut delayed = spec("later");
+    delayed.not_before = Some(99_999);
+    h.submit1(delayed);
+    let asg = h.plan_and_assign();
+    assert!(!asg.is_empty());
+    let (t, wk, f) = asg[0].clone();
+    h.complete(wk.as_str(), t, f).unwrap();
+    h.apply(Op::Cancel { ids: vec![ids[3]], reason: "x".into() }).unwrap();
+
+    let mut loader = StateLoader::new();
+    for (k, v) in h.s.records() {
+        loader.add(&k.encode(), &v.encode()).unwrap();
+    }
+    let rebuilt = loader.finish();
+    rebuilt.check_invariants().unwrap();
+    assert_eq!(rebuilt.digest(), h.s.digest());
+    assert_eq!(plan(&rebuilt, &PlanPolicy::default()), plan(&h.s, &PlanPolicy::default()));
+    assert_eq!(rebuilt.counts(), h.s.counts());
+    assert_eq!(rebuilt.next_timer(), h.s.next_timer());
+    assert_eq!(rebuilt.task_by_key("kb"), Some(ids[1]));
+}
+
+#[test]
+fn changes_name_deleted_records_too() {
+    let mut h = H::new();
+    let a = h.submit1(spec("a"));
+    h.apply(Op::Cancel { ids: vec![a], reason: "".into() }).unwrap();
+    h.tick(10);
+    h.s.take_changes();
+    h.apply(Op::Purge { finished_before: h.now, limit: 10 }).unwrap();
+    let ch = h.s.take_changes();
+    assert!(ch.records.contains(&RecordKey::Task(a)));
+    assert_eq!(h.s.encode_record(&RecordKey::Task(a)), None);
+}
