@@ -9,7 +9,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{AttemptFailure, Fence, Millis, TaskId, TaskState, TaskStateKind, WorkerId, WorkerStatus};
+use crate::model::{
+    AttemptFailure, Fence, Millis, TaskId, TaskState, TaskStateKind, WorkerId, WorkerStatus,
+};
 use crate::state::{missing_label, SchedulerState};
 
 /// Why a task is in its state.
@@ -182,7 +184,11 @@ impl SchedulerState {
             }
             TaskState::Delayed { until } => Explanation::Delayed {
                 until: *until,
-                after_failure: task.last_failure.clone().filter(|f| f.attempt == task.attempt && task.attempt > 0),
+                after_failure: task
+                    .last_failure
+                    .as_deref()
+                    .cloned()
+                    .filter(|f| f.attempt == task.attempt && task.attempt > 0),
             },
             TaskState::Assigned { worker, fence, at, deadline } => Explanation::Assigned {
                 worker: worker.clone(),
@@ -191,17 +197,22 @@ impl SchedulerState {
                 at: *at,
                 deadline: *deadline,
             },
-            TaskState::Running { worker, fence, started_at, deadline, .. } => Explanation::Running {
-                worker: worker.clone(),
-                attempt: task.attempt,
-                fence: *fence,
-                started_at: *started_at,
-                deadline: *deadline,
-            },
+            TaskState::Running { worker, fence, started_at, deadline, .. } => {
+                Explanation::Running {
+                    worker: worker.clone(),
+                    attempt: task.attempt,
+                    fence: *fence,
+                    started_at: *started_at,
+                    deadline: *deadline,
+                }
+            }
             TaskState::Succeeded { at, worker, fence, .. } => Explanation::Finished {
                 state: TaskStateKind::Succeeded,
                 at: *at,
-                detail: format!("completed by worker {worker} (attempt {}, fence {fence})", task.attempt),
+                detail: format!(
+                    "completed by worker {worker} (attempt {}, fence {fence})",
+                    task.attempt
+                ),
             },
             TaskState::Failed { at } => Explanation::Finished {
                 state: TaskStateKind::Failed,
@@ -217,7 +228,11 @@ impl SchedulerState {
             TaskState::Cancelled { at, reason } => Explanation::Finished {
                 state: TaskStateKind::Cancelled,
                 at: *at,
-                detail: if reason.is_empty() { "cancelled".into() } else { format!("cancelled: {reason}") },
+                detail: if reason.is_empty() {
+                    "cancelled".into()
+                } else {
+                    format!("cancelled: {reason}")
+                },
             },
             TaskState::UpstreamFailed { at, upstream } => Explanation::Finished {
                 state: TaskStateKind::UpstreamFailed,
@@ -233,13 +248,15 @@ impl SchedulerState {
         let on_queue: Vec<_> = self
             .workers
             .values()
-            .filter(|w| w.status == WorkerStatus::Alive && w.spec.queues.iter().any(|q| *q == spec.queue))
+            .filter(|w| w.status == WorkerStatus::Alive && w.spec.queues.contains(&spec.queue))
             .collect();
         if on_queue.is_empty() {
             return Some(Blocker::NoWorkerForQueue { queue: spec.queue.clone() });
         }
-        let eligible: Vec<_> =
-            on_queue.iter().filter(|w| missing_label(&spec.labels, &w.spec.labels).is_none()).collect();
+        let eligible: Vec<_> = on_queue
+            .iter()
+            .filter(|w| missing_label(&spec.labels, &w.spec.labels).is_none())
+            .collect();
         if eligible.is_empty() {
             let label = missing_label(&spec.labels, &on_queue[0].spec.labels).unwrap_or_default();
             return Some(Blocker::MissingLabel { queue: spec.queue.clone(), label });
@@ -267,7 +284,8 @@ impl SchedulerState {
                 continue;
             }
             any_slot = true;
-            let free = load.map_or_else(|| w.spec.capacity.clone(), |l| w.spec.capacity.minus(&l.used));
+            let free =
+                load.map_or_else(|| w.spec.capacity.clone(), |l| w.spec.capacity.minus(&l.used));
             match spec.resources.shortfall(&free) {
                 None => return None,
                 Some(s) => {
@@ -277,6 +295,9 @@ impl SchedulerState {
                 }
             }
         }
-        Some(Blocker::Busy { eligible: eligible.len() as u32, short: if any_slot { short } else { None } })
+        Some(Blocker::Busy {
+            eligible: eligible.len() as u32,
+            short: if any_slot { short } else { None },
+        })
     }
 }

@@ -32,7 +32,10 @@ impl SchedulerState {
                 e(format!("task {id} >= next_task_id {}", self.meta.next_task_id));
             }
             if t.last_fence.0 >= self.meta.next_fence {
-                e(format!("task {id} fence {} >= next_fence {}", t.last_fence, self.meta.next_fence));
+                e(format!(
+                    "task {id} fence {} >= next_fence {}",
+                    t.last_fence, self.meta.next_fence
+                ));
             }
             if (t.attempt == 0) != (t.last_fence.0 == 0) {
                 e(format!("task {id} attempt {} with last fence {}", t.attempt, t.last_fence));
@@ -54,17 +57,25 @@ impl SchedulerState {
             match &t.state {
                 TaskState::Waiting => {
                     if self.idx.unmet.get(id) != Some(&unmet) || unmet == 0 {
-                        e(format!("waiting task {id}: unmet {:?}, actual {unmet}", self.idx.unmet.get(id)));
+                        e(format!(
+                            "waiting task {id}: unmet {:?}, actual {unmet}",
+                            self.idx.unmet.get(id)
+                        ));
                     }
                     for (d, k) in &dep_kinds {
                         match k {
                             Some(k) if k.is_terminal() && *k != TaskStateKind::Succeeded => {
                                 e(format!("waiting task {id} depends on {d} which is {k}"))
                             }
-                            Some(k) if *k != TaskStateKind::Succeeded => {
-                                if !self.idx.dependents.get(d).is_some_and(|v| v.contains(id)) {
-                                    e(format!("waiting task {id} missing from dependents of {d}"));
-                                }
+                            Some(k)
+                                if *k != TaskStateKind::Succeeded
+                                    && !self
+                                        .idx
+                                        .dependents
+                                        .get(d)
+                                        .is_some_and(|v| v.contains(id)) =>
+                            {
+                                e(format!("waiting task {id} missing from dependents of {d}"));
                             }
                             _ => {}
                         }
@@ -77,7 +88,10 @@ impl SchedulerState {
                 }
             }
             match &t.state {
-                TaskState::Queued { .. } | TaskState::Delayed { .. } | TaskState::Assigned { .. } | TaskState::Running { .. }
+                TaskState::Queued { .. }
+                | TaskState::Delayed { .. }
+                | TaskState::Assigned { .. }
+                | TaskState::Running { .. }
                 | TaskState::Succeeded { .. }
                     if !deps_done =>
                 {
@@ -98,7 +112,10 @@ impl SchedulerState {
                         e(format!("queued task {id} is in {} buckets", hits.len()));
                     } else {
                         let s = &hits[0].shape;
-                        if s.queue != t.spec.queue || s.labels != t.spec.labels || s.resources != t.spec.resources {
+                        if s.queue != t.spec.queue
+                            || s.labels != t.spec.labels
+                            || s.resources != t.spec.resources
+                        {
                             e(format!("queued task {id} is in a bucket of another shape"));
                         }
                     }
@@ -106,13 +123,20 @@ impl SchedulerState {
                 TaskState::Delayed { until } => {
                     delayed.insert((*until, *id));
                 }
-                TaskState::Assigned { worker, fence, deadline, .. } | TaskState::Running { worker, fence, deadline, .. } => {
+                TaskState::Assigned { worker, fence, deadline, .. }
+                | TaskState::Running { worker, fence, deadline, .. } => {
                     if *fence != t.last_fence {
-                        e(format!("task {id} holds fence {fence} but last fence is {}", t.last_fence));
+                        e(format!(
+                            "task {id} holds fence {fence} but last fence is {}",
+                            t.last_fence
+                        ));
                     }
                     match self.workers.get(worker) {
                         Some(w) if w.status.is_live() => {}
-                        other => e(format!("task {id} held by {worker} which is {:?}", other.map(|w| &w.status))),
+                        other => e(format!(
+                            "task {id} held by {worker} which is {:?}",
+                            other.map(|w| &w.status)
+                        )),
                     }
                     let l = loads.entry(worker.clone()).or_default();
                     l.tasks.insert(*id);
@@ -123,7 +147,10 @@ impl SchedulerState {
                 }
                 TaskState::Succeeded { fence, .. } => {
                     if *fence != t.last_fence {
-                        e(format!("succeeded task {id} fence {fence} != last fence {}", t.last_fence));
+                        e(format!(
+                            "succeeded task {id} fence {fence} != last fence {}",
+                            t.last_fence
+                        ));
                     }
                     finished.insert((t.state.finished_at().unwrap_or(0), *id));
                 }
@@ -187,10 +214,17 @@ impl SchedulerState {
                         e(format!("worker {wid} load {l:?} != actual {actual:?}"));
                     }
                     if actual.tasks.len() as u64 > w.spec.slots as u64 {
-                        e(format!("worker {wid} holds {} tasks in {} slots", actual.tasks.len(), w.spec.slots));
+                        e(format!(
+                            "worker {wid} holds {} tasks in {} slots",
+                            actual.tasks.len(),
+                            w.spec.slots
+                        ));
                     }
                     if !actual.used.fits_in(&w.spec.capacity) {
-                        e(format!("worker {wid} uses {:?} beyond capacity {:?}", actual.used, w.spec.capacity));
+                        e(format!(
+                            "worker {wid} uses {:?} beyond capacity {:?}",
+                            actual.used, w.spec.capacity
+                        ));
                     }
                 }
             }

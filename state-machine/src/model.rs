@@ -398,7 +398,8 @@ impl TaskStateKind {
 
     /// Parse the name produced by [`TaskStateKind::as_str`] (also accepts `upstreamfailed`).
     pub fn parse(s: &str) -> Option<Self> {
-        let norm: String = s.to_ascii_lowercase().chars().filter(|c| *c != '_' && *c != '-').collect();
+        let norm: String =
+            s.to_ascii_lowercase().chars().filter(|c| *c != '_' && *c != '-').collect();
         TaskStateKind::ALL.into_iter().find(|k| k.as_str().replace('_', "") == norm)
     }
 
@@ -444,9 +445,8 @@ impl TaskState {
     /// The worker and fence of an attempt in progress.
     pub fn holder(&self) -> Option<(&WorkerId, Fence)> {
         match self {
-            TaskState::Assigned { worker, fence, .. } | TaskState::Running { worker, fence, .. } => {
-                Some((worker, *fence))
-            }
+            TaskState::Assigned { worker, fence, .. }
+            | TaskState::Running { worker, fence, .. } => Some((worker, *fence)),
             _ => None,
         }
     }
@@ -494,7 +494,7 @@ pub struct Task {
     /// The fencing token of the latest assignment (`Fence(0)` before the first one).
     pub last_fence: Fence,
     /// The latest failed attempt, if any (survives into later states for `explain`).
-    pub last_failure: Option<AttemptFailure>,
+    pub last_failure: Option<Box<AttemptFailure>>,
     /// Where it is now.
     pub state: TaskState,
 }

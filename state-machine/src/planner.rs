@@ -142,7 +142,7 @@ pub fn plan(state: &SchedulerState, policy: &PlanPolicy) -> Plan {
                 .filter(|w| w.status == WorkerStatus::Alive)
                 .enumerate()
                 .filter(|(_, w)| {
-                    w.spec.queues.iter().any(|q| *q == shape.queue)
+                    w.spec.queues.contains(&shape.queue)
                         && missing_label(&shape.labels, &w.spec.labels).is_none()
                 })
                 .map(|(i, _)| i)
@@ -152,7 +152,8 @@ pub fn plan(state: &SchedulerState, policy: &PlanPolicy) -> Plan {
             continue; // no worker serves this shape: skip the whole shape
         }
         let need = &shape.resources;
-        let fits_now = |w: &WorkerView| !w.reserved && w.used_slots < w.slots && need.fits_in(&w.free);
+        let fits_now =
+            |w: &WorkerView| !w.reserved && w.used_slots < w.slots && need.fits_in(&w.free);
         // Scan the smaller of: the eligible list, or the open set in load order.
         let chosen = if eligible.len() * 4 < open.len() {
             eligible
@@ -163,9 +164,9 @@ pub fn plan(state: &SchedulerState, policy: &PlanPolicy) -> Plan {
         } else {
             let elig_set: Option<BTreeSet<usize>> =
                 (eligible.len() < workers.len()).then(|| eligible.iter().copied().collect());
-            open.iter()
-                .map(|&(_, i)| i)
-                .find(|&i| elig_set.as_ref().is_none_or(|s| s.contains(&i)) && fits_now(&workers[i]))
+            open.iter().map(|&(_, i)| i).find(|&i| {
+                elig_set.as_ref().is_none_or(|s| s.contains(&i)) && fits_now(&workers[i])
+            })
         };
         match chosen {
             Some(i) => {
@@ -215,7 +216,11 @@ mod tests {
                 id: WorkerId(id.to_string()),
                 queues: vec!["default".into()],
                 labels: BTreeMap::new(),
-                capacity: Resources { cpu_milli: *cpu, memory_mib: 1 << 20, named: BTreeMap::new() },
+                capacity: Resources {
+                    cpu_milli: *cpu,
+                    memory_mib: 1 << 20,
+                    named: BTreeMap::new(),
+                },
                 slots: *slots,
             };
             s.apply(&Command::new(1, Op::RegisterWorker { spec, instance: 1 })).unwrap();
@@ -227,7 +232,10 @@ mod tests {
         let mut spec = TaskSpec::new("t");
         spec.priority = prio;
         spec.resources.cpu_milli = cpu;
-        match s.apply(&Command::new(2, Op::Submit { tasks: vec![NewTask { spec, depends_on: vec![] }] })) {
+        match s.apply(&Command::new(
+            2,
+            Op::Submit { tasks: vec![NewTask { spec, depends_on: vec![] }] },
+        )) {
             Ok(Output::Submitted(v)) => v[0].id,
             other => panic!("{other:?}"),
         }

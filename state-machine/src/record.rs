@@ -77,7 +77,7 @@ pub enum Record {
     /// The counters.
     Meta(Meta),
     /// A task.
-    Task(Task),
+    Task(Box<Task>),
     /// A worker.
     Worker(Worker),
 }
@@ -184,7 +184,7 @@ impl StateLoader {
         let key = RecordKey::decode(key)?;
         match (Record::decode(value)?, &key) {
             (Record::Meta(m), RecordKey::Meta) => self.meta = Some(m),
-            (Record::Task(t), RecordKey::Task(id)) if t.id == *id => self.tasks.push(t),
+            (Record::Task(t), RecordKey::Task(id)) if t.id == *id => self.tasks.push(*t),
             (Record::Worker(w), RecordKey::Worker(id)) if w.spec.id == *id => self.workers.push(w),
             _ => return Err(RecordError::Mismatch(key)),
         }
@@ -194,7 +194,11 @@ impl StateLoader {
     /// The state (an empty one if no meta record was seen: a fresh store).
     pub fn finish(mut self) -> SchedulerState {
         self.tasks.sort_by_key(|t| t.id);
-        SchedulerState::from_records(self.meta.unwrap_or_else(Meta::initial), self.tasks, self.workers)
+        SchedulerState::from_records(
+            self.meta.unwrap_or_else(Meta::initial),
+            self.tasks,
+            self.workers,
+        )
     }
 }
 

@@ -69,7 +69,11 @@ pub(crate) struct Shape {
 
 impl Shape {
     fn of(spec: &TaskSpec) -> Shape {
-        Shape { queue: spec.queue.clone(), labels: spec.labels.clone(), resources: spec.resources.clone() }
+        Shape {
+            queue: spec.queue.clone(),
+            labels: spec.labels.clone(),
+            resources: spec.resources.clone(),
+        }
     }
 }
 
@@ -123,7 +127,8 @@ pub(crate) struct Indexes {
 #[derive(Clone, Debug)]
 pub struct SchedulerState {
     pub(crate) meta: Meta,
-    pub(crate) tasks: BTreeMap<TaskId, Task>,
+    /// Boxed so the map's nodes stay small (memory per task matters at millions of tasks).
+    pub(crate) tasks: BTreeMap<TaskId, Box<Task>>,
     pub(crate) workers: BTreeMap<WorkerId, Worker>,
     pub(crate) idx: Indexes,
     changes: Changes,
@@ -164,7 +169,7 @@ impl SchedulerState {
             s.workers.insert(w.spec.id.clone(), w);
         }
         for t in tasks {
-            s.tasks.insert(t.id, t);
+            s.tasks.insert(t.id, Box::new(t));
         }
         let ids: Vec<TaskId> = s.tasks.keys().copied().collect();
         for id in ids {
@@ -177,7 +182,9 @@ impl SchedulerState {
                     .deps
                     .iter()
                     .copied()
-                    .filter(|d| s.tasks.get(d).is_some_and(|t| t.state.kind() != TaskStateKind::Succeeded))
+                    .filter(|d| {
+                        s.tasks.get(d).is_some_and(|t| t.state.kind() != TaskStateKind::Succeeded)
+                    })
                     .collect();
                 s.idx.unmet.insert(id, unmet.len() as u32);
                 for d in unmet {
@@ -204,12 +211,12 @@ impl SchedulerState {
 
     /// One task.
     pub fn task(&self, id: TaskId) -> Option<&Task> {
-        self.tasks.get(&id)
+        self.tasks.get(&id).map(|t| &**t)
     }
 
     /// All tasks in id order, from `from` (inclusive).
     pub fn tasks_from(&self, from: TaskId) -> impl Iterator<Item = &Task> {
-        self.tasks.range(from..).map(|(_, t)| t)
+        self.tasks.range(from..).map(|(_, t)| &**t)
     }
 
     /// Number of task records.
@@ -239,7 +246,7 @@ impl SchedulerState {
             .get(worker)
             .into_iter()
             .flat_map(|l| l.tasks.iter())
-            .filter_map(|id| self.tasks.get(id))
+            .filter_map(|id| self.tasks.get(id).map(|t| &**t))
     }
 
     /// Resources used by a live worker's tasks.
@@ -281,7 +288,9 @@ impl SchedulerState {
         task.deps
             .iter()
             .copied()
-            .filter(|d| self.tasks.get(d).is_some_and(|t| t.state.kind() != TaskStateKind::Succeeded))
+            .filter(|d| {
+                self.tasks.get(d).is_some_and(|t| t.state.kind() != TaskStateKind::Succeeded)
+            })
             .collect()
     }
 
@@ -393,7 +402,11 @@ impl SchedulerState {
         Ok(Output::Submitted(
             ids.iter()
                 .zip(&created)
-                .map(|(&id, &created)| Submitted { id, created, state: self.tasks[&id].state.kind() })
+                .map(|(&id, &created)| Submitted {
+                    id,
+                    created,
+                    state: self.tasks[&id].state.kind(),
+                })
                 .collect(),
         ))
     }
@@ -404,7 +417,9 @@ impl SchedulerState {
         for d in &deps {
             match self.tasks[d].state.kind() {
                 TaskStateKind::Succeeded => {}
-                TaskStateKind::Failed | TaskStateKind::Cancelled | TaskStateKind::UpstreamFailed => {
+                TaskStateKind::Failed
+                | TaskStateKind::Cancelled
+                | TaskStateKind::UpstreamFailed => {
                     upstream_failed.get_or_insert(*d);
                 }
                 _ => unmet.push(*d),
@@ -430,7 +445,7 @@ impl SchedulerState {
         let kind = state.kind();
         self.tasks.insert(
             id,
-            Task {
+            Box::new(Task {
                 id,
                 spec,
                 deps,
@@ -440,7 +455,7 @@ impl SchedulerState {
                 last_fence: Fence(0),
                 last_failure: None,
                 state,
-            },
+            }),
         );
         self.touch(RecordKey::Task(id));
         self.changes.events.push(TaskEvent {
@@ -472,7 +487,8 @@ impl SchedulerState {
         }
         Self::index_state(&mut self.idx, id, &task.spec, &task.state);
         let holder = task.state.holder().map(|(w, f)| (w.clone(), f));
-        let revoked_from = old.holder().map(|(w, f)| (w.clone(), f)).filter(|h| Some(h) != holder.as_ref());
+        let revoked_from =
+            old.holder().map(|(w, f)| (w.clone(), f)).filter(|h| Some(h) != holder.as_ref());
         let event = TaskEvent {
             task: id,
             state: task.state.kind(),
@@ -501,7 +517,9 @@ impl SchedulerState {
                 let bid = idx.bucket_ids.get(&h).and_then(|bs| {
                     bs.iter().copied().find(|b| {
                         let s = &idx.buckets[b].shape;
-                        s.queue == spec.queue && s.labels == spec.labels && s.resources == spec.resources
+                        s.queue == spec.queue
+                            && s.labels == spec.labels
+                            && s.resources == spec.resources
                     })
                 });
                 let bid = match bid {
@@ -509,17 +527,23 @@ impl SchedulerState {
                     None => {
                         let b = idx.next_bucket;
                         idx.next_bucket += 1;
-                        idx.buckets.insert(b, Bucket { shape: Shape::of(spec), tasks: BTreeSet::new() });
+                        idx.buckets
+                            .insert(b, Bucket { shape: Shape::of(spec), tasks: BTreeSet::new() });
                         idx.bucket_ids.entry(h).or_default().push(b);
                         b
                     }
                 };
-                idx.buckets.get_mut(&bid).expect("bucket").tasks.insert((Reverse(spec.priority), id));
+                idx.buckets
+                    .get_mut(&bid)
+                    .expect("bucket")
+                    .tasks
+                    .insert((Reverse(spec.priority), id));
             }
             TaskState::Delayed { until } => {
                 idx.delayed.insert((*until, id));
             }
-            TaskState::Assigned { worker, deadline, .. } | TaskState::Running { worker, deadline, .. } => {
+            TaskState::Assigned { worker, deadline, .. }
+            | TaskState::Running { worker, deadline, .. } => {
                 let load = idx.loads.entry(worker.clone()).or_default();
                 load.used.add(&spec.resources);
                 load.tasks.insert(id);
@@ -566,7 +590,8 @@ impl SchedulerState {
             TaskState::Delayed { until } => {
                 idx.delayed.remove(&(*until, id));
             }
-            TaskState::Assigned { worker, deadline, .. } | TaskState::Running { worker, deadline, .. } => {
+            TaskState::Assigned { worker, deadline, .. }
+            | TaskState::Running { worker, deadline, .. } => {
                 if let Some(load) = idx.loads.get_mut(worker) {
                     load.used.sub(&spec.resources);
                     load.tasks.remove(&id);
@@ -610,7 +635,10 @@ impl SchedulerState {
                 }
                 // Inline transition without the recursive settle, then queue it.
                 let task = self.tasks.get_mut(&t).expect("dependent exists");
-                let old = std::mem::replace(&mut task.state, TaskState::UpstreamFailed { at: now, upstream: d });
+                let old = std::mem::replace(
+                    &mut task.state,
+                    TaskState::UpstreamFailed { at: now, upstream: d },
+                );
                 task.updated_at = now;
                 Self::unindex_state(&mut self.idx, t, &task.spec, &old);
                 self.idx.unmet.remove(&t);
@@ -637,14 +665,14 @@ impl SchedulerState {
             return;
         };
         let retryable = kind != FailureKind::Fatal;
-        task.last_failure = Some(AttemptFailure {
+        task.last_failure = Some(Box::new(AttemptFailure {
             attempt: task.attempt,
             fence,
             worker,
             kind: kind.clone(),
             message: validate::truncate_message(&message, HARD.max_error_bytes),
             at: now,
-        });
+        }));
         let next = if retryable && task.attempt < task.spec.retry.max_attempts {
             let delay = if kind == FailureKind::WorkerLost {
                 0
@@ -679,7 +707,11 @@ impl SchedulerState {
                 })),
                 _ => {
                     let first_event = self.changes.events.len();
-                    self.transition(now, id, TaskState::Cancelled { at: now, reason: reason.clone() });
+                    self.transition(
+                        now,
+                        id,
+                        TaskState::Cancelled { at: now, reason: reason.clone() },
+                    );
                     let dependents = self.changes.events[first_event + 1..]
                         .iter()
                         .filter(|e| e.state == TaskStateKind::UpstreamFailed)
@@ -734,7 +766,13 @@ impl SchedulerState {
         self.touch(RecordKey::Meta);
         self.workers.insert(
             id.clone(),
-            Worker { spec: spec.clone(), instance, session, status: WorkerStatus::Alive, registered_at: now },
+            Worker {
+                spec: spec.clone(),
+                instance,
+                session,
+                status: WorkerStatus::Alive,
+                registered_at: now,
+            },
         );
         self.idx.loads.entry(id.clone()).or_default();
         self.touch(RecordKey::Worker(id));
@@ -776,7 +814,13 @@ impl SchedulerState {
         Ok(Output::WorkerUpdated { requeued: Vec::new() })
     }
 
-    fn end_worker(&mut self, now: Millis, worker: &WorkerId, session: u64, reason: DeathReason) -> Response {
+    fn end_worker(
+        &mut self,
+        now: Millis,
+        worker: &WorkerId,
+        session: u64,
+        reason: DeathReason,
+    ) -> Response {
         let Some(w) = self.workers.get(worker) else {
             return Err(Rejection::WorkerNotFound { worker: worker.clone() });
         };
@@ -787,15 +831,9 @@ impl SchedulerState {
                 reason: format!("session {session} is not the current session {}", w.session),
             });
         }
-        if let WorkerStatus::Dead { reason: r, .. } = w.status {
-            if r == reason {
-                return Ok(Output::WorkerUpdated { requeued: Vec::new() });
-            }
-            return Err(Rejection::WorkerUnavailable {
-                worker: worker.clone(),
-                status: "dead".into(),
-                reason: "already dead".into(),
-            });
+        if !w.status.is_live() {
+            // Already gone (expired, or left): the goal of either command is met.
+            return Ok(Output::WorkerUpdated { requeued: Vec::new() });
         }
         let why = match reason {
             DeathReason::Expired => "worker missed its heartbeats",
@@ -824,7 +862,10 @@ impl SchedulerState {
                 reason: "only a queued task can be assigned".into(),
             });
         }
-        let worker = self.workers.get(&a.worker).ok_or(Rejection::WorkerNotFound { worker: a.worker.clone() })?;
+        let worker = self
+            .workers
+            .get(&a.worker)
+            .ok_or(Rejection::WorkerNotFound { worker: a.worker.clone() })?;
         if worker.status != WorkerStatus::Alive {
             return Err(Rejection::WorkerUnavailable {
                 worker: a.worker.clone(),
@@ -843,7 +884,11 @@ impl SchedulerState {
         task.attempt += 1;
         task.last_fence = fence;
         let deadline = task.spec.timeout_ms.map(|t| now.saturating_add(t));
-        self.transition(now, a.task, TaskState::Assigned { worker: a.worker.clone(), fence, at: now, deadline });
+        self.transition(
+            now,
+            a.task,
+            TaskState::Assigned { worker: a.worker.clone(), fence, at: now, deadline },
+        );
         Ok(fence)
     }
 
@@ -851,20 +896,30 @@ impl SchedulerState {
         Output::Reported(reports.iter().map(|r| self.report_one(now, worker, r)).collect())
     }
 
-    fn report_one(&mut self, now: Millis, reporter: &WorkerId, r: &Report) -> Result<ReportOutcome, Rejection> {
+    fn report_one(
+        &mut self,
+        now: Millis,
+        reporter: &WorkerId,
+        r: &Report,
+    ) -> Result<ReportOutcome, Rejection> {
         let task = self.tasks.get(&r.task).ok_or(Rejection::TaskNotFound { task: r.task })?;
         if let ReportKind::Succeeded { result } = &r.outcome {
             if result.len() > HARD.max_result_bytes {
-                return Err(Rejection::limit("result", HARD.max_result_bytes as u64, result.len() as u64));
+                return Err(Rejection::limit(
+                    "result",
+                    HARD.max_result_bytes as u64,
+                    result.len() as u64,
+                ));
             }
         }
         let kind = task.state.kind();
         let Some((holder, fence)) = task.state.holder().map(|(w, f)| (w.clone(), f)) else {
             // Not in progress: accept only an exact repeat of what was accepted before.
             let repeat = match (&task.state, &r.outcome) {
-                (TaskState::Succeeded { worker, fence, .. }, ReportKind::Succeeded { .. } | ReportKind::Started) => {
-                    *fence == r.fence && worker == reporter
-                }
+                (
+                    TaskState::Succeeded { worker, fence, .. },
+                    ReportKind::Succeeded { .. } | ReportKind::Started,
+                ) => *fence == r.fence && worker == reporter,
                 (_, ReportKind::Failed { .. } | ReportKind::Started) => task
                     .last_failure
                     .as_ref()
@@ -884,10 +939,18 @@ impl SchedulerState {
             return Err(Rejection::StaleFence { task: r.task, current: None, given: r.fence });
         };
         if r.fence != fence {
-            return Err(Rejection::StaleFence { task: r.task, current: Some(fence), given: r.fence });
+            return Err(Rejection::StaleFence {
+                task: r.task,
+                current: Some(fence),
+                given: r.fence,
+            });
         }
         if holder != *reporter {
-            return Err(Rejection::WrongWorker { task: r.task, holder: Some(holder), given: reporter.clone() });
+            return Err(Rejection::WrongWorker {
+                task: r.task,
+                holder: Some(holder),
+                given: reporter.clone(),
+            });
         }
         match &r.outcome {
             ReportKind::Started => {
@@ -897,7 +960,13 @@ impl SchedulerState {
                 self.transition(
                     now,
                     r.task,
-                    TaskState::Running { worker, fence, assigned_at: at, started_at: now, deadline },
+                    TaskState::Running {
+                        worker,
+                        fence,
+                        assigned_at: at,
+                        started_at: now,
+                        deadline,
+                    },
                 );
             }
             ReportKind::Succeeded { result } => {
@@ -922,7 +991,12 @@ impl SchedulerState {
                 break;
             }
             let timeout = self.tasks[&id].spec.timeout_ms.unwrap_or(0);
-            self.fail_attempt(now, id, FailureKind::Timeout, format!("attempt exceeded its {timeout} ms timeout"));
+            self.fail_attempt(
+                now,
+                id,
+                FailureKind::Timeout,
+                format!("attempt exceeded its {timeout} ms timeout"),
+            );
             timed_out += 1;
         }
         let mut promoted = 0;
@@ -969,7 +1043,7 @@ impl SchedulerState {
 /// Why `spec` cannot go on a worker with this description and load right now (queue, labels,
 /// slots, resources), or `None` if it fits.
 pub(crate) fn misfit(spec: &TaskSpec, worker: &WorkerSpec, load: &Load) -> Option<String> {
-    if !worker.queues.iter().any(|q| *q == spec.queue) {
+    if !worker.queues.contains(&spec.queue) {
         return Some(format!("worker does not serve queue {:?}", spec.queue));
     }
     if let Some(l) = missing_label(&spec.labels, &worker.labels) {
@@ -991,4 +1065,3 @@ pub(crate) fn missing_label(
 ) -> Option<String> {
     required.iter().find(|(k, v)| offered.get(*k) != Some(*v)).map(|(k, v)| format!("{k}={v}"))
 }
-

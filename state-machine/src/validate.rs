@@ -164,12 +164,7 @@ fn retry(field: &str, r: &RetryPolicy, limits: &Limits) -> Result<(), Rejection>
 }
 
 /// One task spec, without its dependencies. `now` bounds `not_before`.
-pub fn task_spec(
-    field: &str,
-    spec: &TaskSpec,
-    now: u64,
-    limits: &Limits,
-) -> Result<(), Rejection> {
+pub fn task_spec(field: &str, spec: &TaskSpec, now: u64, limits: &Limits) -> Result<(), Rejection> {
     ident(&format!("{field}.name"), &spec.name, limits)?;
     ident(&format!("{field}.queue"), &spec.queue, limits)?;
     if spec.payload.len() > limits.max_payload_bytes {
@@ -385,7 +380,9 @@ mod tests {
             .unwrap_err();
         assert_eq!(e, Rejection::invalid("tasks[1].depends_on[1]", "duplicate dependency"));
         let e = submit_batch(&[nt(vec![DepRef::Batch(5)])], 0, &HARD).unwrap_err();
-        assert!(matches!(e, Rejection::InvalidArgument { field, .. } if field == "tasks[0].depends_on[0]"));
+        assert!(
+            matches!(e, Rejection::InvalidArgument { field, .. } if field == "tasks[0].depends_on[0]")
+        );
     }
 
     #[test]

@@ -47,10 +47,15 @@ fn unknown_dependency_is_refused_and_changes_nothing() {
     let mut h = H::new();
     h.submit1(spec("a"));
     let before = h.s.digest();
-    let r = h.apply(Op::Submit { tasks: vec![nt(spec("ok"), vec![]), nt(spec("b"), vec![DepRef::Id(TaskId(99))])] });
+    let r = h.apply(Op::Submit {
+        tasks: vec![nt(spec("ok"), vec![]), nt(spec("b"), vec![DepRef::Id(TaskId(99))])],
+    });
     assert_eq!(
         r,
-        Err(Rejection::UnknownDependency { field: "tasks[1].depends_on[0]".into(), task: TaskId(99) })
+        Err(Rejection::UnknownDependency {
+            field: "tasks[1].depends_on[0]".into(),
+            task: TaskId(99)
+        })
     );
     assert_eq!(h.s.digest(), before, "a rejected batch must change nothing");
     assert_eq!(h.s.task_count(), 1);
@@ -73,16 +78,25 @@ fn self_and_duplicate_dependencies_are_refused() {
     let mut h = H::new();
     let a = h.submit1(spec("a"));
     let r = h.apply(Op::Submit { tasks: vec![nt(spec("b"), vec![DepRef::Id(a), DepRef::Id(a)])] });
-    assert!(matches!(r, Err(Rejection::InvalidArgument { ref field, .. }) if field == "tasks[0].depends_on[1]"));
+    assert!(
+        matches!(r, Err(Rejection::InvalidArgument { ref field, .. }) if field == "tasks[0].depends_on[1]")
+    );
     let r = h.apply(Op::Submit { tasks: vec![nt(spec("b"), vec![DepRef::Batch(0)])] });
-    assert!(matches!(r, Err(Rejection::InvalidArgument { ref reason, .. }) if reason.contains("itself")));
+    assert!(
+        matches!(r, Err(Rejection::InvalidArgument { ref reason, .. }) if reason.contains("itself"))
+    );
     // An id and a position that resolve to the same (deduplicated) task are duplicates too.
     let keyed_id = h.submit1(keyed("k", "key-a"));
     assert_eq!(keyed_id, TaskId(2));
     let r = h.apply(Op::Submit {
-        tasks: vec![nt(keyed("k", "key-a"), vec![]), nt(spec("c"), vec![DepRef::Batch(0), DepRef::Id(TaskId(2))])],
+        tasks: vec![
+            nt(keyed("k", "key-a"), vec![]),
+            nt(spec("c"), vec![DepRef::Batch(0), DepRef::Id(TaskId(2))]),
+        ],
     });
-    assert!(matches!(r, Err(Rejection::InvalidArgument { ref reason, .. }) if reason.contains("duplicate")));
+    assert!(
+        matches!(r, Err(Rejection::InvalidArgument { ref reason, .. }) if reason.contains("duplicate"))
+    );
 }
 
 #[test]
@@ -100,7 +114,9 @@ fn limits_are_enforced_at_apply() {
 fn idempotency_key_returns_the_existing_task() {
     let mut h = H::new();
     let first = h.submit1(keyed("a", "k1"));
-    let r = h.apply(Op::Submit { tasks: vec![nt(keyed("a", "k1"), vec![]), nt(keyed("b", "k2"), vec![DepRef::Batch(0)])] });
+    let r = h.apply(Op::Submit {
+        tasks: vec![nt(keyed("a", "k1"), vec![]), nt(keyed("b", "k2"), vec![DepRef::Batch(0)])],
+    });
     let Ok(Output::Submitted(v)) = r else { panic!("{r:?}") };
     assert_eq!(v[0], Submitted { id: first, created: false, state: TaskStateKind::Queued });
     assert!(v[1].created);
@@ -162,7 +178,9 @@ fn assign_issues_increasing_fences_and_counts_attempts() {
     let fb = h.assign(b, "w1").unwrap();
     assert!(fb > fa);
     assert_eq!(h.task(a).attempt, 1);
-    assert!(matches!(&h.task(a).state, TaskState::Assigned { worker, fence, .. } if worker.as_str() == "w1" && *fence == fa));
+    assert!(
+        matches!(&h.task(a).state, TaskState::Assigned { worker, fence, .. } if worker.as_str() == "w1" && *fence == fa)
+    );
     assert_eq!(h.s.held_by(&w("w1")).count(), 2);
 }
 
@@ -175,24 +193,35 @@ fn assign_revalidates_everything() {
     assert_eq!(h.assign(TaskId(77), "w1"), Err(Rejection::TaskNotFound { task: TaskId(77) }));
     assert_eq!(h.assign(a, "nope"), Err(Rejection::WorkerNotFound { worker: w("nope") }));
     h.assign(a, "w1").unwrap();
-    assert!(matches!(h.assign(a, "w1"), Err(Rejection::InvalidState { state: TaskStateKind::Assigned, .. })));
-    assert!(matches!(h.assign(b, "w1"), Err(Rejection::DoesNotFit { ref reason, .. }) if reason.contains("slots")));
+    assert!(matches!(
+        h.assign(a, "w1"),
+        Err(Rejection::InvalidState { state: TaskStateKind::Assigned, .. })
+    ));
+    assert!(
+        matches!(h.assign(b, "w1"), Err(Rejection::DoesNotFit { ref reason, .. }) if reason.contains("slots"))
+    );
 
     let mut q = spec("other-queue");
     q.queue = "gpu".into();
     let c = h.submit1(q);
     h.worker("w2", 4);
-    assert!(matches!(h.assign(c, "w2"), Err(Rejection::DoesNotFit { ref reason, .. }) if reason.contains("queue")));
+    assert!(
+        matches!(h.assign(c, "w2"), Err(Rejection::DoesNotFit { ref reason, .. }) if reason.contains("queue"))
+    );
 
     let mut l = spec("labelled");
     l.labels.insert("zone".into(), "eu".into());
     let d = h.submit1(l);
-    assert!(matches!(h.assign(d, "w2"), Err(Rejection::DoesNotFit { ref reason, .. }) if reason.contains("zone=eu")));
+    assert!(
+        matches!(h.assign(d, "w2"), Err(Rejection::DoesNotFit { ref reason, .. }) if reason.contains("zone=eu"))
+    );
 
     let mut r = spec("hungry");
     r.resources.cpu_milli = 9_000;
     let e = h.submit1(r);
-    assert!(matches!(h.assign(e, "w2"), Err(Rejection::DoesNotFit { ref reason, .. }) if reason.contains("cpu")));
+    assert!(
+        matches!(h.assign(e, "w2"), Err(Rejection::DoesNotFit { ref reason, .. }) if reason.contains("cpu"))
+    );
 
     h.apply(Op::DrainWorker { worker: w("w2") }).unwrap();
     assert!(matches!(h.assign(b, "w2"), Err(Rejection::WorkerUnavailable { .. })));
@@ -205,7 +234,10 @@ fn assignments_in_one_command_share_capacity() {
     let a = h.submit1(spec("a"));
     let b = h.submit1(spec("b"));
     let r = h.apply(Op::Assign {
-        assignments: vec![Assignment { task: a, worker: w("w1") }, Assignment { task: b, worker: w("w1") }],
+        assignments: vec![
+            Assignment { task: a, worker: w("w1") },
+            Assignment { task: b, worker: w("w1") },
+        ],
     });
     let Ok(Output::Assigned(v)) = r else { panic!() };
     assert!(v[0].is_ok());
@@ -220,11 +252,19 @@ fn start_then_complete_and_repeat_is_idempotent() {
     h.worker("w1", 2);
     let a = h.submit1(spec("a"));
     let f = h.assign(a, "w1").unwrap();
-    assert_eq!(h.report("w1", a, f, ReportKind::Started), Ok(ReportOutcome::Accepted(TaskStateKind::Running)));
-    assert_eq!(h.report("w1", a, f, ReportKind::Started), Ok(ReportOutcome::Duplicate(TaskStateKind::Running)));
+    assert_eq!(
+        h.report("w1", a, f, ReportKind::Started),
+        Ok(ReportOutcome::Accepted(TaskStateKind::Running))
+    );
+    assert_eq!(
+        h.report("w1", a, f, ReportKind::Started),
+        Ok(ReportOutcome::Duplicate(TaskStateKind::Running))
+    );
     assert_eq!(h.complete("w1", a, f), Ok(ReportOutcome::Accepted(TaskStateKind::Succeeded)));
     assert_eq!(h.complete("w1", a, f), Ok(ReportOutcome::Duplicate(TaskStateKind::Succeeded)));
-    assert!(matches!(&h.task(a).state, TaskState::Succeeded { result, fence, .. } if result == b"ok" && *fence == f));
+    assert!(
+        matches!(&h.task(a).state, TaskState::Succeeded { result, fence, .. } if result == b"ok" && *fence == f)
+    );
     assert_eq!(h.s.held_by(&w("w1")).count(), 0);
 }
 
@@ -285,7 +325,10 @@ fn retryable_failure_backs_off_then_gets_a_new_fence() {
     assert_eq!(h.fail("w1", a, f1, true), Ok(ReportOutcome::Accepted(TaskStateKind::Delayed)));
     assert!(matches!(h.task(a).state, TaskState::Delayed { until: 2_000 }));
     assert_eq!(h.fail("w1", a, f1, true), Ok(ReportOutcome::Duplicate(TaskStateKind::Delayed)));
-    assert!(matches!(h.s.explain(a), Some(Explanation::Delayed { until: 2_000, after_failure: Some(_) })));
+    assert!(matches!(
+        h.s.explain(a),
+        Some(Explanation::Delayed { until: 2_000, after_failure: Some(_) })
+    ));
     h.now = 2_000;
     h.apply(Op::AdvanceTime).unwrap();
     assert_eq!(h.kind(a), TaskStateKind::Queued);
@@ -293,7 +336,10 @@ fn retryable_failure_backs_off_then_gets_a_new_fence() {
     assert!(f2 > f1);
     assert_eq!(h.task(a).attempt, 2);
     // The first attempt's late completion is refused.
-    assert_eq!(h.complete("w1", a, f1), Err(Rejection::StaleFence { task: a, current: Some(f2), given: f1 }));
+    assert_eq!(
+        h.complete("w1", a, f1),
+        Err(Rejection::StaleFence { task: a, current: Some(f2), given: f1 })
+    );
 }
 
 #[test]
@@ -314,8 +360,12 @@ fn attempts_exhausted_fail_the_task_and_cascade() {
     let f2 = h.assign(ids[0], "w1").unwrap();
     h.fail("w1", ids[0], f2, true).unwrap();
     assert_eq!(h.kind(ids[0]), TaskStateKind::Failed);
-    assert!(matches!(h.task(ids[1]).state, TaskState::UpstreamFailed { upstream, .. } if upstream == ids[0]));
-    assert!(matches!(h.task(ids[2]).state, TaskState::UpstreamFailed { upstream, .. } if upstream == ids[1]));
+    assert!(
+        matches!(h.task(ids[1]).state, TaskState::UpstreamFailed { upstream, .. } if upstream == ids[0])
+    );
+    assert!(
+        matches!(h.task(ids[2]).state, TaskState::UpstreamFailed { upstream, .. } if upstream == ids[1])
+    );
 }
 
 #[test]
@@ -333,13 +383,22 @@ fn fatal_failure_is_not_retried() {
 fn report_on_an_unknown_task_or_after_the_end_is_refused() {
     let mut h = H::new();
     h.worker("w1", 2);
-    assert_eq!(h.complete("w1", TaskId(5), Fence(1)), Err(Rejection::TaskNotFound { task: TaskId(5) }));
+    assert_eq!(
+        h.complete("w1", TaskId(5), Fence(1)),
+        Err(Rejection::TaskNotFound { task: TaskId(5) })
+    );
     let a = h.submit1(spec("a"));
     let f = h.assign(a, "w1").unwrap();
     h.apply(Op::Cancel { ids: vec![a], reason: "stop".into() }).unwrap();
-    assert!(matches!(h.complete("w1", a, f), Err(Rejection::InvalidState { state: TaskStateKind::Cancelled, .. })));
+    assert!(matches!(
+        h.complete("w1", a, f),
+        Err(Rejection::InvalidState { state: TaskStateKind::Cancelled, .. })
+    ));
     let b = h.submit1(spec("b"));
-    assert_eq!(h.complete("w1", b, Fence(1)), Err(Rejection::StaleFence { task: b, current: None, given: Fence(1) }));
+    assert_eq!(
+        h.complete("w1", b, Fence(1)),
+        Err(Rejection::StaleFence { task: b, current: None, given: Fence(1) })
+    );
 }
 
 #[test]
@@ -366,12 +425,17 @@ fn cancel_cascades_and_is_idempotent() {
     let r = h.apply(Op::Cancel { ids: vec![ids[0]], reason: "user".into() });
     assert_eq!(
         r,
-        Ok(Output::Cancelled(vec![Ok(CancelOutcome::Cancelled { dependents: vec![ids[1], ids[2]] })]))
+        Ok(Output::Cancelled(vec![Ok(CancelOutcome::Cancelled {
+            dependents: vec![ids[1], ids[2]]
+        })]))
     );
     let r = h.apply(Op::Cancel { ids: vec![ids[0], TaskId(42)], reason: "again".into() });
     assert_eq!(
         r,
-        Ok(Output::Cancelled(vec![Ok(CancelOutcome::AlreadyCancelled), Err(Rejection::TaskNotFound { task: TaskId(42) })]))
+        Ok(Output::Cancelled(vec![
+            Ok(CancelOutcome::AlreadyCancelled),
+            Err(Rejection::TaskNotFound { task: TaskId(42) })
+        ]))
     );
 }
 
@@ -397,7 +461,9 @@ fn a_finished_task_cannot_be_cancelled() {
     let f = h.assign(a, "w1").unwrap();
     h.complete("w1", a, f).unwrap();
     let r = h.apply(Op::Cancel { ids: vec![a], reason: "".into() });
-    assert!(matches!(r, Ok(Output::Cancelled(ref v)) if matches!(v[0], Err(Rejection::InvalidState { state: TaskStateKind::Succeeded, .. }))));
+    assert!(
+        matches!(r, Ok(Output::Cancelled(ref v)) if matches!(v[0], Err(Rejection::InvalidState { state: TaskStateKind::Succeeded, .. })))
+    );
 }
 
 // ----- workers ----------------------------------------------------------------------------
@@ -418,7 +484,10 @@ fn reconnect_keeps_session_and_tasks_restart_requeues() {
     assert_eq!(requeued, vec![a]);
     assert_eq!(h.kind(a), TaskStateKind::Queued);
     assert_eq!(h.task(a).last_failure.as_ref().unwrap().kind, FailureKind::WorkerLost);
-    assert_eq!(h.complete("w1", a, f), Err(Rejection::StaleFence { task: a, current: None, given: f }));
+    assert_eq!(
+        h.complete("w1", a, f),
+        Err(Rejection::StaleFence { task: a, current: None, given: f })
+    );
 }
 
 #[test]
@@ -430,7 +499,9 @@ fn reconnect_cannot_shrink_below_what_is_held() {
     h.assign(a, "w1").unwrap();
     h.assign(b, "w1").unwrap();
     let r = h.apply(Op::RegisterWorker { spec: wspec("w1", 1), instance: 1 });
-    assert!(matches!(r, Err(Rejection::InvalidArgument { ref field, .. }) if field == "worker.slots"));
+    assert!(
+        matches!(r, Err(Rejection::InvalidArgument { ref field, .. }) if field == "worker.slots")
+    );
 }
 
 #[test]
@@ -442,11 +513,15 @@ fn invalid_worker_registration_names_the_field() {
     s.id = w("w1");
     s.queues.clear();
     let r = h.apply(Op::RegisterWorker { spec: s.clone(), instance: 1 });
-    assert!(matches!(r, Err(Rejection::InvalidArgument { ref field, .. }) if field == "worker.queues"));
+    assert!(
+        matches!(r, Err(Rejection::InvalidArgument { ref field, .. }) if field == "worker.queues")
+    );
     s.queues = vec!["q".into()];
     s.slots = 0;
     let r = h.apply(Op::RegisterWorker { spec: s, instance: 1 });
-    assert!(matches!(r, Err(Rejection::InvalidArgument { ref field, .. }) if field == "worker.slots"));
+    assert!(
+        matches!(r, Err(Rejection::InvalidArgument { ref field, .. }) if field == "worker.slots")
+    );
 }
 
 #[test]
@@ -463,9 +538,15 @@ fn expiry_requeues_with_a_new_attempt_and_rejects_stale_sessions() {
     assert_eq!(r, Ok(Output::WorkerUpdated { requeued: vec![a] }));
     let ch = h.s.take_changes();
     assert_eq!(ch.events[0].revoked_from, Some((w("w1"), f1)));
-    assert!(matches!(h.s.worker(&w("w1")).unwrap().status, WorkerStatus::Dead { reason: DeathReason::Expired, .. }));
+    assert!(matches!(
+        h.s.worker(&w("w1")).unwrap().status,
+        WorkerStatus::Dead { reason: DeathReason::Expired, .. }
+    ));
     // Repeating the same expiry is harmless.
-    assert_eq!(h.apply(Op::ExpireWorker { worker: w("w1"), session: s }), Ok(Output::WorkerUpdated { requeued: vec![] }));
+    assert_eq!(
+        h.apply(Op::ExpireWorker { worker: w("w1"), session: s }),
+        Ok(Output::WorkerUpdated { requeued: vec![] })
+    );
     let f2 = h.assign(a, "w2").unwrap();
     assert!(f2 > f1);
     assert!(matches!(h.complete("w1", a, f1), Err(Rejection::StaleFence { .. })));
@@ -494,9 +575,18 @@ fn draining_keeps_tasks_but_takes_no_new_ones_and_deregister_requeues() {
     assert_eq!(h.kind(a), TaskStateKind::Assigned);
     h.submit1(spec("b"));
     assert!(h.plan_and_assign().is_empty());
-    assert_eq!(h.apply(Op::DeregisterWorker { worker: w("w1"), session: s }), Ok(Output::WorkerUpdated { requeued: vec![a] }));
-    assert!(matches!(h.apply(Op::DrainWorker { worker: w("w1") }), Err(Rejection::WorkerUnavailable { .. })));
-    assert!(matches!(h.apply(Op::DrainWorker { worker: w("zz") }), Err(Rejection::WorkerNotFound { .. })));
+    assert_eq!(
+        h.apply(Op::DeregisterWorker { worker: w("w1"), session: s }),
+        Ok(Output::WorkerUpdated { requeued: vec![a] })
+    );
+    assert!(matches!(
+        h.apply(Op::DrainWorker { worker: w("w1") }),
+        Err(Rejection::WorkerUnavailable { .. })
+    ));
+    assert!(matches!(
+        h.apply(Op::DrainWorker { worker: w("zz") }),
+        Err(Rejection::WorkerNotFound { .. })
+    ));
     // A dead worker can come back with a fresh session.
     let s2 = h.worker("w1", 4);
     assert!(s2 > s);
@@ -550,8 +640,14 @@ fn purge_removes_old_terminal_tasks_and_frees_keys() {
     h.apply(Op::ExpireWorker { worker: w("w1"), session: sess }).unwrap();
     h.tick(1_000);
     // Cut-off before the completion: nothing goes.
-    assert_eq!(h.apply(Op::Purge { finished_before: 1_000, limit: 10 }), Ok(Output::Purged { tasks: 0, workers: 0 }));
-    assert_eq!(h.apply(Op::Purge { finished_before: 5_000, limit: 10 }), Ok(Output::Purged { tasks: 1, workers: 1 }));
+    assert_eq!(
+        h.apply(Op::Purge { finished_before: 1_000, limit: 10 }),
+        Ok(Output::Purged { tasks: 0, workers: 0 })
+    );
+    assert_eq!(
+        h.apply(Op::Purge { finished_before: 5_000, limit: 10 }),
+        Ok(Output::Purged { tasks: 1, workers: 1 })
+    );
     assert!(h.s.task(a).is_none());
     assert_eq!(h.kind(b), TaskStateKind::Queued, "non-terminal tasks stay");
     assert!(h.s.worker(&w("w1")).is_none());
@@ -566,7 +662,10 @@ fn purge_respects_its_limit() {
     let ids: Vec<TaskId> = (0..5).map(|i| h.submit1(spec(&format!("t{i}")))).collect();
     h.apply(Op::Cancel { ids: ids.clone(), reason: "".into() }).unwrap();
     h.tick(10);
-    assert_eq!(h.apply(Op::Purge { finished_before: h.now, limit: 2 }), Ok(Output::Purged { tasks: 2, workers: 0 }));
+    assert_eq!(
+        h.apply(Op::Purge { finished_before: h.now, limit: 2 }),
+        Ok(Output::Purged { tasks: 2, workers: 0 })
+    );
     assert_eq!(h.s.task_count(), 3);
 }
 
@@ -589,7 +688,10 @@ fn explain_names_the_obstacle() {
     ws.queues = vec!["gpu".into()];
     ws.capacity.named.insert("gpu".into(), 1);
     h.worker_spec(ws.clone(), 1);
-    assert_eq!(blocker(&h), Some(Blocker::TooLarge { resource: "gpu".into(), need: 2, largest: 1 }));
+    assert_eq!(
+        blocker(&h),
+        Some(Blocker::TooLarge { resource: "gpu".into(), need: 2, largest: 1 })
+    );
 
     ws.capacity.named.insert("gpu".into(), 2);
     h.worker_spec(ws, 2);
@@ -607,7 +709,9 @@ fn explain_names_the_obstacle() {
         }),
         Some(Some(Blocker::Busy { eligible: 1, short: Some(("gpu".into(), 2, 0)) }))
     );
-    assert!(matches!(h.s.explain(t), Some(Explanation::Assigned { attempt: 1, fence, .. }) if fence == f));
+    assert!(
+        matches!(h.s.explain(t), Some(Explanation::Assigned { attempt: 1, fence, .. }) if fence == f)
+    );
 
     let mut lab = spec("labelled");
     lab.labels.insert("ssd".into(), "yes".into());

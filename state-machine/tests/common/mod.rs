@@ -58,18 +58,37 @@ impl H {
         }
     }
 
-    pub fn report(&mut self, worker: &str, task: TaskId, fence: Fence, outcome: ReportKind) -> Result<ReportOutcome, Rejection> {
-        match self.apply(Op::Report { worker: w(worker), reports: vec![Report { task, fence, outcome }] }) {
+    pub fn report(
+        &mut self,
+        worker: &str,
+        task: TaskId,
+        fence: Fence,
+        outcome: ReportKind,
+    ) -> Result<ReportOutcome, Rejection> {
+        match self
+            .apply(Op::Report { worker: w(worker), reports: vec![Report { task, fence, outcome }] })
+        {
             Ok(Output::Reported(mut v)) => v.remove(0),
             other => panic!("report: {other:?}"),
         }
     }
 
-    pub fn complete(&mut self, worker: &str, task: TaskId, fence: Fence) -> Result<ReportOutcome, Rejection> {
+    pub fn complete(
+        &mut self,
+        worker: &str,
+        task: TaskId,
+        fence: Fence,
+    ) -> Result<ReportOutcome, Rejection> {
         self.report(worker, task, fence, ReportKind::Succeeded { result: b"ok".to_vec() })
     }
 
-    pub fn fail(&mut self, worker: &str, task: TaskId, fence: Fence, retryable: bool) -> Result<ReportOutcome, Rejection> {
+    pub fn fail(
+        &mut self,
+        worker: &str,
+        task: TaskId,
+        fence: Fence,
+        retryable: bool,
+    ) -> Result<ReportOutcome, Rejection> {
         self.report(worker, task, fence, ReportKind::Failed { message: "boom".into(), retryable })
     }
 
