@@ -1,1 +1,39 @@
-//! placeholder
+//! # proto: raftsched on the wire
+//!
+//! * [`scheduler::v1`]: the public API (`Tasks`, `Workers`, `Cluster` services);
+//! * [`internal::v1`]: the node-to-node service (Raft RPCs, write forwarding, read index);
+//! * [`convert`]: conversions between wire messages and the domain types of the
+//!   `state-machine` crate (they live here because of the orphan rule);
+//! * [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
+//!
+//! Wire-level checks that need no state (enum values, required messages) happen in the
+//! conversions and return a [`state_machine::Rejection`] naming the field; everything else
+//! is validated by `state_machine::validate`.
+
+pub mod convert;
+
+/// Generated code of package `scheduler.v1`.
+pub mod scheduler {
+    /// Version 1 of the public API.
+    pub mod v1 {
+        #![allow(missing_docs, clippy::all)]
+        tonic::include_proto!("scheduler.v1");
+    }
+}
+
+/// Generated code of package `raftsched.internal.v1`.
+pub mod internal {
+    /// Version 1 of the internal service.
+    pub mod v1 {
+        #![allow(missing_docs, clippy::all)]
+        tonic::include_proto!("raftsched.internal.v1");
+    }
+}
+
+pub use scheduler::v1 as pb;
+
+/// Encoded `FileDescriptorSet` of every service, for `tonic-reflection`.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptors");
+
+/// Metadata key of the leader hint (`<id>@<host:port>`) on UNAVAILABLE answers.
+pub const LEADER_HINT_KEY: &str = "x-raftsched-leader";

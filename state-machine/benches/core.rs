@@ -41,7 +41,7 @@ fn task(i: u64) -> NewTask {
     spec.priority = (i % 5) as i32;
     spec.resources.cpu_milli = 100;
     spec.resources.memory_mib = 64;
-    NewTask { spec, depends_on: vec![] }
+    NewTask::new(spec)
 }
 
 fn worker(i: usize) -> WorkerSpec {

@@ -130,6 +130,21 @@ pub struct NewTask {
     pub spec: TaskSpec,
     /// Dependencies by id or batch position.
     pub depends_on: Vec<DepRef>,
+    /// Delay relative to the log time of the submit (0 = none): folded into
+    /// `spec.not_before` at apply, so it is measured by the leader's clock, not the client's.
+    pub delay_ms: u64,
+}
+
+impl NewTask {
+    /// A task without dependencies or delay.
+    pub fn new(spec: TaskSpec) -> Self {
+        NewTask { spec, depends_on: Vec::new(), delay_ms: 0 }
+    }
+
+    /// A task with dependencies.
+    pub fn with_deps(spec: TaskSpec, depends_on: Vec<DepRef>) -> Self {
+        NewTask { spec, depends_on, delay_ms: 0 }
+    }
 }
 
 /// One placement decision.

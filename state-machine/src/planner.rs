@@ -232,10 +232,7 @@ mod tests {
         let mut spec = TaskSpec::new("t");
         spec.priority = prio;
         spec.resources.cpu_milli = cpu;
-        match s.apply(&Command::new(
-            2,
-            Op::Submit { tasks: vec![NewTask { spec, depends_on: vec![] }] },
-        )) {
+        match s.apply(&Command::new(2, Op::Submit { tasks: vec![NewTask::new(spec)] })) {
             Ok(Output::Submitted(v)) => v[0].id,
             other => panic!("{other:?}"),
         }

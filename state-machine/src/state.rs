@@ -395,7 +395,11 @@ impl SchedulerState {
                 continue;
             }
             let id = ids[i];
-            let spec = batch[i].spec.clone();
+            let mut spec = batch[i].spec.clone();
+            if batch[i].delay_ms > 0 {
+                let at = now.saturating_add(batch[i].delay_ms);
+                spec.not_before = Some(spec.not_before.map_or(at, |nb| nb.max(at)));
+            }
             let deps = std::mem::take(&mut resolved[i]);
             self.create_task(now, id, spec, deps);
         }

@@ -238,6 +238,13 @@ pub fn submit_batch(tasks: &[NewTask], now: u64, limits: &Limits) -> Result<(), 
     for (i, t) in tasks.iter().enumerate() {
         let field = format!("tasks[{i}]");
         task_spec(&field, &t.spec, now, limits)?;
+        if t.delay_ms > limits.max_duration_ms {
+            return Err(Rejection::limit(
+                format!("{field}.delay_ms"),
+                limits.max_duration_ms,
+                t.delay_ms,
+            ));
+        }
         if t.depends_on.len() > limits.max_deps {
             return Err(Rejection::limit(
                 format!("{field}.depends_on"),
@@ -358,7 +365,7 @@ mod tests {
     use super::*;
 
     fn nt(deps: Vec<DepRef>) -> NewTask {
-        NewTask { spec: TaskSpec::new("t"), depends_on: deps }
+        NewTask::with_deps(TaskSpec::new("t"), deps)
     }
 
     #[test]

@@ -783,3 +783,13 @@ fn changes_name_deleted_records_too() {
     assert!(ch.records.contains(&RecordKey::Task(a)));
     assert_eq!(h.s.encode_record(&RecordKey::Task(a)), None);
 }
+
+#[test]
+fn relative_delay_is_measured_from_the_submit_log_time() {
+    let mut h = H::new();
+    let mut t = NewTask::new(spec("later"));
+    t.delay_ms = 250;
+    let id = h.submit(vec![t])[0];
+    assert_eq!(h.task(id).spec.not_before, Some(1_250));
+    assert!(matches!(h.task(id).state, TaskState::Delayed { until: 1_250 }));
+}

@@ -277,11 +277,15 @@ impl Model {
             if !ids[i].1 {
                 continue;
             }
+            let mut spec = t.spec.clone();
+            if t.delay_ms > 0 {
+                spec.not_before = Some(spec.not_before.unwrap_or(0).max(self.now + t.delay_ms));
+            }
             self.tasks.insert(
                 ids[i].0,
                 MTask {
                     deps: resolved[i].clone(),
-                    spec: t.spec.clone(),
+                    spec,
                     kind: TaskStateKind::Waiting,
                     attempt: 0,
                     fence: 0,
@@ -481,9 +485,12 @@ fn concretize(op: &AOp, s: &SchedulerState, now: u64) -> Op {
                     spec.retry.max_attempts = *max_attempts;
                     spec.retry.initial_backoff_ms = *backoff;
                     spec.timeout_ms = *timeout;
-                    spec.not_before = delay.map(|d| now + d);
+                    // Odd delays as absolute not_before, even ones as a relative delay.
+                    let relative = delay.filter(|d| d % 2 == 0).unwrap_or(0);
+                    spec.not_before = delay.filter(|d| d % 2 == 1).map(|d| now + d);
                     NewTask {
                         spec,
+                        delay_ms: relative,
                         depends_on: deps
                             .iter()
                             .map(|(by_pos, k)| {

@@ -37,7 +37,7 @@ impl H {
     }
 
     pub fn submit1(&mut self, spec: TaskSpec) -> TaskId {
-        self.submit(vec![NewTask { spec, depends_on: vec![] }])[0]
+        self.submit(vec![NewTask::new(spec)])[0]
     }
 
     pub fn worker(&mut self, id: &str, slots: u32) -> u64 {
@@ -143,7 +143,7 @@ pub fn prio(name: &str, p: i32) -> TaskSpec {
 }
 
 pub fn nt(spec: TaskSpec, deps: Vec<DepRef>) -> NewTask {
-    NewTask { spec, depends_on: deps }
+    NewTask::with_deps(spec, deps)
 }
 
 pub fn keyed(name: &str, key: &str) -> TaskSpec {
