@@ -5,12 +5,29 @@
 //! * [`TypeConfig`]: log payload = [`state_machine::Command`], response =
 //!   [`state_machine::Response`], `u64` node ids, [`NodeInfo`] (the node's gRPC address);
 //! * [`log_store`]: the durable Raft log — append-only segment files with a CRC per record and
-//!   `fdatasync` before openraft hears that entries are durable;
+//!   `fdatasync` before openraft hears that entries are durable (group commit);
+//! * [`sm_store`]: the state machine — the pure scheduler state in memory, its changed records
+//!   written to sled atomically with `last_applied`; copy-on-write snapshots streamed to files;
+//! * [`snapshot`]: the snapshot file format; [`events`]: applied changes for watchers;
+//! * [`network`] and [`service`]: openraft's RPCs over the internal gRPC service;
+//! * [`raft_node`]: one cluster member with the operations the server needs (writes with
+//!   one-hop forwarding, linearizable reads, membership, leader transfer, status);
+//! * [`config`]: settings with fast-failover defaults.
+//!
+//! Storage failures are fatal: the stores report them to openraft, which stops the node, and
+//! nothing is acknowledged afterwards.
 #![allow(clippy::result_large_err)]
 
 use serde::{Deserialize, Serialize};
 
+pub mod config;
+pub mod events;
 pub mod log_store;
+pub mod network;
+pub mod raft_node;
+pub mod service;
+pub mod sm_store;
+pub mod snapshot;
 
 /// What the cluster knows about a member: where to reach it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
