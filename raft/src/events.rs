@@ -23,6 +23,10 @@ pub struct EventBatch {
     pub index: u64,
     /// Log time after the entry.
     pub log_time: u64,
+    /// Term of the leader that proposed the entry.
+    pub term: u64,
+    /// For an Assign entry: the applied index its planner looked at (0 otherwise).
+    pub planned_at: u64,
     /// Changes, in apply order.
     pub events: Vec<TaskEvent>,
 }
@@ -165,6 +169,8 @@ mod tests {
         EventBatch {
             index,
             log_time: index,
+            term: 1,
+            planned_at: 0,
             events: (0..n)
                 .map(|i| TaskEvent {
                     task: TaskId(i as u64),

@@ -427,9 +427,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         let r = st.apply(&cmd);
                         let ch = st.take_changes();
                         changed.extend(ch.records);
+                        let planned_at = match &cmd.op {
+                            state_machine::Op::Assign { planned_at, .. } => *planned_at,
+                            _ => 0,
+                        };
                         batches.push(EventBatch {
                             index: entry.log_id.index,
                             log_time: st.log_time(),
+                            term: entry.log_id.leader_id.term,
+                            planned_at,
                             events: ch.events,
                         });
                         responses.push(r);

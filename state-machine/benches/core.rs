@@ -81,7 +81,8 @@ fn main() {
         s.take_changes();
 
         let plan = plan(&s, &PlanPolicy { max_assignments: 1000, max_reservations: 0 });
-        let cmd = Command::new(now, Op::Assign { assignments: plan.assignments.clone() });
+        let cmd =
+            Command::new(now, Op::Assign { assignments: plan.assignments.clone(), planned_at: 0 });
         let t = Instant::now();
         let Ok(Output::Assigned(fences)) = s.apply(&cmd) else { panic!("assign") };
         assign_ms.push(t.elapsed().as_secs_f64() * 1e3);

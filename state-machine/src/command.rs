@@ -75,6 +75,9 @@ pub enum Op {
     Assign {
         /// task -> worker pairs.
         assignments: Vec<Assignment>,
+        /// The applied log index of the state the planner looked at (recorded for audits:
+        /// a task that became ready after it could not have been considered).
+        planned_at: u64,
     },
     /// Progress reports from one worker, each carrying the attempt's fencing token.
     Report {
@@ -219,6 +222,8 @@ pub enum Output {
         /// Attempts failed by their deadline.
         timed_out: u32,
     },
+    /// A Raft entry that carries no command (leader no-op, membership change).
+    Noop,
     /// Retention applied.
     Purged {
         /// Tasks removed.

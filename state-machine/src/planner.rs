@@ -270,7 +270,8 @@ mod tests {
             submit(&mut s, 0, 1_000);
         }
         let first = plan(&s, &PlanPolicy::default());
-        s.apply(&Command::new(3, Op::Assign { assignments: first.assignments })).unwrap();
+        s.apply(&Command::new(3, Op::Assign { assignments: first.assignments, planned_at: 0 }))
+            .unwrap();
         let big = submit(&mut s, 10, 4_000);
         for _ in 0..6 {
             submit(&mut s, 0, 1_000);

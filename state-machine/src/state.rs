@@ -283,6 +283,11 @@ impl SchedulerState {
         }
     }
 
+    /// When the oldest retained finished task finished (what retention would purge first).
+    pub fn oldest_finished(&self) -> Option<Millis> {
+        self.idx.finished.first().map(|(t, _)| *t)
+    }
+
     /// Unmet dependencies of a task (those that have not succeeded), in the task's order.
     pub fn unmet_deps(&self, task: &Task) -> Vec<TaskId> {
         task.deps
@@ -319,7 +324,7 @@ impl SchedulerState {
             Op::ExpireWorker { worker, session } => {
                 self.end_worker(now, worker, *session, DeathReason::Expired)
             }
-            Op::Assign { assignments } => Ok(self.assign(now, assignments)),
+            Op::Assign { assignments, .. } => Ok(self.assign(now, assignments)),
             Op::Report { worker, reports } => Ok(self.report(now, worker, reports)),
             Op::AdvanceTime => Ok(self.advance_time(now)),
             Op::Purge { finished_before, limit } => Ok(self.purge(*finished_before, *limit)),
@@ -932,6 +937,10 @@ impl SchedulerState {
             };
             if repeat {
                 return Ok(ReportOutcome::Duplicate(kind));
+            }
+            if r.fence != task.last_fence {
+                // An older attempt (or a made-up token): stale, whatever happened since.
+                return Err(Rejection::StaleFence { task: r.task, current: None, given: r.fence });
             }
             if kind.is_terminal() {
                 return Err(Rejection::InvalidState {

@@ -238,6 +238,7 @@ fn assignments_in_one_command_share_capacity() {
             Assignment { task: a, worker: w("w1") },
             Assignment { task: b, worker: w("w1") },
         ],
+        planned_at: 0,
     });
     let Ok(Output::Assigned(v)) = r else { panic!() };
     assert!(v[0].is_ok());
@@ -792,4 +793,20 @@ fn relative_delay_is_measured_from_the_submit_log_time() {
     let id = h.submit(vec![t])[0];
     assert_eq!(h.task(id).spec.not_before, Some(1_250));
     assert!(matches!(h.task(id).state, TaskState::Delayed { until: 1_250 }));
+}
+
+#[test]
+fn a_late_report_from_an_older_attempt_is_stale_even_after_success() {
+    let mut h = H::new();
+    let s1 = h.worker("w1", 1);
+    h.worker("w2", 1);
+    let a = h.submit1(spec("a"));
+    let f1 = h.assign(a, "w1").unwrap();
+    h.apply(Op::ExpireWorker { worker: w("w1"), session: s1 }).unwrap();
+    let f2 = h.assign(a, "w2").unwrap();
+    h.complete("w2", a, f2).unwrap();
+    assert_eq!(
+        h.complete("w1", a, f1),
+        Err(Rejection::StaleFence { task: a, current: None, given: f1 })
+    );
 }

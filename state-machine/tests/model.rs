@@ -190,7 +190,7 @@ impl Model {
                     _ => Shape::Rejected,
                 }
             }
-            Op::Assign { assignments } => {
+            Op::Assign { assignments, .. } => {
                 Shape::Items(assignments.iter().map(|a| self.assign(a)).collect())
             }
             Op::Report { worker, reports } => {
@@ -529,10 +529,13 @@ fn concretize(op: &AOp, s: &SchedulerState, now: u64) -> Op {
                 Op::DeregisterWorker { worker: wid(*w), session }
             }
         }
-        AOp::PlanAssign => Op::Assign { assignments: plan(s, &PlanPolicy::default()).assignments },
-        AOp::RandomAssign(t, w) => {
-            Op::Assign { assignments: vec![Assignment { task: pick(*t), worker: wid(*w) }] }
+        AOp::PlanAssign => {
+            Op::Assign { assignments: plan(s, &PlanPolicy::default()).assignments, planned_at: 0 }
         }
+        AOp::RandomAssign(t, w) => Op::Assign {
+            assignments: vec![Assignment { task: pick(*t), worker: wid(*w) }],
+            planned_at: 0,
+        },
         AOp::Report { pick: k, stale, wrong_worker, outcome } => {
             let held: Vec<&Task> = s
                 .tasks_from(TaskId(0))
@@ -627,7 +630,7 @@ fn run(ops: &[(AOp, u64)]) -> Result<(), TestCaseError> {
                 prop_assert!(t.last_fence >= *f, "fence of {} went backwards", t.id);
             }
         }
-        if let Op::Assign { assignments } = &cmd.op {
+        if let Op::Assign { assignments, .. } = &cmd.op {
             if let Ok(Output::Assigned(v)) = &resp {
                 for (a, r) in assignments.iter().zip(v) {
                     if let Ok(f) = r {
@@ -682,8 +685,10 @@ fn plans_apply_cleanly_and_respect_priority() {
                 let _ = s.apply(&Command::new(now, op));
                 let p = plan(&s, &PlanPolicy::default());
                 let before = s.clone();
-                let r =
-                    s.apply(&Command::new(now, Op::Assign { assignments: p.assignments.clone() }));
+                let r = s.apply(&Command::new(
+                    now,
+                    Op::Assign { assignments: p.assignments.clone(), planned_at: 0 },
+                ));
                 if let Ok(Output::Assigned(v)) = &r {
                     prop_assert!(v.iter().all(|x| x.is_ok()), "plan {:?} refused: {:?}", p, v);
                 }

@@ -52,7 +52,10 @@ impl H {
     }
 
     pub fn assign(&mut self, task: TaskId, worker: &str) -> Result<Fence, Rejection> {
-        match self.apply(Op::Assign { assignments: vec![Assignment { task, worker: w(worker) }] }) {
+        match self.apply(Op::Assign {
+            assignments: vec![Assignment { task, worker: w(worker) }],
+            planned_at: 0,
+        }) {
             Ok(Output::Assigned(mut v)) => v.remove(0),
             other => panic!("assign: {other:?}"),
         }
@@ -107,7 +110,7 @@ impl H {
             return vec![];
         }
         let asg = plan.assignments.clone();
-        match self.apply(Op::Assign { assignments: plan.assignments }) {
+        match self.apply(Op::Assign { assignments: plan.assignments, planned_at: 0 }) {
             Ok(Output::Assigned(v)) => asg
                 .into_iter()
                 .zip(v)

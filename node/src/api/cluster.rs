@@ -1,0 +1,271 @@
+//! The `Cluster` service: initialization, status of every member, membership changes, leader
+//! transfer and snapshots. Membership changes and transfers run on the leader; a follower
+//! forwards them one hop (marked with `x-raftsched-forwarded`, so they never travel twice).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::internal::v1 as ipb;
+use proto::pb;
+use proto::pb::cluster_client::ClusterClient;
+use raft::raft_node::AdminError;
+use state_machine::Rejection;
+use tonic::{Request, Response, Status};
+
+use super::answer;
+use crate::error::{NodeError, NodeResult};
+use crate::Node;
+
+const FORWARDED: &str = "x-raftsched-forwarded";
+
+/// Implements `scheduler.v1.Cluster`.
+pub struct ClusterApi {
+    node: Arc<Node>,
+}
+
+/// Where a leader-only request must go.
+enum Route {
+    Here,
+    Leader(String),
+}
+
+impl ClusterApi {
+    /// The service of `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        ClusterApi { node }
+    }
+
+    fn route<T>(&self, req: &Request<T>) -> NodeResult<Route> {
+        if self.node.raft.is_leader() {
+            return Ok(Route::Here);
+        }
+        let leader = self.node.raft.leader();
+        match &leader {
+            Some((id, addr))
+                if *id != self.node.raft.id() && req.metadata().get(FORWARDED).is_none() =>
+            {
+                Ok(Route::Leader(addr.clone()))
+            }
+            _ => Err(AdminError::NotLeader { leader }.into()),
+        }
+    }
+
+    fn client(&self, addr: &str) -> Result<ClusterClient<tonic::transport::Channel>, Status> {
+        let ch = self
+            .node
+            .raft
+            .peers()
+            .channel(addr)
+            .map_err(|e| Status::unavailable(format!("leader at {addr}: {e}")))?;
+        Ok(ClusterClient::new(ch))
+    }
+
+    fn forwarded<T>(msg: T, timeout: Duration) -> Request<T> {
+        let mut r = Request::new(msg);
+        r.metadata_mut().insert(FORWARDED, "1".parse().expect("static ascii"));
+        r.set_timeout(timeout);
+        r
+    }
+
+    async fn status(&self) -> NodeResult<pb::ClusterStatusResponse> {
+        let raft = &self.node.raft;
+        let local = raft.local_status(false);
+        let members = raft.members();
+        let matched = raft.replication();
+        let mut calls = Vec::new();
+        for (id, (addr, voter)) in members {
+            let raft = raft.clone();
+            calls.push(tokio::spawn(async move {
+                let reply: Result<ipb::NodeStatusReply, String> = if id == raft.id() {
+                    Ok(raft.local_status(false))
+                } else {
+                    match raft.peers().internal_client(&addr) {
+                        Err(e) => Err(e.to_string()),
+                        Ok(mut c) => {
+                            let mut req = Request::new(ipb::NodeStatusRequest { digest: false });
+                            req.set_timeout(Duration::from_secs(1));
+                            c.node_status(req)
+                                .await
+                                .map(|r| r.into_inner())
+                                .map_err(|s| s.message().to_string())
+                        }
+                    }
+                };
+                (id, addr, voter, reply)
+            }));
+        }
+        let mut nodes = Vec::new();
+        for c in calls {
+            let (id, addr, voter, reply) =
+                c.await.map_err(|e| NodeError::Internal(e.to_string()))?;
+            let mut n = match reply {
+                Ok(r) => pb::NodeStatus {
+                    id,
+                    addr,
+                    voter,
+                    reachable: true,
+                    role: r.role,
+                    term: r.term,
+                    last_log_index: r.last_log_index,
+                    committed_index: r.committed_index,
+                    applied_index: r.applied_index,
+                    snapshot_index: r.snapshot_index,
+                    purged_index: r.purged_index,
+                    leader_id: r.leader_id,
+                    ..Default::default()
+                },
+                Err(e) => pb::NodeStatus {
+                    id,
+                    addr,
+                    voter,
+                    reachable: false,
+                    error: e,
+                    ..Default::default()
+                },
+            };
+            n.matched_index = matched.get(&id).copied().unwrap_or(0);
+            nodes.push(n);
+        }
+        Ok(pb::ClusterStatusResponse { leader_id: local.leader_id, term: local.term, nodes })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::cluster_server::Cluster for ClusterApi {
+    async fn init_cluster(
+        &self,
+        req: Request<pb::InitClusterRequest>,
+    ) -> Result<Response<pb::InitClusterResponse>, Status> {
+        let r = req.into_inner();
+        let mut members = BTreeMap::new();
+        let mut check = Ok(());
+        for (i, m) in r.members.iter().enumerate() {
+            if m.id == 0 || m.addr.is_empty() {
+                check = Err(Rejection::invalid(
+                    format!("members[{i}]"),
+                    "needs an id > 0 and an address",
+                ));
+                break;
+            }
+            if members.insert(m.id, m.addr.clone()).is_some() {
+                check = Err(Rejection::invalid(
+                    format!("members[{i}].id"),
+                    format!("id {} appears twice", m.id),
+                ));
+                break;
+            }
+        }
+        if members.is_empty() && check.is_ok() {
+            check = Err(Rejection::invalid("members", "name at least one member"));
+        }
+        let out = match check {
+            Err(e) => Err(e.into()),
+            Ok(()) => self
+                .node
+                .raft
+                .initialize(members)
+                .await
+                .map(|_| pb::InitClusterResponse {})
+                .map_err(NodeError::from),
+        };
+        answer(&self.node, out)
+    }
+
+    async fn status(
+        &self,
+        _req: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        answer(&self.node, self.status().await)
+    }
+
+    async fn add_learner(
+        &self,
+        req: Request<pb::AddLearnerRequest>,
+    ) -> Result<Response<pb::AddLearnerResponse>, Status> {
+        let wait = Duration::from_millis(req.get_ref().wait_ms.min(600_000));
+        match answer(&self.node, self.route(&req))?.into_inner() {
+            Route::Leader(addr) => {
+                return self
+                    .client(&addr)?
+                    .add_learner(Self::forwarded(req.into_inner(), wait + Duration::from_secs(5)))
+                    .await
+            }
+            Route::Here => {}
+        }
+        let r = req.into_inner();
+        let out = if r.id == 0 || r.addr.is_empty() {
+            Err(Rejection::invalid(
+                "id",
+                "needs an id > 0 and an address (--id N --addr HOST:PORT)",
+            )
+            .into())
+        } else {
+            self.node
+                .raft
+                .add_learner(r.id, r.addr, wait)
+                .await
+                .map(|matched_index| pb::AddLearnerResponse { matched_index })
+                .map_err(NodeError::from)
+        };
+        answer(&self.node, out)
+    }
+
+    async fn promote(
+        &self,
+        req: Request<pb::PromoteRequest>,
+    ) -> Result<Response<pb::PromoteResponse>, Status> {
+        if let Route::Leader(addr) = answer(&self.node, self.route(&req))?.into_inner() {
+            return self
+                .client(&addr)?
+                .promote(Self::forwarded(req.into_inner(), Duration::from_secs(30)))
+                .await;
+        }
+        let out = self.node.raft.promote(req.into_inner().id).await.map(|_| pb::PromoteResponse {});
+        answer(&self.node, out.map_err(NodeError::from))
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+        if let Route::Leader(addr) = answer(&self.node, self.route(&req))?.into_inner() {
+            return self
+                .client(&addr)?
+                .remove_node(Self::forwarded(req.into_inner(), Duration::from_secs(30)))
+                .await;
+        }
+        let out =
+            self.node.raft.remove(req.into_inner().id).await.map(|_| pb::RemoveNodeResponse {});
+        answer(&self.node, out.map_err(NodeError::from))
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
+        if let Route::Leader(addr) = answer(&self.node, self.route(&req))?.into_inner() {
+            return self
+                .client(&addr)?
+                .transfer_leader(Self::forwarded(req.into_inner(), Duration::from_secs(30)))
+                .await;
+        }
+        let out = self.node.raft.transfer_leader(req.into_inner().to).await;
+        answer(
+            &self.node,
+            out.map(|leader_id| pb::TransferLeaderResponse { leader_id }).map_err(NodeError::from),
+        )
+    }
+
+    async fn trigger_snapshot(
+        &self,
+        _req: Request<pb::TriggerSnapshotRequest>,
+    ) -> Result<Response<pb::TriggerSnapshotResponse>, Status> {
+        let out = self.node.raft.trigger_snapshot(Duration::from_secs(60)).await;
+        answer(
+            &self.node,
+            out.map(|snapshot_index| pb::TriggerSnapshotResponse { snapshot_index })
+                .map_err(NodeError::from),
+        )
+    }
+}

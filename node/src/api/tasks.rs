@@ -1,0 +1,317 @@
+//! The `Tasks` service: submit, get, list, cancel, explain, watch one task, and the event
+//! stream of applied changes (resumable from a log index).
+
+use std::sync::Arc;
+
+use proto::convert;
+use proto::pb;
+use raft::events::ReadError;
+use raft::raft_node::now_ms;
+use state_machine::{
+    validate, CancelOutcome, NewTask, Op, Output, Rejection, TaskId, TaskStateKind,
+};
+use tonic::{Request, Response, Status};
+
+use super::{answer, channel, wait_more, BoxStream};
+use crate::error::{NodeError, NodeResult};
+use crate::Node;
+
+/// Implements `scheduler.v1.Tasks`.
+pub struct TasksApi {
+    node: Arc<Node>,
+}
+
+impl TasksApi {
+    /// The service of `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        TasksApi { node }
+    }
+
+    async fn submit(&self, req: pb::SubmitTasksRequest) -> NodeResult<pb::SubmitTasksResponse> {
+        let node = &self.node;
+        let tasks: Vec<NewTask> = req.tasks.into_iter().map(convert::new_task_from_pb).collect();
+        validate::submit_batch(&tasks, now_ms(), &node.cfg.limits.fields)?;
+        let pending = node.local(|s| {
+            s.counts()
+                .iter()
+                .zip(TaskStateKind::ALL)
+                .filter(|(_, k)| !k.is_terminal())
+                .map(|(n, _)| n)
+                .sum::<u64>()
+        });
+        let limit = node.cfg.limits.max_pending_tasks;
+        if pending + tasks.len() as u64 > limit {
+            return Err(NodeError::Exhausted(format!(
+                "the cluster holds {pending} unfinished tasks (limit {limit}); wait for tasks to finish or raise limits.max_pending_tasks"
+            )));
+        }
+        let (index, out) = node.write(Op::Submit { tasks }).await?;
+        match out {
+            Output::Submitted(v) => Ok(pb::SubmitTasksResponse {
+                tasks: v
+                    .into_iter()
+                    .map(|s| pb::SubmittedTask {
+                        id: s.id.0,
+                        created: s.created,
+                        state: convert::state_to_pb(s.state) as i32,
+                    })
+                    .collect(),
+                log_index: index,
+            }),
+            other => Err(NodeError::Internal(format!("submit answered {other:?}"))),
+        }
+    }
+
+    async fn get(&self, req: pb::GetTaskRequest) -> NodeResult<pb::Task> {
+        let id = TaskId(req.id);
+        self.node
+            .read(req.stale_ok, |s| s.task(id).map(|t| convert::task_to_pb(t, true)))
+            .await?
+            .ok_or_else(|| Rejection::TaskNotFound { task: id }.into())
+    }
+
+    async fn list(&self, req: pb::ListTasksRequest) -> NodeResult<pb::ListTasksResponse> {
+        const MAX_SCAN: usize = 100_000;
+        let states = req
+            .states
+            .iter()
+            .enumerate()
+            .map(|(i, v)| convert::state_from_pb(&format!("states[{i}]"), *v))
+            .collect::<Result<Vec<_>, _>>()?;
+        let limit = match req.limit {
+            0 => 100,
+            n => n.min(1_000) as usize,
+        };
+        self.node
+            .read(req.stale_ok, |s| {
+                let mut tasks = Vec::new();
+                let mut last = None;
+                let mut more = false;
+                for (scanned, t) in
+                    s.tasks_from(TaskId(req.page_token.saturating_add(1))).enumerate()
+                {
+                    if tasks.len() == limit || scanned == MAX_SCAN {
+                        more = true;
+                        break;
+                    }
+                    last = Some(t.id.0);
+                    if (!states.is_empty() && !states.contains(&t.state.kind()))
+                        || (!req.queue.is_empty() && t.spec.queue != req.queue)
+                        || (!req.name.is_empty() && t.spec.name != req.name)
+                    {
+                        continue;
+                    }
+                    tasks.push(convert::task_to_pb(t, req.include_payload));
+                }
+                pb::ListTasksResponse {
+                    tasks,
+                    next_page_token: if more { last.unwrap_or(0) } else { 0 },
+                }
+            })
+            .await
+    }
+
+    async fn cancel(&self, req: pb::CancelTasksRequest) -> NodeResult<pb::CancelTasksResponse> {
+        if req.ids.is_empty() {
+            return Err(Rejection::invalid("ids", "name at least one task").into());
+        }
+        let ids: Vec<TaskId> = req.ids.iter().map(|i| TaskId(*i)).collect();
+        let reason = validate::truncate_message(&req.reason, 1024);
+        let (_, out) = self.node.write(Op::Cancel { ids: ids.clone(), reason }).await?;
+        let Output::Cancelled(results) = out else {
+            return Err(NodeError::Internal(format!("cancel answered {out:?}")));
+        };
+        Ok(pb::CancelTasksResponse {
+            results: ids
+                .iter()
+                .zip(results)
+                .map(|(id, r)| match r {
+                    Ok(CancelOutcome::Cancelled { dependents }) => pb::CancelResult {
+                        id: id.0,
+                        ok: true,
+                        upstream_failed: dependents.iter().map(|d| d.0).collect(),
+                        ..Default::default()
+                    },
+                    Ok(CancelOutcome::AlreadyCancelled) => pb::CancelResult {
+                        id: id.0,
+                        ok: true,
+                        already_cancelled: true,
+                        ..Default::default()
+                    },
+                    Err(e) => pb::CancelResult {
+                        id: id.0,
+                        ok: false,
+                        error: e.to_string(),
+                        ..Default::default()
+                    },
+                })
+                .collect(),
+        })
+    }
+
+    async fn explain(&self, req: pb::ExplainTaskRequest) -> NodeResult<pb::ExplainTaskResponse> {
+        let id = TaskId(req.id);
+        self.node
+            .read(req.stale_ok, |s| {
+                let task = s.task(id)?;
+                s.explain(id).map(|e| convert::explanation_to_pb(task, &e))
+            })
+            .await?
+            .ok_or_else(|| Rejection::TaskNotFound { task: id }.into())
+    }
+}
+
+#[tonic::async_trait]
+impl pb::tasks_server::Tasks for TasksApi {
+    async fn submit_tasks(
+        &self,
+        req: Request<pb::SubmitTasksRequest>,
+    ) -> Result<Response<pb::SubmitTasksResponse>, Status> {
+        answer(&self.node, self.submit(req.into_inner()).await)
+    }
+
+    async fn get_task(
+        &self,
+        req: Request<pb::GetTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        answer(&self.node, self.get(req.into_inner()).await)
+    }
+
+    async fn list_tasks(
+        &self,
+        req: Request<pb::ListTasksRequest>,
+    ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        answer(&self.node, self.list(req.into_inner()).await)
+    }
+
+    async fn cancel_tasks(
+        &self,
+        req: Request<pb::CancelTasksRequest>,
+    ) -> Result<Response<pb::CancelTasksResponse>, Status> {
+        answer(&self.node, self.cancel(req.into_inner()).await)
+    }
+
+    async fn explain_task(
+        &self,
+        req: Request<pb::ExplainTaskRequest>,
+    ) -> Result<Response<pb::ExplainTaskResponse>, Status> {
+        answer(&self.node, self.explain(req.into_inner()).await)
+    }
+
+    type WatchTaskStream = BoxStream<pb::Task>;
+
+    async fn watch_task(
+        &self,
+        req: Request<pb::WatchTaskRequest>,
+    ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        let id = TaskId(req.into_inner().id);
+        let node = self.node.clone();
+        let events = node.raft.sm().events().clone();
+        let mut cursor = events.applied();
+        let first =
+            answer(&node, self.get(pb::GetTaskRequest { id: id.0, stale_ok: false }).await)?
+                .into_inner();
+        let (tx, stream) = channel();
+        tokio::spawn(async move {
+            let mut applied = events.subscribe();
+            let mut last = first.clone();
+            if tx.send(Ok(first)).await.is_err() || is_terminal(&last) {
+                return;
+            }
+            loop {
+                let changed = match events.read_after(cursor, 1_024) {
+                    Ok((batches, next)) => {
+                        cursor = next;
+                        batches.iter().any(|b| b.events.iter().any(|e| e.task == id))
+                    }
+                    Err(_) => {
+                        cursor = events.applied();
+                        true
+                    }
+                };
+                if changed {
+                    let Some(now) =
+                        node.local(|s| s.task(id).map(|t| convert::task_to_pb(t, true)))
+                    else {
+                        let _ =
+                            tx.send(Err(Status::not_found(format!("task {id} was purged")))).await;
+                        return;
+                    };
+                    if now != last {
+                        last = now.clone();
+                        if tx.send(Ok(now)).await.is_err() || is_terminal(&last) {
+                            return;
+                        }
+                    }
+                }
+                if !wait_more(&node, &mut applied, cursor, &tx).await {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    type WatchEventsStream = BoxStream<pb::EventBatch>;
+
+    async fn watch_events(
+        &self,
+        req: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let from = req.into_inner().from_index;
+        let node = self.node.clone();
+        let events = node.raft.sm().events().clone();
+        let mut cursor = if from == 0 { events.applied() } else { from - 1 };
+        // Refuse a start that is already gone instead of opening a stream that fails at once.
+        if let Err(e) = events.read_after(cursor, 0) {
+            return Err(resume_error(e));
+        }
+        let (tx, stream) = channel();
+        tokio::spawn(async move {
+            let mut applied = events.subscribe();
+            loop {
+                match events.read_after(cursor, 256) {
+                    Ok((batches, next)) => {
+                        for b in batches {
+                            let msg = pb::EventBatch {
+                                index: b.index,
+                                log_time_ms: b.log_time,
+                                events: b.events.iter().map(convert::event_to_pb).collect(),
+                                term: b.term,
+                                planned_at: b.planned_at,
+                            };
+                            if tx.send(Ok(msg)).await.is_err() {
+                                return;
+                            }
+                        }
+                        cursor = next;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(resume_error(e))).await;
+                        return;
+                    }
+                }
+                if !wait_more(&node, &mut applied, cursor, &tx).await {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+}
+
+fn is_terminal(t: &pb::Task) -> bool {
+    convert::state_from_pb("state", t.state).is_ok_and(|k| k.is_terminal())
+}
+
+fn resume_error(e: ReadError) -> Status {
+    match e {
+        ReadError::Compacted { first, .. } => Status::out_of_range(format!(
+            "events before index {first} are no longer retained on this node; list the tasks, then watch from index {first}"
+        )),
+        ReadError::Reset(at) => Status::out_of_range(format!(
+            "this node's state was replaced by a snapshot at index {at}; list the tasks, then watch from index {}",
+            at + 1
+        )),
+    }
+}

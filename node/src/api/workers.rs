@@ -1,0 +1,410 @@
+//! The `Workers` service: registration, the assignment stream, heartbeats, reports (batched
+//! or one at a time, always with the fencing token), drain, deregistration and listing.
+//!
+//! # The assignment stream
+//! Served from the local applied state by any node. When it opens it sends every task the
+//! worker holds (Assigned ones, and Running ones marked `started`) followed by a `Resync` with
+//! the complete held set; then, as entries are applied, new assignments and revocations (a
+//! task cancelled, timed out or taken away). If the node cannot tell what the worker missed
+//! (events compacted, or the state replaced by a snapshot) it sends the held set again. So a
+//! worker reconnecting to a new leader receives every assignment it holds and has not
+//! acknowledged, and learns what it must stop. The stream ends with FAILED_PRECONDITION when
+//! the worker's session ends (expired or replaced): the worker registers again.
+
+use std::sync::Arc;
+
+use proto::convert;
+use proto::pb;
+use state_machine::{
+    validate, Op, Output, Rejection, ReportKind, ReportOutcome, TaskStateKind, WorkerId,
+};
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+
+use super::{answer, channel, wait_more, BoxStream};
+use crate::error::{NodeError, NodeResult};
+use crate::Node;
+
+/// Implements `scheduler.v1.Workers`.
+pub struct WorkersApi {
+    node: Arc<Node>,
+}
+
+fn session_gone(worker: &WorkerId, session: u64) -> NodeError {
+    Rejection::WorkerUnavailable {
+        worker: worker.clone(),
+        status: "gone".into(),
+        reason: format!("session {session} is not live; register again"),
+    }
+    .into()
+}
+
+impl WorkersApi {
+    /// The service of `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        WorkersApi { node }
+    }
+
+    async fn register(
+        &self,
+        req: pb::RegisterWorkerRequest,
+    ) -> NodeResult<pb::RegisterWorkerResponse> {
+        let node = &self.node;
+        let spec = convert::worker_spec_from_pb(req.worker)?;
+        validate::worker_spec(&spec, &node.cfg.limits.fields)?;
+        let (_, out) = node.write(Op::RegisterWorker { spec, instance: req.instance }).await?;
+        let Output::Registered { session, requeued } = out else {
+            return Err(NodeError::Internal(format!("register answered {out:?}")));
+        };
+        Ok(pb::RegisterWorkerResponse {
+            session,
+            heartbeat_interval_ms: node.cfg.workers.heartbeat_interval.as_millis() as u64,
+            heartbeat_ttl_ms: node.cfg.workers.heartbeat_ttl.as_millis() as u64,
+            requeued: requeued.iter().map(|t| t.0).collect(),
+        })
+    }
+
+    async fn reports(
+        &self,
+        worker: String,
+        reports: Vec<pb::TaskReport>,
+    ) -> NodeResult<Vec<pb::ReportResult>> {
+        let worker = WorkerId(worker);
+        validate::worker_id("worker_id", &worker)?;
+        if reports.is_empty() {
+            return Err(Rejection::invalid("reports", "send at least one report").into());
+        }
+        let max = self.node.cfg.limits.fields.max_result_bytes;
+        let reports = reports
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| convert::report_from_pb(i, r))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (i, r) in reports.iter().enumerate() {
+            if let ReportKind::Succeeded { result } = &r.outcome {
+                if result.len() > max {
+                    return Err(Rejection::limit(
+                        format!("reports[{i}].result"),
+                        max as u64,
+                        result.len() as u64,
+                    )
+                    .into());
+                }
+            }
+        }
+        let tasks: Vec<u64> = reports.iter().map(|r| r.task.0).collect();
+        let (_, out) = self.node.write(Op::Report { worker, reports }).await?;
+        let Output::Reported(results) = out else {
+            return Err(NodeError::Internal(format!("report answered {out:?}")));
+        };
+        Ok(tasks
+            .into_iter()
+            .zip(results)
+            .map(|(task, r)| match r {
+                Ok(ReportOutcome::Accepted(k)) => pb::ReportResult {
+                    task,
+                    accepted: true,
+                    state: convert::state_to_pb(k) as i32,
+                    ..Default::default()
+                },
+                Ok(ReportOutcome::Duplicate(k)) => pb::ReportResult {
+                    task,
+                    accepted: true,
+                    duplicate: true,
+                    state: convert::state_to_pb(k) as i32,
+                    ..Default::default()
+                },
+                Err(e) => pb::ReportResult {
+                    task,
+                    stale: matches!(
+                        e,
+                        Rejection::StaleFence { .. } | Rejection::WrongWorker { .. }
+                    ),
+                    error: e.to_string(),
+                    ..Default::default()
+                },
+            })
+            .collect())
+    }
+
+    /// One report, answered as a status (FAILED_PRECONDITION for a stale token etc.).
+    async fn one(
+        &self,
+        worker: String,
+        task: u64,
+        fence: u64,
+        outcome: pb::task_report::Outcome,
+    ) -> NodeResult<pb::TaskReportResponse> {
+        let worker_id = WorkerId(worker.clone());
+        validate::worker_id("worker_id", &worker_id)?;
+        let report =
+            convert::report_from_pb(0, pb::TaskReport { task, fence, outcome: Some(outcome) })?;
+        if let ReportKind::Succeeded { result } = &report.outcome {
+            let max = self.node.cfg.limits.fields.max_result_bytes;
+            if result.len() > max {
+                return Err(Rejection::limit("result", max as u64, result.len() as u64).into());
+            }
+        }
+        let (_, out) =
+            self.node.write(Op::Report { worker: worker_id, reports: vec![report] }).await?;
+        let Output::Reported(mut results) = out else {
+            return Err(NodeError::Internal(format!("report answered {out:?}")));
+        };
+        match results.pop() {
+            Some(Ok(ReportOutcome::Accepted(k))) => Ok(pb::TaskReportResponse {
+                state: convert::state_to_pb(k) as i32,
+                duplicate: false,
+            }),
+            Some(Ok(ReportOutcome::Duplicate(k))) => Ok(pb::TaskReportResponse {
+                state: convert::state_to_pb(k) as i32,
+                duplicate: true,
+            }),
+            Some(Err(e)) => Err(e.into()),
+            None => Err(NodeError::Internal("report without a result".into())),
+        }
+    }
+
+    async fn list(&self, stale_ok: bool) -> NodeResult<pb::ListWorkersResponse> {
+        self.node
+            .read(stale_ok, |s| pb::ListWorkersResponse {
+                workers: s
+                    .workers()
+                    .map(|w| pb::WorkerInfo {
+                        spec: Some(convert::worker_spec_to_pb(&w.spec)),
+                        status: w.status.as_str().into(),
+                        session: w.session,
+                        registered_at_ms: w.registered_at,
+                        used: s.worker_used(&w.spec.id).map(convert::resources_to_pb),
+                        tasks: s.held_by(&w.spec.id).map(|t| t.id.0).collect(),
+                    })
+                    .collect(),
+            })
+            .await
+    }
+}
+
+/// Send everything `me` holds, then the resync marker.
+async fn send_held(
+    node: &Node,
+    me: &WorkerId,
+    tx: &mpsc::Sender<Result<pb::WorkerMessage, Status>>,
+) -> bool {
+    let held: Vec<pb::Assignment> =
+        node.local(|s| s.held_by(me).filter_map(convert::assignment_to_pb).collect());
+    let resync = pb::Resync {
+        tasks: held.iter().map(|a| a.task).collect(),
+        fences: held.iter().map(|a| a.fence).collect(),
+    };
+    for a in held {
+        let msg = pb::WorkerMessage { msg: Some(pb::worker_message::Msg::Assignment(a)) };
+        if tx.send(Ok(msg)).await.is_err() {
+            return false;
+        }
+    }
+    tx.send(Ok(pb::WorkerMessage { msg: Some(pb::worker_message::Msg::Resync(resync)) }))
+        .await
+        .is_ok()
+}
+
+async fn assignment_stream(
+    node: Arc<Node>,
+    me: WorkerId,
+    session: u64,
+    tx: mpsc::Sender<Result<pb::WorkerMessage, Status>>,
+) {
+    let events = node.raft.sm().events().clone();
+    let mut applied = events.subscribe();
+    // Take the cursor before reading the state: events past it may be reflected in the state
+    // already and get sent again, which the worker ignores (it dedupes by task and fence).
+    let mut cursor = events.applied();
+    if !send_held(&node, &me, &tx).await {
+        return;
+    }
+    loop {
+        match events.read_after(cursor, 512) {
+            Ok((batches, next)) => {
+                let mut assigned = Vec::new();
+                let mut revoked = Vec::new();
+                for b in &batches {
+                    for e in &b.events {
+                        if let Some((w, f)) = &e.revoked_from {
+                            if *w == me {
+                                revoked.push(pb::Revoke {
+                                    task: e.task.0,
+                                    fence: f.0,
+                                    reason: e.state.as_str().into(),
+                                });
+                            }
+                        }
+                        if let Some((w, f)) = &e.holder {
+                            if *w == me && e.state == TaskStateKind::Assigned {
+                                assigned.push((e.task, *f));
+                            }
+                        }
+                    }
+                }
+                let (alive, msgs) = node.local(|s| {
+                    let alive =
+                        s.worker(&me).is_some_and(|w| w.session == session && w.status.is_live());
+                    let msgs: Vec<pb::Assignment> = assigned
+                        .iter()
+                        .filter_map(|(t, f)| {
+                            s.task(*t)
+                                .and_then(convert::assignment_to_pb)
+                                .filter(|a| a.fence == f.0)
+                        })
+                        .collect();
+                    (alive, msgs)
+                });
+                let out = revoked
+                    .into_iter()
+                    .map(pb::worker_message::Msg::Revoke)
+                    .chain(msgs.into_iter().map(pb::worker_message::Msg::Assignment));
+                for m in out {
+                    if tx.send(Ok(pb::WorkerMessage { msg: Some(m) })).await.is_err() {
+                        return;
+                    }
+                }
+                if !alive {
+                    let _ = tx.send(Err(Status::from(session_gone(&me, session)))).await;
+                    return;
+                }
+                cursor = next;
+            }
+            Err(_) => {
+                cursor = events.applied();
+                if !send_held(&node, &me, &tx).await {
+                    return;
+                }
+            }
+        }
+        if !wait_more(&node, &mut applied, cursor, &tx).await {
+            return;
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::workers_server::Workers for WorkersApi {
+    async fn register_worker(
+        &self,
+        req: Request<pb::RegisterWorkerRequest>,
+    ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
+        answer(&self.node, self.register(req.into_inner()).await)
+    }
+
+    type OpenAssignmentsStream = BoxStream<pb::WorkerMessage>;
+
+    async fn open_assignments(
+        &self,
+        req: Request<pb::OpenAssignmentsRequest>,
+    ) -> Result<Response<Self::OpenAssignmentsStream>, Status> {
+        let r = req.into_inner();
+        let me = WorkerId(r.worker_id);
+        let session = r.session;
+        let check = self
+            .node
+            .read(false, |s| match s.worker(&me) {
+                None => Err(NodeError::from(Rejection::WorkerNotFound { worker: me.clone() })),
+                Some(w) if w.session != session || !w.status.is_live() => {
+                    Err(session_gone(&me, session))
+                }
+                Some(_) => Ok(()),
+            })
+            .await
+            .and_then(|r| r);
+        answer(&self.node, check)?;
+        let (tx, stream) = channel();
+        tokio::spawn(assignment_stream(self.node.clone(), me, session, tx));
+        Ok(Response::new(stream))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let r = req.into_inner();
+        let result = self.node.raft.heartbeat(&r.worker_id, r.session).await;
+        self.node.metrics.record_request(result.is_err());
+        result.map(|draining| Response::new(pb::HeartbeatResponse { draining }))
+    }
+
+    async fn report(
+        &self,
+        req: Request<pb::ReportRequest>,
+    ) -> Result<Response<pb::ReportResponse>, Status> {
+        let r = req.into_inner();
+        let results = self
+            .reports(r.worker_id, r.reports)
+            .await
+            .map(|results| pb::ReportResponse { results });
+        answer(&self.node, results)
+    }
+
+    async fn start_task(
+        &self,
+        req: Request<pb::StartTaskRequest>,
+    ) -> Result<Response<pb::TaskReportResponse>, Status> {
+        let r = req.into_inner();
+        let out = self
+            .one(r.worker_id, r.task, r.fence, pb::task_report::Outcome::Started(pb::Started {}))
+            .await;
+        answer(&self.node, out)
+    }
+
+    async fn complete_task(
+        &self,
+        req: Request<pb::CompleteTaskRequest>,
+    ) -> Result<Response<pb::TaskReportResponse>, Status> {
+        let r = req.into_inner();
+        let outcome = pb::task_report::Outcome::Succeeded(pb::Succeeded { result: r.result });
+        answer(&self.node, self.one(r.worker_id, r.task, r.fence, outcome).await)
+    }
+
+    async fn fail_task(
+        &self,
+        req: Request<pb::FailTaskRequest>,
+    ) -> Result<Response<pb::TaskReportResponse>, Status> {
+        let r = req.into_inner();
+        let outcome = pb::task_report::Outcome::Failed(pb::Failed {
+            message: r.message,
+            retryable: r.retryable,
+        });
+        answer(&self.node, self.one(r.worker_id, r.task, r.fence, outcome).await)
+    }
+
+    async fn drain_worker(
+        &self,
+        req: Request<pb::DrainWorkerRequest>,
+    ) -> Result<Response<pb::DrainWorkerResponse>, Status> {
+        let worker = WorkerId(req.into_inner().worker_id);
+        let r =
+            self.node.write(Op::DrainWorker { worker }).await.map(|_| pb::DrainWorkerResponse {});
+        answer(&self.node, r)
+    }
+
+    async fn deregister_worker(
+        &self,
+        req: Request<pb::DeregisterWorkerRequest>,
+    ) -> Result<Response<pb::DeregisterWorkerResponse>, Status> {
+        let r = req.into_inner();
+        let out = self
+            .node
+            .write(Op::DeregisterWorker { worker: WorkerId(r.worker_id), session: r.session })
+            .await;
+        let out = out.and_then(|(_, o)| match o {
+            Output::WorkerUpdated { requeued } => Ok(pb::DeregisterWorkerResponse {
+                requeued: requeued.iter().map(|t| t.0).collect(),
+            }),
+            other => Err(NodeError::Internal(format!("deregister answered {other:?}"))),
+        });
+        answer(&self.node, out)
+    }
+
+    async fn list_workers(
+        &self,
+        req: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        answer(&self.node, self.list(req.into_inner().stale_ok).await)
+    }
+}

@@ -1,0 +1,528 @@
+//! Configuration of a node: flags > `SCHED_*` environment variables > TOML file > defaults.
+//!
+//! Every default lives in [`Config::default`]; `node/schedulerd.example.toml` documents every
+//! key. Durations are written like `5s`, `150ms` or `24h`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+use state_machine::Limits;
+
+/// Command-line flags. Each also reads a `SCHED_*` environment variable.
+#[derive(Parser, Debug, Default, Clone)]
+#[command(
+    name = "schedulerd",
+    version,
+    about = "raftsched scheduler node: serves the scheduler.v1 gRPC API and takes part in the Raft cluster"
+)]
+pub struct Args {
+    /// Node id: a positive integer, unique in the cluster.
+    #[arg(long, env = "SCHED_ID")]
+    pub id: Option<u64>,
+    /// Address the gRPC server binds (public API and node-to-node traffic).
+    #[arg(long, env = "SCHED_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Address other nodes and clients use to reach this node (default: --listen).
+    #[arg(long, env = "SCHED_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Directory for the Raft log, the state machine and snapshots.
+    #[arg(long, env = "SCHED_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address of the HTTP server for /metrics (Prometheus) and /healthz.
+    #[arg(long, env = "SCHED_HTTP")]
+    pub http: Option<SocketAddr>,
+    /// TOML configuration file (see schedulerd.example.toml).
+    #[arg(long, env = "SCHED_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Form a single-node cluster on first start (does nothing if already initialized).
+    #[arg(long, env = "SCHED_BOOTSTRAP")]
+    pub bootstrap: bool,
+    /// A worker that sends no heartbeat for this long is declared dead (e.g. 5s).
+    #[arg(long, env = "SCHED_HEARTBEAT_TTL", value_parser = humantime::parse_duration)]
+    pub heartbeat_ttl: Option<Duration>,
+    /// How often workers are asked to heartbeat (e.g. 1s; must be below the TTL).
+    #[arg(long, env = "SCHED_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Option<Duration>,
+    /// After a leader change, how long each worker has to reach the new leader (e.g. 5s).
+    #[arg(long, env = "SCHED_FAILOVER_GRACE", value_parser = humantime::parse_duration)]
+    pub failover_grace: Option<Duration>,
+    /// Raft heartbeat interval (e.g. 50ms).
+    #[arg(long, env = "SCHED_RAFT_HEARTBEAT", value_parser = humantime::parse_duration)]
+    pub raft_heartbeat: Option<Duration>,
+    /// Lower bound of the Raft election timeout (e.g. 150ms).
+    #[arg(long, env = "SCHED_ELECTION_MIN", value_parser = humantime::parse_duration)]
+    pub election_min: Option<Duration>,
+    /// Upper bound of the Raft election timeout (e.g. 300ms).
+    #[arg(long, env = "SCHED_ELECTION_MAX", value_parser = humantime::parse_duration)]
+    pub election_max: Option<Duration>,
+    /// Log filter (tracing EnvFilter syntax, e.g. `info` or `node=debug,openraft=warn`).
+    #[arg(long, env = "SCHED_LOG")]
+    pub log: Option<String>,
+}
+
+/// The resolved configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Node id.
+    pub id: u64,
+    /// gRPC bind address.
+    pub listen: SocketAddr,
+    /// Address peers and clients use.
+    pub advertise: String,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// HTTP metrics/health bind address.
+    pub http: Option<SocketAddr>,
+    /// Initialize a single-node cluster if none exists.
+    pub bootstrap: bool,
+    /// Log filter.
+    pub log: String,
+    /// Worker liveness.
+    pub workers: WorkerSettings,
+    /// Raft and storage.
+    pub raft: raft::config::RaftSettings,
+    /// Request limits.
+    pub limits: LimitSettings,
+    /// Planner.
+    pub planner: PlannerSettings,
+    /// Retention of finished tasks.
+    pub retention: RetentionSettings,
+}
+
+/// How the leader judges worker liveness.
+#[derive(Clone, Debug)]
+pub struct WorkerSettings {
+    /// No heartbeat for this long: the worker is expired and its tasks requeued.
+    pub heartbeat_ttl: Duration,
+    /// How often workers are told to heartbeat.
+    pub heartbeat_interval: Duration,
+    /// After a leader change, every worker gets this long to reach the new leader before it
+    /// can be expired (bounded; a leader change by itself expires nobody).
+    pub failover_grace: Duration,
+}
+
+/// Limits on what clients send (each at most the state machine's hard limit).
+#[derive(Clone, Debug)]
+pub struct LimitSettings {
+    /// Largest gRPC message accepted from clients.
+    pub max_message_bytes: usize,
+    /// Field limits checked before proposing.
+    pub fields: Limits,
+    /// Non-terminal tasks allowed in the cluster; submits beyond it get RESOURCE_EXHAUSTED.
+    pub max_pending_tasks: u64,
+}
+
+/// Leader planner knobs.
+#[derive(Clone, Debug)]
+pub struct PlannerSettings {
+    /// Most assignments in one Assign entry.
+    pub max_assignments_per_round: usize,
+    /// Most workers held back for large tasks per round.
+    pub max_reservations: usize,
+    /// Plan at least this often even without state changes.
+    pub interval: Duration,
+}
+
+/// Retention of finished tasks.
+#[derive(Clone, Debug)]
+pub struct RetentionSettings {
+    /// Finished tasks (and their idempotency keys) are kept this long.
+    pub finished_tasks: Duration,
+    /// How often the leader purges.
+    pub purge_interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            id: 1,
+            listen: "127.0.0.1:7001".parse().expect("valid address"),
+            advertise: String::new(),
+            data_dir: PathBuf::from("./data"),
+            http: None,
+            bootstrap: false,
+            log: "info,openraft=warn,sled=warn".into(),
+            workers: WorkerSettings {
+                heartbeat_ttl: Duration::from_secs(5),
+                heartbeat_interval: Duration::from_secs(1),
+                failover_grace: Duration::from_secs(5),
+            },
+            raft: raft::config::RaftSettings::default(),
+            limits: LimitSettings {
+                max_message_bytes: 16 << 20,
+                fields: Limits::default(),
+                max_pending_tasks: 5_000_000,
+            },
+            planner: PlannerSettings {
+                max_assignments_per_round: 4_096,
+                max_reservations: 16,
+                interval: Duration::from_millis(200),
+            },
+            retention: RetentionSettings {
+                finished_tasks: Duration::from_secs(24 * 3600),
+                purge_interval: Duration::from_secs(60),
+            },
+        }
+    }
+}
+
+/// A configuration problem, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {reason}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A value is missing or out of range.
+    #[error("invalid setting {key}: {reason}")]
+    Invalid {
+        /// Which setting.
+        key: String,
+        /// Why, and what to do.
+        reason: String,
+    },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), reason: reason.into() }
+}
+
+/// A duration in the file (`"5s"`).
+#[derive(Deserialize, Debug, Clone)]
+#[serde(transparent)]
+struct Dur(String);
+
+impl Dur {
+    fn get(&self, key: &str) -> Result<Duration, ConfigError> {
+        humantime::parse_duration(&self.0).map_err(|e| invalid(key, format!("{:?}: {e}", self.0)))
+    }
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    id: Option<u64>,
+    listen: Option<SocketAddr>,
+    advertise: Option<String>,
+    data_dir: Option<PathBuf>,
+    http: Option<SocketAddr>,
+    bootstrap: Option<bool>,
+    log: Option<String>,
+    #[serde(default)]
+    workers: FileWorkers,
+    #[serde(default)]
+    raft: FileRaft,
+    #[serde(default)]
+    limits: FileLimits,
+    #[serde(default)]
+    planner: FilePlanner,
+    #[serde(default)]
+    retention: FileRetention,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileWorkers {
+    heartbeat_ttl: Option<Dur>,
+    heartbeat_interval: Option<Dur>,
+    failover_grace: Option<Dur>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileRaft {
+    heartbeat: Option<Dur>,
+    election_min: Option<Dur>,
+    election_max: Option<Dur>,
+    snapshot_every_entries: Option<u64>,
+    keep_entries_after_snapshot: Option<u64>,
+    write_timeout: Option<Dur>,
+    sled_cache_mib: Option<u64>,
+    retained_events: Option<usize>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    max_message_mib: Option<usize>,
+    max_payload_kib: Option<usize>,
+    max_result_kib: Option<usize>,
+    max_batch_tasks: Option<usize>,
+    max_deps: Option<usize>,
+    max_pending_tasks: Option<u64>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FilePlanner {
+    max_assignments_per_round: Option<usize>,
+    max_reservations: Option<usize>,
+    interval: Option<Dur>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileRetention {
+    finished_tasks: Option<Dur>,
+    purge_interval: Option<Dur>,
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+impl Config {
+    /// Resolve flags/env over the file over the defaults, then check the result.
+    pub fn load(args: &Args) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let mut c = Config::default();
+
+        // File layer.
+        if let Some(v) = file.id {
+            c.id = v;
+        }
+        if let Some(v) = file.listen {
+            c.listen = v;
+        }
+        if let Some(v) = file.advertise {
+            c.advertise = v;
+        }
+        if let Some(v) = file.data_dir {
+            c.data_dir = v;
+        }
+        c.http = file.http.or(c.http);
+        c.bootstrap = file.bootstrap.unwrap_or(c.bootstrap);
+        if let Some(v) = file.log {
+            c.log = v;
+        }
+        let w = &file.workers;
+        if let Some(d) = &w.heartbeat_ttl {
+            c.workers.heartbeat_ttl = d.get("workers.heartbeat_ttl")?;
+        }
+        if let Some(d) = &w.heartbeat_interval {
+            c.workers.heartbeat_interval = d.get("workers.heartbeat_interval")?;
+        }
+        if let Some(d) = &w.failover_grace {
+            c.workers.failover_grace = d.get("workers.failover_grace")?;
+        }
+        let r = &file.raft;
+        if let Some(d) = &r.heartbeat {
+            c.raft.heartbeat_ms = ms(d.get("raft.heartbeat")?);
+        }
+        if let Some(d) = &r.election_min {
+            c.raft.election_min_ms = ms(d.get("raft.election_min")?);
+        }
+        if let Some(d) = &r.election_max {
+            c.raft.election_max_ms = ms(d.get("raft.election_max")?);
+        }
+        if let Some(v) = r.snapshot_every_entries {
+            c.raft.snapshot_logs = v;
+        }
+        if let Some(v) = r.keep_entries_after_snapshot {
+            c.raft.keep_logs = v;
+        }
+        if let Some(d) = &r.write_timeout {
+            c.raft.write_timeout_ms = ms(d.get("raft.write_timeout")?);
+        }
+        if let Some(v) = r.sled_cache_mib {
+            c.raft.sm.cache_capacity = v << 20;
+        }
+        if let Some(v) = r.retained_events {
+            c.raft.sm.retained_events = v;
+        }
+        let l = &file.limits;
+        if let Some(v) = l.max_message_mib {
+            c.limits.max_message_bytes = v << 20;
+        }
+        if let Some(v) = l.max_payload_kib {
+            c.limits.fields.max_payload_bytes = v << 10;
+        }
+        if let Some(v) = l.max_result_kib {
+            c.limits.fields.max_result_bytes = v << 10;
+        }
+        if let Some(v) = l.max_batch_tasks {
+            c.limits.fields.max_batch_tasks = v;
+        }
+        if let Some(v) = l.max_deps {
+            c.limits.fields.max_deps = v;
+        }
+        if let Some(v) = l.max_pending_tasks {
+            c.limits.max_pending_tasks = v;
+        }
+        let p = &file.planner;
+        if let Some(v) = p.max_assignments_per_round {
+            c.planner.max_assignments_per_round = v;
+        }
+        if let Some(v) = p.max_reservations {
+            c.planner.max_reservations = v;
+        }
+        if let Some(d) = &p.interval {
+            c.planner.interval = d.get("planner.interval")?;
+        }
+        if let Some(d) = &file.retention.finished_tasks {
+            c.retention.finished_tasks = d.get("retention.finished_tasks")?;
+        }
+        if let Some(d) = &file.retention.purge_interval {
+            c.retention.purge_interval = d.get("retention.purge_interval")?;
+        }
+
+        // Flag / environment layer.
+        if let Some(v) = args.id {
+            c.id = v;
+        }
+        if let Some(v) = args.listen {
+            c.listen = v;
+        }
+        if let Some(v) = &args.advertise {
+            c.advertise = v.clone();
+        }
+        if let Some(v) = &args.data_dir {
+            c.data_dir = v.clone();
+        }
+        c.http = args.http.or(c.http);
+        c.bootstrap |= args.bootstrap;
+        if let Some(v) = &args.log {
+            c.log = v.clone();
+        }
+        if let Some(d) = args.heartbeat_ttl {
+            c.workers.heartbeat_ttl = d;
+        }
+        if let Some(d) = args.heartbeat_interval {
+            c.workers.heartbeat_interval = d;
+        }
+        if let Some(d) = args.failover_grace {
+            c.workers.failover_grace = d;
+        }
+        if let Some(d) = args.raft_heartbeat {
+            c.raft.heartbeat_ms = ms(d);
+        }
+        if let Some(d) = args.election_min {
+            c.raft.election_min_ms = ms(d);
+        }
+        if let Some(d) = args.election_max {
+            c.raft.election_max_ms = ms(d);
+        }
+        if c.advertise.is_empty() {
+            c.advertise = c.listen.to_string();
+        }
+        c.check()?;
+        Ok(c)
+    }
+
+    fn check(&mut self) -> Result<(), ConfigError> {
+        if self.id == 0 {
+            return Err(invalid("id", "must be a positive integer (pass --id N)"));
+        }
+        if self.listen.ip().is_unspecified() && self.advertise == self.listen.to_string() {
+            return Err(invalid(
+                "advertise",
+                "listening on a wildcard address needs --advertise HOST:PORT that peers can reach",
+            ));
+        }
+        if self.raft.election_min_ms <= self.raft.heartbeat_ms
+            || self.raft.election_max_ms <= self.raft.election_min_ms
+        {
+            return Err(invalid(
+                "raft",
+                format!(
+                    "need heartbeat < election_min < election_max, got {} / {} / {} ms",
+                    self.raft.heartbeat_ms, self.raft.election_min_ms, self.raft.election_max_ms
+                ),
+            ));
+        }
+        if self.workers.heartbeat_interval >= self.workers.heartbeat_ttl {
+            return Err(invalid(
+                "workers.heartbeat_interval",
+                "must be shorter than workers.heartbeat_ttl",
+            ));
+        }
+        if self.planner.max_assignments_per_round == 0 {
+            return Err(invalid("planner.max_assignments_per_round", "must be at least 1"));
+        }
+        let clamped = self.limits.fields.clamped();
+        if clamped != self.limits.fields {
+            return Err(invalid(
+                "limits",
+                format!("a limit exceeds the hard maximum: {:?}", state_machine::validate::HARD),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    toml::from_str(&text)
+        .map_err(|e| ConfigError::Parse { path: path.into(), reason: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_override_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "id = 3\nlisten = \"127.0.0.1:9000\"\n[workers]\nheartbeat_ttl = \"9s\"\n[raft]\nheartbeat = \"40ms\"\n",
+        )
+        .unwrap();
+        let args = Args { config: Some(path.clone()), id: Some(7), ..Default::default() };
+        let c = Config::load(&args).unwrap();
+        assert_eq!(c.id, 7, "flag wins over file");
+        assert_eq!(c.listen.port(), 9000, "file wins over default");
+        assert_eq!(c.advertise, "127.0.0.1:9000");
+        assert_eq!(c.workers.heartbeat_ttl, Duration::from_secs(9));
+        assert_eq!(c.raft.heartbeat_ms, 40);
+        assert_eq!(c.workers.heartbeat_interval, Duration::from_secs(1), "default kept");
+    }
+
+    #[test]
+    fn the_example_file_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schedulerd.example.toml");
+        let c = Config::load(&Args { config: Some(path), ..Default::default() }).unwrap();
+        assert_eq!(c.id, 1);
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[workers]\nheartbeat_ttl = \"soon\"\n").unwrap();
+        let e =
+            Config::load(&Args { config: Some(path.clone()), ..Default::default() }).unwrap_err();
+        assert!(e.to_string().contains("workers.heartbeat_ttl"), "{e}");
+        std::fs::write(&path, "unknown_key = 1\n").unwrap();
+        let e = Config::load(&Args { config: Some(path), ..Default::default() }).unwrap_err();
+        assert!(e.to_string().contains("unknown"), "{e}");
+        let e = Config::load(&Args { id: Some(0), ..Default::default() }).unwrap_err();
+        assert!(e.to_string().contains("id"), "{e}");
+        let e = Config::load(&Args {
+            election_min: Some(Duration::from_millis(10)),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("election"), "{e}");
+    }
+}

@@ -1,0 +1,86 @@
+//! A minimal HTTP/1.1 server for `GET /metrics` (Prometheus text) and `GET /healthz`
+//! (200 when Raft runs and a leader is known, 503 otherwise, JSON body). One request per
+//! connection; request heads are bounded; anything else is 404/405.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::debug;
+
+use crate::{metrics, Node};
+
+/// Serve until `node` stops.
+pub async fn serve(listener: TcpListener, node: Arc<Node>) {
+    let mut stopping = node.stopping.clone();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let node = node.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = tokio::time::timeout(Duration::from_secs(5), handle(stream, node)).await {
+                        debug!(error = %e, "http request timed out");
+                    }
+                });
+            }
+            _ = stopping.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+async fn handle(mut stream: TcpStream, node: Arc<Node>) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 8192];
+    let mut len = 0;
+    while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+        if len == buf.len() {
+            return respond(&mut stream, 431, "text/plain", "request head too large\n").await;
+        }
+        let n = stream.read(&mut buf[len..]).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        len += n;
+    }
+    let head = String::from_utf8_lossy(&buf[..len]);
+    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET", "/metrics") => {
+            let body = metrics::render(&node);
+            respond(&mut stream, 200, "text/plain; version=0.0.4", &body).await
+        }
+        ("GET", "/healthz") => {
+            let (ok, body) = metrics::health(&node);
+            respond(&mut stream, if ok { 200 } else { 503 }, "application/json", &body).await
+        }
+        ("GET", _) => {
+            respond(&mut stream, 404, "text/plain", "not found: try /metrics or /healthz\n").await
+        }
+        _ => respond(&mut stream, 405, "text/plain", "only GET is supported\n").await,
+    }
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    code: u16,
+    ctype: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let reason = match code {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        _ => "Service Unavailable",
+    };
+    let head = format!(
+        "HTTP/1.1 {code} {reason}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}

@@ -1,0 +1,212 @@
+//! Leader-only loops. [`supervise`] watches the Raft role: when this node becomes leader (for a
+//! term) it resets the leader-local soft state and starts the loops; when it stops being
+//! leader it aborts them. Every loop proposes with `propose_local`, never forwarding: a loop on
+//! a deposed leader simply fails and is stopped.
+//!
+//! * **planner**: woken by every applied change (and at least every `planner.interval`), runs
+//!   the pure [`state_machine::plan`] on the current state and proposes one `Assign` with many
+//!   assignments. One Assign is in flight at a time, so the next plan sees the previous one
+//!   applied and never double-books.
+//! * **liveness**: expires worker sessions whose heartbeat deadline passed
+//!   (see [`crate::liveness`]); only the expiry goes to the log.
+//! * **timers**: proposes `AdvanceTime` when the earliest delayed task or attempt deadline is
+//!   due (retry backoff, `not_before`, attempt timeouts).
+//! * **retention**: purges finished tasks older than `retention.finished_tasks`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::ServerState;
+use raft::raft_node::{now_ms, WriteError};
+use state_machine::{plan, Command, Op, Output, PlanPolicy, TaskState};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::Node;
+
+/// Run the leader loops whenever this node leads. Returns when the node stops.
+pub async fn supervise(node: Arc<Node>) {
+    let mut metrics = node.raft.raft().metrics();
+    let mut stopping = node.stopping.clone();
+    let mut running: Option<(u64, JoinSet<()>)> = None;
+    loop {
+        let (leader, term) = {
+            let m = metrics.borrow_and_update();
+            (m.state == ServerState::Leader, m.current_term)
+        };
+        match (&mut running, leader) {
+            (Some((t, _)), true) if *t == term => {}
+            (_, true) => {
+                if let Some((_, mut set)) = running.take() {
+                    set.abort_all();
+                }
+                info!(node_id = node.raft.id(), term, "became leader; starting leader loops");
+                node.liveness.reset();
+                let mut set = JoinSet::new();
+                set.spawn(planner(node.clone()));
+                set.spawn(liveness(node.clone()));
+                set.spawn(timers(node.clone()));
+                set.spawn(retention(node.clone()));
+                running = Some((term, set));
+            }
+            (Some(_), false) => {
+                info!(node_id = node.raft.id(), term, "lost leadership; stopping leader loops");
+                if let Some((_, mut set)) = running.take() {
+                    set.abort_all();
+                }
+            }
+            (None, false) => {}
+        }
+        tokio::select! {
+            r = metrics.changed() => if r.is_err() { break },
+            _ = stopping.wait_for(|s| *s) => break,
+        }
+    }
+    if let Some((_, mut set)) = running.take() {
+        set.abort_all();
+    }
+}
+
+/// Propose on this node; `Err` means "stop this loop" (no longer leader or node stopping).
+async fn propose(node: &Node, op: Op) -> Result<Option<Output>, ()> {
+    match node.raft.propose_local(Command::new(0, op)).await {
+        Ok(w) => Ok(w.response.ok()),
+        Err(WriteError::Fatal(e)) => {
+            warn!(error = %e, "leader loop stopped: node failed");
+            Err(())
+        }
+        Err(WriteError::Unavailable { reason, .. }) => {
+            if node.raft.is_leader() {
+                // A slow commit (e.g. a follower is down and the quorum is thin): try again.
+                debug!(%reason, "leader proposal not committed; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok(None)
+            } else {
+                Err(())
+            }
+        }
+    }
+}
+
+async fn planner(node: Arc<Node>) {
+    let policy = PlanPolicy {
+        max_assignments: node.cfg.planner.max_assignments_per_round,
+        max_reservations: node.cfg.planner.max_reservations,
+    };
+    let mut applied = node.raft.sm().events().subscribe();
+    let mut last_planned = None;
+    loop {
+        let index = *applied.borrow_and_update();
+        if last_planned == Some(index) {
+            tokio::select! {
+                _ = applied.changed() => {}
+                _ = tokio::time::sleep(node.cfg.planner.interval) => {}
+            }
+            continue;
+        }
+        last_planned = Some(index);
+        let (planned_at, p, since) = node.local(|s| {
+            let p = plan(s, &policy);
+            let since: Vec<u64> = p
+                .assignments
+                .iter()
+                .map(|a| match s.task(a.task).map(|t| &t.state) {
+                    Some(TaskState::Queued { since }) => *since,
+                    _ => 0,
+                })
+                .collect();
+            (node.raft.sm().events().applied(), p, since)
+        });
+        if p.assignments.is_empty() {
+            continue;
+        }
+        let wanted = p.assignments.len();
+        let tasks: Vec<_> = p.assignments.iter().map(|a| a.task).collect();
+        match propose(&node, Op::Assign { assignments: p.assignments, planned_at }).await {
+            Ok(Some(Output::Assigned(results))) => {
+                let accepted = results.iter().filter(|r| r.is_ok()).count();
+                node.metrics.record_assignments(accepted as u64, (wanted - accepted) as u64);
+                // Queue-to-assignment latency, in log time.
+                node.local(|s| {
+                    for ((t, r), since) in tasks.iter().zip(&results).zip(&since) {
+                        if let (Ok(_), Some(TaskState::Assigned { at, .. })) =
+                            (r, s.task(*t).map(|t| &t.state))
+                        {
+                            node.metrics.observe_assign_latency(at.saturating_sub(*since));
+                        }
+                    }
+                });
+            }
+            Ok(_) => {}
+            Err(()) => return,
+        }
+    }
+}
+
+async fn liveness(node: Arc<Node>) {
+    let tick = (node.cfg.workers.heartbeat_interval / 2).max(Duration::from_millis(50));
+    loop {
+        tokio::time::sleep(tick).await;
+        let expired = node.local(|s| node.liveness.expired(s, tokio::time::Instant::now()));
+        for (worker, session) in expired {
+            info!(%worker, session, "worker missed its heartbeats; expiring it");
+            match propose(&node, Op::ExpireWorker { worker: worker.clone(), session }).await {
+                Ok(Some(Output::WorkerUpdated { requeued })) => {
+                    node.metrics.record_expiry(requeued.len() as u64);
+                }
+                Ok(_) => node.liveness.extend(&worker, tick),
+                Err(()) => return,
+            }
+        }
+    }
+}
+
+async fn timers(node: Arc<Node>) {
+    let mut applied = node.raft.sm().events().subscribe();
+    loop {
+        let next = node.local(|s| s.next_timer());
+        let now = now_ms();
+        match next {
+            Some(t) if t <= now => match propose(&node, Op::AdvanceTime).await {
+                Ok(_) => continue,
+                Err(()) => return,
+            },
+            Some(t) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis((t - now).min(1_000))) => {}
+                    _ = applied.changed() => {}
+                }
+            }
+            None => {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = applied.changed() => {}
+                }
+            }
+        }
+    }
+}
+
+async fn retention(node: Arc<Node>) {
+    const LIMIT: u32 = 10_000;
+    let keep = node.cfg.retention.finished_tasks.as_millis() as u64;
+    loop {
+        tokio::time::sleep(node.cfg.retention.purge_interval).await;
+        loop {
+            let cutoff = now_ms().saturating_sub(keep);
+            if !node.local(|s| s.oldest_finished().is_some_and(|t| t < cutoff)) {
+                break;
+            }
+            match propose(&node, Op::Purge { finished_before: cutoff, limit: LIMIT }).await {
+                Ok(Some(Output::Purged { tasks, workers })) => {
+                    debug!(tasks, workers, "purged finished tasks");
+                    if tasks < LIMIT {
+                        break;
+                    }
+                }
+                Ok(_) => break,
+                Err(()) => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! Assembles and runs a node: Raft, the gRPC server (public API, internal service, health,
+//! reflection), the HTTP metrics server and the leader loops; stops them in order.
+//!
+//! Shutdown (SIGTERM/SIGINT, or the `shutdown` future): streams are told to end, the gRPC
+//! server stops accepting and drains for a bounded time, then Raft shuts down and the state
+//! machine is flushed. A fatal Raft error (e.g. a storage failure) stops the node the same way
+//! and makes [`run`] return an error, so the process exits non-zero.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::internal::v1::raft_service_server::RaftServiceServer;
+use proto::pb::cluster_server::ClusterServer;
+use proto::pb::tasks_server::TasksServer;
+use proto::pb::workers_server::WorkersServer;
+use raft::raft_node::{RaftNode, StartError};
+use raft::service::InternalService;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::api::cluster::ClusterApi;
+use crate::api::tasks::TasksApi;
+use crate::api::workers::WorkersApi;
+use crate::config::Config;
+use crate::liveness::Liveness;
+use crate::metrics::Metrics;
+use crate::Node;
+
+/// Why a node could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The data directory is not usable.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A port could not be bound.
+    #[error("cannot listen on {addr}: {source} (is another process using the port?)")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Raft or its storage did not start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// Bootstrapping a single-node cluster failed.
+    #[error("bootstrap failed: {0}")]
+    Bootstrap(String),
+    /// The gRPC server failed.
+    #[error("grpc server: {0}")]
+    Grpc(String),
+    /// Raft stopped with a fatal error (e.g. the disk failed); nothing was acknowledged after it.
+    #[error("raft stopped: {0}")]
+    Fatal(String),
+}
+
+/// Run a node until `shutdown` completes or Raft fails.
+pub async fn run(
+    cfg: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|source| ServerError::DataDir { path: cfg.data_dir.clone(), source })?;
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| ServerError::Bind { addr: cfg.listen.to_string(), source })?;
+    let http_listener = match cfg.http {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { addr: addr.to_string(), source })?,
+        ),
+        None => None,
+    };
+    let raft =
+        RaftNode::start(cfg.id, cfg.advertise.clone(), &cfg.data_dir, cfg.raft.clone()).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let node = Arc::new(Node {
+        liveness: Liveness::new(cfg.workers.heartbeat_ttl, cfg.workers.failover_grace),
+        metrics: Metrics::default(),
+        stopping: stop_rx,
+        raft: raft.clone(),
+        cfg,
+    });
+    let weak = Arc::downgrade(&node);
+    raft.set_heartbeat_hook(Arc::new(move |worker: &str, session: u64| {
+        let node =
+            weak.upgrade().ok_or_else(|| tonic::Status::unavailable("node is shutting down"))?;
+        node.local(|s| node.liveness.heartbeat(s, worker, session)).map_err(tonic::Status::from)
+    }));
+    if node.cfg.bootstrap {
+        let members = BTreeMap::from([(node.cfg.id, node.cfg.advertise.clone())]);
+        let initialized = raft
+            .raft()
+            .is_initialized()
+            .await
+            .map_err(|e| ServerError::Bootstrap(e.to_string()))?;
+        if !initialized {
+            raft.initialize(members).await.map_err(|e| ServerError::Bootstrap(e.to_string()))?;
+            info!(node_id = node.cfg.id, "bootstrapped a single-node cluster");
+        }
+    }
+
+    let leader_loops = tokio::spawn(crate::leader::supervise(node.clone()));
+    if let Some(l) = http_listener {
+        info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics and health on http");
+        tokio::spawn(crate::http::serve(l, node.clone()));
+    }
+
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_serving::<TasksServer<TasksApi>>().await;
+    health.set_serving::<WorkersServer<WorkersApi>>().await;
+    health.set_serving::<ClusterServer<ClusterApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Grpc(e.to_string()))?;
+    let max = node.cfg.limits.max_message_bytes;
+    let peer_max = node.cfg.raft.net.max_message_bytes;
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(TasksServer::new(TasksApi::new(node.clone())).max_decoding_message_size(max))
+        .add_service(
+            WorkersServer::new(WorkersApi::new(node.clone())).max_decoding_message_size(max),
+        )
+        .add_service(
+            ClusterServer::new(ClusterApi::new(node.clone())).max_decoding_message_size(max),
+        )
+        .add_service(
+            RaftServiceServer::new(InternalService::new(&raft))
+                .max_decoding_message_size(peer_max)
+                .max_encoding_message_size(peer_max),
+        )
+        .add_service(health_svc)
+        .add_service(reflection);
+    info!(
+        node_id = node.cfg.id,
+        listen = %node.cfg.listen,
+        advertise = %node.cfg.advertise,
+        data_dir = %node.cfg.data_dir.display(),
+        "schedulerd serving"
+    );
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = drain_rx.await;
+    }));
+
+    // Wait for a shutdown request, a fatal Raft error, or the server failing.
+    let mut metrics = raft.raft().metrics();
+    let fatal = async {
+        loop {
+            if let Some(e) = raft.fatal() {
+                return e;
+            }
+            if metrics.changed().await.is_err() {
+                return "raft stopped".to_string();
+            }
+        }
+    };
+    let mut outcome = Ok(());
+    tokio::select! {
+        _ = shutdown => info!("shutting down"),
+        e = fatal => {
+            error!(error = %e, "raft stopped with a fatal error; shutting down");
+            outcome = Err(ServerError::Fatal(e));
+        }
+        r = &mut server => {
+            let msg = match r {
+                Ok(Ok(())) => "server stopped".to_string(),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            };
+            error!(error = %msg, "grpc server stopped");
+            outcome = Err(ServerError::Grpc(msg));
+        }
+    }
+    health.set_not_serving::<TasksServer<TasksApi>>().await;
+    let _ = stop_tx.send(true);
+    let _ = drain_tx.send(());
+    if !server.is_finished()
+        && tokio::time::timeout(Duration::from_secs(5), &mut server).await.is_err()
+    {
+        warn!("connections did not close within 5 s; closing them");
+        server.abort();
+    }
+    leader_loops.abort();
+    raft.shutdown().await;
+    info!("stopped");
+    outcome
+}

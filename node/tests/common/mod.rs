@@ -1,0 +1,439 @@
+//! Test harness: real `schedulerd` processes on loopback, raw gRPC clients, and a minimal
+//! in-test worker that records what it ran and which reports were accepted.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proto::pb;
+use proto::pb::cluster_client::ClusterClient;
+use proto::pb::tasks_client::TasksClient;
+use proto::pb::workers_client::WorkersClient;
+use tonic::transport::Channel;
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct NodeProc {
+    pub id: u64,
+    pub addr: String,
+    pub http: String,
+    pub data: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+    args: Vec<String>,
+}
+
+impl NodeProc {
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_schedulerd"))
+            .args(["--id", &self.id.to_string(), "--listen", &self.addr, "--http", &self.http])
+            .arg("--data-dir")
+            .arg(&self.data)
+            .args(&self.args)
+            .env("SCHED_LOG", "info,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn schedulerd");
+        self.child = Some(child);
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+pub struct Cluster {
+    pub nodes: Vec<NodeProc>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            n.kill();
+        }
+        if std::thread::panicking() {
+            for n in &self.nodes {
+                if let Ok(log) = std::fs::read_to_string(&n.log) {
+                    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                    eprintln!("--- node {} log (last lines) ---", n.id);
+                    for l in tail.iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub async fn channel(addr: &str) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(10))
+        .connect_lazy()
+}
+
+pub async fn until<F, Fut>(what: &str, secs: u64, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !f().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Cluster {
+    /// Start `n` nodes with extra flags, initialize the cluster, wait for a leader.
+    pub async fn start(n: u64, extra: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes = Vec::new();
+        for id in 1..=n {
+            let mut p = NodeProc {
+                id,
+                addr: format!("127.0.0.1:{}", free_port()),
+                http: format!("127.0.0.1:{}", free_port()),
+                data: dir.path().join(format!("node-{id}")),
+                log: dir.path().join(format!("node-{id}.log")),
+                child: None,
+                args: extra.iter().map(|s| s.to_string()).collect(),
+            };
+            p.spawn();
+            nodes.push(p);
+        }
+        let c = Cluster { nodes, dir };
+        let members = c
+            .nodes
+            .iter()
+            .map(|n| pb::Member { id: n.id, addr: n.addr.clone() })
+            .collect::<Vec<_>>();
+        let first = c.nodes[0].addr.clone();
+        until("cluster initialized", 30, || {
+            let members = members.clone();
+            let first = first.clone();
+            async move {
+                let mut cl = ClusterClient::new(channel(&first).await);
+                cl.init_cluster(pb::InitClusterRequest { members }).await.is_ok()
+            }
+        })
+        .await;
+        c.wait_leader().await;
+        c
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.nodes.iter().filter(|n| n.running()).map(|n| n.addr.clone()).collect()
+    }
+
+    /// The index of the leader as reported by a running node's status, if any.
+    pub async fn leader(&self) -> Option<usize> {
+        for n in self.nodes.iter().filter(|n| n.running()) {
+            let mut cl = ClusterClient::new(channel(&n.addr).await);
+            if let Ok(r) = cl.status(pb::ClusterStatusRequest {}).await {
+                let r = r.into_inner();
+                let leader = r.nodes.iter().find(|x| x.role == "leader" && x.reachable)?;
+                return self.nodes.iter().position(|x| x.id == leader.id && x.running());
+            }
+        }
+        None
+    }
+
+    pub async fn wait_leader(&self) -> usize {
+        let mut found = None;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while found.is_none() {
+            found = self.leader().await;
+            assert!(tokio::time::Instant::now() < deadline, "no leader");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        found.unwrap()
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].kill();
+    }
+
+    pub fn restart(&mut self, i: usize) {
+        self.nodes[i].spawn();
+    }
+
+    pub async fn tasks(&self, i: usize) -> TasksClient<Channel> {
+        TasksClient::new(channel(&self.nodes[i].addr).await)
+    }
+
+    pub async fn workers(&self, i: usize) -> WorkersClient<Channel> {
+        WorkersClient::new(channel(&self.nodes[i].addr).await)
+    }
+}
+
+/// Retry an RPC on UNAVAILABLE across the given endpoints (the same request each time).
+pub async fn retry<T, F, Fut>(addrs: &[String], mut f: F) -> Result<T, tonic::Status>
+where
+    F: FnMut(Channel) -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut i = 0;
+    loop {
+        let ch = channel(&addrs[i % addrs.len()]).await;
+        match f(ch).await {
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Unknown
+                        | tonic::Code::Cancelled
+                ) && tokio::time::Instant::now() < deadline =>
+            {
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+pub fn spec(name: &str, priority: i32) -> pb::TaskSpec {
+    pb::TaskSpec {
+        name: name.into(),
+        priority,
+        idempotency_key: format!("key-{name}"),
+        ..Default::default()
+    }
+}
+
+/// What an in-test worker saw and did.
+#[derive(Clone, Debug)]
+pub struct Exec {
+    pub task: u64,
+    pub fence: u64,
+    /// The server accepted the completion (not a duplicate answer).
+    pub accepted: bool,
+    /// The server refused it (stale fence etc.): the code's reason.
+    pub refused: Option<String>,
+}
+
+pub struct TestWorker {
+    pub id: String,
+    pub execs: Arc<Mutex<Vec<Exec>>>,
+    pub started: Arc<Mutex<Vec<(u64, u64)>>>,
+    pub heartbeat: Arc<AtomicBool>,
+    /// While false, the worker holds finished tasks instead of reporting them.
+    pub report: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TestWorker {
+    /// A worker with `slots` slots on queue `default` that "runs" each task for `run` and then
+    /// reports success (unless reporting is paused).
+    pub fn spawn(addrs: Vec<String>, id: &str, slots: u32, run: Duration) -> TestWorker {
+        let execs = Arc::new(Mutex::new(Vec::new()));
+        let started = Arc::new(Mutex::new(Vec::new()));
+        let heartbeat = Arc::new(AtomicBool::new(true));
+        let report = Arc::new(AtomicBool::new(true));
+        let (e, s, h, r) = (execs.clone(), started.clone(), heartbeat.clone(), report.clone());
+        let wid = id.to_string();
+        let task =
+            tokio::spawn(async move { worker_loop(addrs, wid, slots, run, e, s, h, r).await });
+        TestWorker { id: id.to_string(), execs, started, heartbeat, report, task }
+    }
+
+    pub fn accepted(&self) -> Vec<u64> {
+        self.execs.lock().unwrap().iter().filter(|e| e.accepted).map(|e| e.task).collect()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn worker_loop(
+    addrs: Vec<String>,
+    id: String,
+    slots: u32,
+    run: Duration,
+    execs: Arc<Mutex<Vec<Exec>>>,
+    started: Arc<Mutex<Vec<(u64, u64)>>>,
+    heartbeat: Arc<AtomicBool>,
+    report: Arc<AtomicBool>,
+) {
+    let instance = rand_u64();
+    let seen: Arc<Mutex<HashSet<(u64, u64)>>> = Arc::new(Mutex::new(HashSet::new()));
+    loop {
+        let spec = pb::WorkerSpec {
+            id: id.clone(),
+            queues: vec!["default".into()],
+            labels: Default::default(),
+            capacity: Some(pb::Resources {
+                cpu_milli: 8_000,
+                memory_mib: 8_192,
+                named: Default::default(),
+            }),
+            slots,
+        };
+        let reg = retry(&addrs, |ch| {
+            let spec = spec.clone();
+            async move {
+                WorkersClient::new(ch)
+                    .register_worker(pb::RegisterWorkerRequest { worker: Some(spec), instance })
+                    .await
+                    .map(|r| r.into_inner())
+            }
+        })
+        .await;
+        let Ok(reg) = reg else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let session = reg.session;
+        let hb = {
+            let (addrs, id, heartbeat) = (addrs.clone(), id.clone(), heartbeat.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                    if heartbeat.load(Ordering::SeqCst) {
+                        let id = id.clone();
+                        let _ = retry(&addrs, |ch| {
+                            let id = id.clone();
+                            async move {
+                                WorkersClient::new(ch)
+                                    .heartbeat(pb::HeartbeatRequest { worker_id: id, session })
+                                    .await
+                            }
+                        })
+                        .await;
+                    }
+                }
+            })
+        };
+        let stream = retry(&addrs, |ch| {
+            let id = id.clone();
+            async move {
+                WorkersClient::new(ch)
+                    .open_assignments(pb::OpenAssignmentsRequest { worker_id: id, session })
+                    .await
+                    .map(|r| r.into_inner())
+            }
+        })
+        .await;
+        if let Ok(mut stream) = stream {
+            while let Ok(Some(msg)) = stream.message().await {
+                let Some(pb::worker_message::Msg::Assignment(a)) = msg.msg else { continue };
+                if !seen.lock().unwrap().insert((a.task, a.fence)) {
+                    continue;
+                }
+                started.lock().unwrap().push((a.task, a.fence));
+                let (addrs, id, execs, report) =
+                    (addrs.clone(), id.clone(), execs.clone(), report.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(run).await;
+                    while !report.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    let r = retry(&addrs, |ch| {
+                        let id = id.clone();
+                        async move {
+                            WorkersClient::new(ch)
+                                .report(pb::ReportRequest {
+                                    worker_id: id,
+                                    reports: vec![pb::TaskReport {
+                                        task: a.task,
+                                        fence: a.fence,
+                                        outcome: Some(pb::task_report::Outcome::Succeeded(
+                                            pb::Succeeded { result: b"done".to_vec() },
+                                        )),
+                                    }],
+                                })
+                                .await
+                                .map(|r| r.into_inner())
+                        }
+                    })
+                    .await;
+                    let (accepted, refused) = match r {
+                        Ok(resp) => {
+                            let x = &resp.results[0];
+                            (x.accepted && !x.duplicate, (!x.accepted).then(|| x.error.clone()))
+                        }
+                        Err(s) => (false, Some(s.message().to_string())),
+                    };
+                    execs.lock().unwrap().push(Exec {
+                        task: a.task,
+                        fence: a.fence,
+                        accepted,
+                        refused,
+                    });
+                });
+            }
+        }
+        hb.abort();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos(),
+    );
+    h.finish()
+}
+
+/// Every event batch from index 1 on, read from one node's event stream until `done` holds.
+pub async fn events_until(
+    addr: &str,
+    mut done: impl FnMut(&[pb::EventBatch]) -> bool,
+) -> Vec<pb::EventBatch> {
+    let mut out = Vec::new();
+    let mut client = TasksClient::new(channel(addr).await);
+    let mut stream =
+        client.watch_events(pb::WatchEventsRequest { from_index: 1 }).await.unwrap().into_inner();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !done(&out) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, stream.message()).await {
+            Ok(Ok(Some(b))) => out.push(b),
+            other => panic!("event stream ended early: {other:?}"),
+        }
+    }
+    out
+}
+
+/// The final state of every task, by id.
+pub async fn all_tasks(addrs: &[String]) -> BTreeMap<u64, pb::Task> {
+    let r = retry(addrs, |ch| async move {
+        TasksClient::new(ch)
+            .list_tasks(pb::ListTasksRequest { limit: 1000, ..Default::default() })
+            .await
+            .map(|r| r.into_inner())
+    })
+    .await
+    .unwrap();
+    r.tasks.into_iter().map(|t| (t.id, t)).collect()
+}
+
+pub fn state(t: &pb::Task) -> &'static str {
+    proto::convert::state_name(t.state)
+}
