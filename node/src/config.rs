@@ -58,6 +58,9 @@ pub struct Args {
     /// Upper bound of the Raft election timeout (e.g. 300ms).
     #[arg(long, env = "SCHED_ELECTION_MAX", value_parser = humantime::parse_duration)]
     pub election_max: Option<Duration>,
+    /// Source IP for connections to other nodes (multi-homed hosts).
+    #[arg(long, env = "SCHED_PEER_SOURCE_IP")]
+    pub peer_source_ip: Option<std::net::IpAddr>,
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `node=debug,openraft=warn`).
     #[arg(long, env = "SCHED_LOG")]
     pub log: Option<String>,
@@ -410,6 +413,9 @@ impl Config {
         }
         if let Some(d) = args.failover_grace {
             c.workers.failover_grace = d;
+        }
+        if let Some(ip) = args.peer_source_ip {
+            c.raft.net.source_ip = Some(ip);
         }
         if let Some(d) = args.raft_heartbeat {
             c.raft.heartbeat_ms = ms(d);

@@ -40,6 +40,9 @@ pub struct NetOptions {
     pub append_budget_bytes: usize,
     /// Delay before retrying an unreachable peer.
     pub unreachable_backoff: Duration,
+    /// Source address of connections to peers (multi-homed hosts; fault-injection proxies use
+    /// it to tell peers apart). `None`: chosen by the OS.
+    pub source_ip: Option<std::net::IpAddr>,
 }
 
 impl Default for NetOptions {
@@ -49,6 +52,7 @@ impl Default for NetOptions {
             max_message_bytes: 64 << 20,
             append_budget_bytes: 2 << 20,
             unreachable_backoff: Duration::from_millis(100),
+            source_ip: None,
         }
     }
 }
@@ -83,6 +87,7 @@ impl Peers {
             .http2_keep_alive_interval(Duration::from_secs(1))
             .keep_alive_timeout(Duration::from_secs(2))
             .keep_alive_while_idle(true)
+            .local_address(self.opts.source_ip)
             .connect_lazy();
         map.insert(addr.to_string(), ch.clone());
         Ok(ch)
