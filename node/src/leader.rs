@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use openraft::ServerState;
 use raft::raft_node::{now_ms, WriteError};
-use state_machine::{plan, Command, Op, Output, PlanPolicy, TaskState};
+use state_machine::{plan, Op, Output, PlanPolicy, TaskState};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -69,7 +69,7 @@ pub async fn supervise(node: Arc<Node>) {
 
 /// Propose on this node; `Err` means "stop this loop" (no longer leader or node stopping).
 async fn propose(node: &Node, op: Op) -> Result<Option<Output>, ()> {
-    match node.raft.propose_local(Command::new(0, op)).await {
+    match node.raft.propose_exclusive(op).await {
         Ok(w) => Ok(w.response.ok()),
         Err(WriteError::Fatal(e)) => {
             warn!(error = %e, "leader loop stopped: node failed");

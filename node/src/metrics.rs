@@ -112,6 +112,13 @@ pub fn render(node: &Node) -> String {
         "gauge",
         status.snapshot_index,
     );
+    line(
+        &mut out,
+        "raftsched_persisted_index",
+        "Applied index whose records are written to sled.",
+        "gauge",
+        node.raft.sm().persisted_index(),
+    );
 
     let (counts, depths, workers) = node.local(|s| {
         let mut w = [0u64; 3];

@@ -152,7 +152,11 @@ pub async fn run(
         "schedulerd serving"
     );
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Our own listener (bound early to fail fast), so tonic's server-level TCP options do not
+    // apply: set them here. Without TCP_NODELAY small responses wait for delayed ACKs (~40 ms).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(30)));
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = drain_rx.await;
     }));
@@ -164,7 +168,11 @@ pub async fn run(
             if let Some(e) = raft.fatal() {
                 return e;
             }
-            if metrics.changed().await.is_err() {
+            // Storage failures surface through openraft's metrics, or (state-machine writes
+            // behind apply) through the store itself: look at both, at least every second.
+            if let Ok(Err(_)) =
+                tokio::time::timeout(Duration::from_secs(1), metrics.changed()).await
+            {
                 return "raft stopped".to_string();
             }
         }

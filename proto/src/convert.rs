@@ -186,8 +186,9 @@ pub fn task_to_pb(t: &sm::Task, with_payload: bool) -> pb::Task {
             out.started_at_ms = *started_at;
             out.deadline_ms = deadline.unwrap_or(0);
         }
-        sm::TaskState::Succeeded { at, worker, result, .. } => {
+        sm::TaskState::Succeeded { at, started_at, worker, result, .. } => {
             out.worker = worker.0.clone();
+            out.started_at_ms = *started_at;
             out.finished_at_ms = *at;
             if with_payload {
                 out.result = result.clone();

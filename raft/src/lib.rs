@@ -24,6 +24,7 @@ pub mod config;
 pub mod events;
 pub mod log_store;
 pub mod network;
+mod persister;
 pub mod raft_node;
 pub mod service;
 pub mod sm_store;

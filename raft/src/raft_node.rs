@@ -24,6 +24,8 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, Raf
 use openraft::{ChangeMembers, ServerState};
 use proto::internal::v1 as ipb;
 use state_machine::{Command, Op, Response};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::error::Elapsed;
 use tracing::{info, warn};
 
 use crate::config::{ConfigError, RaftSettings};
@@ -111,7 +113,22 @@ pub struct RaftNode {
     peers: Peers,
     settings: RaftSettings,
     heartbeat: OnceLock<HeartbeatHook>,
+    proposals: mpsc::Sender<Proposal>,
 }
+
+/// A write waiting for the batcher.
+struct Proposal {
+    op: Op,
+    size: usize,
+    reply: oneshot::Sender<Result<Written, WriteError>>,
+}
+
+/// Most operations in one log entry.
+const MAX_BATCH_OPS: usize = 1_024;
+/// Most (estimated) bytes in one log entry.
+const MAX_BATCH_BYTES: usize = 4 << 20;
+/// Batches proposed but not yet committed at any time.
+const MAX_BATCHES_IN_FLIGHT: usize = 4;
 
 /// Milliseconds since the Unix epoch: the leader's clock, stamped into commands.
 pub fn now_ms() -> u64 {
@@ -142,6 +159,8 @@ impl RaftNode {
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
         info!(node_id = id, %addr, "raft started");
+        let (proposals, rx) = mpsc::channel(16_384);
+        tokio::spawn(batcher(raft.clone(), rx, Duration::from_millis(settings.write_timeout_ms)));
         Ok(Arc::new(RaftNode {
             id,
             addr,
@@ -151,6 +170,7 @@ impl RaftNode {
             peers,
             settings,
             heartbeat: OnceLock::new(),
+            proposals,
         }))
     }
 
@@ -209,7 +229,8 @@ impl RaftNode {
 
     /// The stop reason, if openraft stopped with a fatal error (e.g. a storage failure).
     pub fn fatal(&self) -> Option<String> {
-        self.raft.metrics().borrow().running_state.as_ref().err().map(|e| e.to_string())
+        let raft = self.raft.metrics().borrow().running_state.as_ref().err().map(|e| e.to_string());
+        raft.or_else(|| self.sm.fatal())
     }
 
     fn unavailable(&self, reason: impl Into<String>, leader: LeaderHint) -> WriteError {
@@ -217,33 +238,38 @@ impl RaftNode {
     }
 
     /// Propose `op`, here if leader, else one hop to the leader.
+    ///
+    /// If leadership moves while the proposal waits here, the answer is `Unavailable` with the
+    /// new leader as hint (the client retries with its idempotency key) rather than a second
+    /// forward: a request never travels more than one hop.
     pub async fn write(&self, op: Op) -> Result<Written, WriteError> {
-        match self.propose_local(Command::new(0, op.clone())).await {
-            Err(WriteError::Unavailable { leader: Some((lid, addr)), .. }) if lid != self.id => {
-                self.forward(&addr, Command::new(0, op), Some((lid, addr.clone()))).await
+        if !self.is_leader() {
+            if let Some((lid, addr)) = self.leader().filter(|(lid, _)| *lid != self.id) {
+                return self.forward(&addr, Command::new(0, op), Some((lid, addr.clone()))).await;
             }
-            other => other,
         }
+        self.propose_local(op).await
     }
 
-    /// Propose on this node only (the leader side of a forward). Stamps the clock.
-    pub async fn propose_local(&self, mut cmd: Command) -> Result<Written, WriteError> {
-        cmd.now = now_ms();
+    /// Propose on this node only (the leader side of a forward). Concurrent proposals are
+    /// grouped into one log entry ([`Op::Batch`]) by the batcher; the leader's clock is
+    /// stamped when the entry is proposed.
+    pub async fn propose_local(&self, op: Op) -> Result<Written, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        let size = op.size_hint();
+        self.proposals
+            .send(Proposal { op, size, reply })
+            .await
+            .map_err(|_| WriteError::Fatal("the proposal batcher stopped".into()))?;
+        rx.await.map_err(|_| WriteError::Fatal("the proposal batcher stopped".into()))?
+    }
+
+    /// Propose `op` as an entry of its own (leader loops: their entries stay attributable).
+    pub async fn propose_exclusive(&self, op: Op) -> Result<Written, WriteError> {
         let timeout = Duration::from_millis(self.settings.write_timeout_ms);
-        match tokio::time::timeout(timeout, self.raft.client_write(cmd)).await {
-            Err(_) => {
-                Err(self.unavailable("the write was not committed in time (no quorum?)", None))
-            }
-            Ok(Ok(r)) => Ok(Written { index: r.log_id.index, response: r.data }),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                let hint = f.leader_id.zip(f.leader_node.map(|n| n.addr));
-                Err(self.unavailable("this node is not the leader", hint))
-            }
-            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-                Err(self.unavailable(e.to_string(), None))
-            }
-            Ok(Err(RaftError::Fatal(f))) => Err(WriteError::Fatal(f.to_string())),
-        }
+        let r =
+            tokio::time::timeout(timeout, self.raft.client_write(Command::new(now_ms(), op))).await;
+        map_write(&self.raft, r).map(|r| Written { index: r.log_id.index, response: r.data })
     }
 
     async fn forward(
@@ -666,6 +692,97 @@ impl RaftNode {
         }
         let sm = self.sm.clone();
         let _ = tokio::task::spawn_blocking(move || sm.flush()).await;
+    }
+}
+
+/// The leader `raft` knows of, with its address.
+fn leader_hint(raft: &Raft) -> LeaderHint {
+    let m = raft.metrics().borrow().clone();
+    let id = m.current_leader?;
+    let addr = m.membership_config.membership().get_node(&id).map(|n| n.addr.clone())?;
+    Some((id, addr))
+}
+
+type ClientWriteResponse = openraft::raft::ClientWriteResponse<crate::TypeConfig>;
+type WriteResult = Result<
+    Result<ClientWriteResponse, RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>>,
+    Elapsed,
+>;
+
+/// Map the outcome of a (timed) `client_write` to our error type.
+fn map_write(raft: &Raft, r: WriteResult) -> Result<ClientWriteResponse, WriteError> {
+    let unavailable = |reason: &str, hint: LeaderHint| WriteError::Unavailable {
+        reason: reason.to_string(),
+        leader: hint.or_else(|| leader_hint(raft)),
+    };
+    match r {
+        Err(_) => Err(unavailable("the write was not committed in time (no quorum?)", None)),
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+            let hint = f.leader_id.zip(f.leader_node.map(|n| n.addr));
+            Err(unavailable("this node is not the leader", hint))
+        }
+        Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+            Err(unavailable(&e.to_string(), None))
+        }
+        Ok(Err(RaftError::Fatal(f))) => Err(WriteError::Fatal(f.to_string())),
+    }
+}
+
+/// Groups queued proposals into log entries: once one of [`MAX_BATCHES_IN_FLIGHT`] slots is
+/// free it takes everything queued (up to the limits), so a batch grows while earlier ones
+/// commit. A single operation is proposed as itself, not wrapped.
+async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Proposal>, timeout: Duration) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_BATCHES_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let mut bytes = first.size;
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH_OPS && bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(p) => {
+                    bytes += p.size;
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (ops, replies): (Vec<Op>, Vec<_>) =
+                batch.into_iter().map(|p| (p.op, p.reply)).unzip();
+            let single = ops.len() == 1;
+            let op = if single { ops.into_iter().next().expect("one op") } else { Op::Batch(ops) };
+            let r =
+                tokio::time::timeout(timeout, raft.client_write(Command::new(now_ms(), op))).await;
+            match map_write(&raft, r) {
+                Ok(r) if single => {
+                    let reply = replies.into_iter().next().expect("one reply");
+                    let _ = reply.send(Ok(Written { index: r.log_id.index, response: r.data }));
+                }
+                Ok(r) => match r.data {
+                    Ok(state_machine::Output::Batch(responses))
+                        if responses.len() == replies.len() =>
+                    {
+                        for (reply, response) in replies.into_iter().zip(responses) {
+                            let _ = reply.send(Ok(Written { index: r.log_id.index, response }));
+                        }
+                    }
+                    other => {
+                        let e = WriteError::Fatal(format!("a batch was answered with {other:?}"));
+                        for reply in replies {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                    }
+                },
+                Err(e) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        });
     }
 }
 

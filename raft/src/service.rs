@@ -124,8 +124,9 @@ impl RaftService for InternalService {
         check_version(req.version)?;
         match req.op {
             Some(ipb::forward_request::Op::Command(bytes)) => {
-                let cmd = codec::decode(&bytes).map_err(|e| bad_request("command", e))?;
-                let w = self.node()?.propose_local(cmd).await.map_err(write_status)?;
+                let cmd: state_machine::Command =
+                    codec::decode(&bytes).map_err(|e| bad_request("command", e))?;
+                let w = self.node()?.propose_local(cmd.op).await.map_err(write_status)?;
                 Ok(Response::new(ipb::ForwardReply {
                     version: codec::VERSION,
                     log_index: w.index,

@@ -29,7 +29,7 @@
 //! does a single write to the `_store` tree switch the current tree, and the old tree is dropped.
 //! A crash in the middle leaves the old tree current (the partial new one is dropped at open).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -45,6 +45,7 @@ use state_machine::{Output, RecordKey, Response, SchedulerState, StateLoader};
 use tracing::{info, warn};
 
 use crate::events::{EventBatch, EventLog};
+use crate::persister::{Cow, Persister, Write};
 use crate::snapshot::{Meta, SnapshotReader, SnapshotWriter};
 use crate::{Entry, NodeId, NodeInfo, StorageError, TypeConfig};
 
@@ -106,19 +107,14 @@ struct Applied {
     membership: StoredMembership<NodeId, NodeInfo>,
 }
 
-/// An open copy-on-write session (see the module docs).
-struct Cow {
-    position: Option<Vec<u8>>,
-    pre: BTreeMap<Vec<u8>, Option<sled::IVec>>,
-}
-
 struct Shared {
     db: sled::Db,
     store_tree: sled::Tree,
-    data: RwLock<sled::Tree>,
+    data: Arc<RwLock<sled::Tree>>,
     state: RwLock<SchedulerState>,
     applied: RwLock<Applied>,
-    cow: Mutex<Option<Cow>>,
+    cow: Arc<Mutex<Option<Cow>>>,
+    persister: Persister,
     snap_dir: PathBuf,
     current: Mutex<Option<(Meta, PathBuf)>>,
     receiving: Mutex<Vec<PathBuf>>,
@@ -141,10 +137,6 @@ fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 
 fn sm_write_err(e: impl std::error::Error + 'static) -> StorageError {
     StorageIOError::write_state_machine(&e).into()
-}
-
-fn sm_read_err(e: impl std::error::Error + 'static) -> StorageError {
-    StorageIOError::read_state_machine(&e).into()
 }
 
 fn snap_write_err(e: impl std::error::Error + 'static) -> StorageError {
@@ -198,9 +190,21 @@ impl SmHandle {
         (index, st.digest())
     }
 
-    /// Flush sled (used on graceful shutdown so a restart re-applies little).
-    pub fn flush(&self) -> Result<(), sled::Error> {
-        self.shared.db.flush().map(|_| ())
+    /// Write everything applied so far to sled and flush it (graceful shutdown, so a restart
+    /// re-applies little). Blocking.
+    pub fn flush(&self) -> Result<(), String> {
+        self.shared.persister.sync_blocking()?;
+        self.shared.db.flush().map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// The last log index whose records are in sled (lags `last_applied` under load).
+    pub fn persisted_index(&self) -> u64 {
+        self.shared.persister.persisted()
+    }
+
+    /// Why the store stopped accepting writes, if it did (a sled failure: the node must stop).
+    pub fn fatal(&self) -> Option<String> {
+        self.shared.persister.error()
     }
 }
 
@@ -266,13 +270,19 @@ impl StateMachineStore {
             }
         }
         let applied_index = applied.last.map_or(0, |l| l.index);
+        let data = Arc::new(RwLock::new(tree));
+        let cow = Arc::new(Mutex::new(None));
+        let persister =
+            Persister::start(data.clone(), cow.clone(), applied.last.map_or(0, |l| l.index))
+                .map_err(|source| SmOpenError::Io { path: dir.to_path_buf(), source })?;
         let shared = Arc::new(Shared {
             db,
             store_tree,
-            data: RwLock::new(tree),
+            data,
             state: RwLock::new(state),
             applied: RwLock::new(applied),
-            cow: Mutex::new(None),
+            cow,
+            persister,
             snap_dir,
             current: Mutex::new(best.clone()),
             receiving: Mutex::new(Vec::new()),
@@ -410,13 +420,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: OptionalSend,
     {
         let sh = &self.shared;
+        if let Some(e) = sh.persister.error() {
+            return Err(sm_write_err(io::Error::other(e)));
+        }
         let mut responses = Vec::new();
         let mut batches = Vec::new();
         let mut changed = BTreeSet::new();
         let mut last = None;
         let mut membership = None;
-        let mut batch = sled::Batch::default();
-        let mut keys: Vec<Vec<u8>> = Vec::new();
+        let mut records = Vec::new();
+        let mut meta = Vec::with_capacity(2);
         {
             let mut st = write(&sh.state);
             for entry in entries {
@@ -447,33 +460,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 }
             }
             let Some(last) = last else { return Ok(responses) };
+            // Encoded now, under the lock: the state moves on after this apply.
+            records.reserve(changed.len());
             for key in &changed {
-                let k = key.encode();
-                match st.encode_record(key) {
-                    Some(v) => batch.insert(k.clone(), v),
-                    None => batch.remove(k.clone()),
-                }
-                keys.push(k);
+                records.push((key.encode(), st.encode_record(key)));
             }
-            batch.insert(APPLIED_KEY, encode(&Some(last)));
+            meta.push((APPLIED_KEY, encode(&Some(last))));
             if let Some(m) = &membership {
-                batch.insert(MEMBERSHIP_KEY, encode(m));
+                meta.push((MEMBERSHIP_KEY, encode(m)));
             }
         }
         let last = last.expect("checked above");
-        {
-            let tree = read(&sh.data);
-            let mut cow = lock(&sh.cow);
-            if let Some(c) = cow.as_mut() {
-                for k in keys {
-                    if c.position.as_ref().is_none_or(|p| k > *p) && !c.pre.contains_key(&k) {
-                        let old = tree.get(&k).map_err(sm_read_err)?;
-                        c.pre.insert(k, old);
-                    }
-                }
-            }
-            tree.apply_batch(batch).map_err(sm_write_err)?;
-        }
+        sh.persister
+            .write(Write { records, meta, index: last.index })
+            .await
+            .map_err(|e| sm_write_err(io::Error::other(e)))?;
         {
             let mut a = write(&sh.applied);
             a.last = Some(last);
@@ -487,8 +488,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         let point = read(&self.shared.applied).clone();
-        *lock(&self.shared.cow) = Some(Cow { position: None, pre: BTreeMap::new() });
-        SnapshotBuilder { store: self.clone(), point }
+        // The session opens at this point of the persister's queue: after every write up to
+        // the snapshot point, before any later one.
+        let session = self.shared.persister.start_session().await;
+        SnapshotBuilder { store: self.clone(), point, session: Some(session) }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
@@ -512,6 +515,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
         let _build = self.shared.build_lock.lock().await;
+        // Everything applied before the install must be in sled before the tree is replaced.
+        self.shared.persister.sync().await.map_err(|e| snap_write_err(io::Error::other(e)))?;
         let std_file = snapshot.into_std().await;
         let store = self.clone();
         let meta = meta.clone();
@@ -572,6 +577,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 pub struct SnapshotBuilder {
     store: StateMachineStore,
     point: Applied,
+    session: Option<Result<tokio::sync::oneshot::Receiver<()>, String>>,
 }
 
 impl SnapshotBuilder {
@@ -622,13 +628,21 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let sh = self.store.shared.clone();
         let _build = sh.build_lock.lock().await;
+        match self.session.take() {
+            Some(Ok(rx)) => {
+                rx.await.map_err(|_| snap_write_err(io::Error::other("the persister stopped")))?
+            }
+            Some(Err(e)) => return Err(snap_write_err(io::Error::other(e))),
+            None => return Err(snap_write_err(io::Error::other("snapshot builder used twice"))),
+        }
         let n = sh.counter.fetch_add(1, Ordering::Relaxed);
         let meta = SnapshotMeta {
             last_log_id: self.point.last,
             last_membership: self.point.membership.clone(),
             snapshot_id: format!("{}-{n}", self.point.last.map_or(0, |l| l.leader_id.term)),
         };
-        let builder = SnapshotBuilder { store: self.store.clone(), point: self.point.clone() };
+        let builder =
+            SnapshotBuilder { store: self.store.clone(), point: self.point.clone(), session: None };
         let meta2 = meta.clone();
         let result = tokio::task::spawn_blocking(move || builder.build_blocking(&meta2)).await;
         // Whatever happened, the session is over.

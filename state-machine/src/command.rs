@@ -89,6 +89,10 @@ pub enum Op {
     /// Apply every time-based transition due at `now`: Delayed tasks whose time has come become
     /// Queued; attempts past their deadline fail with a timeout.
     AdvanceTime,
+    /// Several independent operations in one log entry (the leader groups concurrent
+    /// requests). Each is applied in order, with the same `now`, exactly as if it were its own
+    /// entry, and gets its own response; batches do not nest.
+    Batch(Vec<Op>),
     /// Retention: remove terminal tasks that finished before `finished_before`, and dead
     /// workers that died before it; at most `limit` tasks.
     Purge {
@@ -112,7 +116,29 @@ impl Op {
             Op::Assign { .. } => "assign",
             Op::Report { .. } => "report",
             Op::AdvanceTime => "advance_time",
+            Op::Batch(_) => "batch",
             Op::Purge { .. } => "purge",
+        }
+    }
+
+    /// A rough size in bytes, to bound how much goes into one log entry.
+    pub fn size_hint(&self) -> usize {
+        match self {
+            Op::Submit { tasks } => {
+                tasks.iter().map(|t| 128 + t.spec.payload.len() + 16 * t.depends_on.len()).sum()
+            }
+            Op::Report { reports, .. } => reports
+                .iter()
+                .map(|r| match &r.outcome {
+                    ReportKind::Succeeded { result } => 64 + result.len(),
+                    ReportKind::Failed { message, .. } => 64 + message.len(),
+                    ReportKind::Started => 32,
+                })
+                .sum(),
+            Op::Cancel { ids, reason } => 32 + 8 * ids.len() + reason.len(),
+            Op::Assign { assignments, .. } => 32 * assignments.len(),
+            Op::Batch(ops) => ops.iter().map(Op::size_hint).sum(),
+            _ => 128,
         }
     }
 }
@@ -224,6 +250,8 @@ pub enum Output {
     },
     /// A Raft entry that carries no command (leader no-op, membership change).
     Noop,
+    /// One response per operation of a [`Op::Batch`], in order.
+    Batch(Vec<Response>),
     /// Retention applied.
     Purged {
         /// Tasks removed.

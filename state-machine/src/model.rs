@@ -325,6 +325,8 @@ pub enum TaskState {
     Succeeded {
         /// When the completion was applied.
         at: Millis,
+        /// When the accepted attempt started (its assignment time if it never reported a start).
+        started_at: Millis,
         /// The worker whose completion was accepted.
         worker: WorkerId,
         /// The accepted attempt's fencing token.

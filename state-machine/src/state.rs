@@ -313,7 +313,11 @@ impl SchedulerState {
             self.touch(RecordKey::Meta);
         }
         let now = self.meta.log_time;
-        match &cmd.op {
+        self.apply_op(now, &cmd.op)
+    }
+
+    fn apply_op(&mut self, now: Millis, op: &Op) -> Response {
+        match op {
             Op::Submit { tasks } => self.submit(now, tasks),
             Op::Cancel { ids, reason } => Ok(self.cancel(now, ids, reason)),
             Op::RegisterWorker { spec, instance } => self.register_worker(now, spec, *instance),
@@ -328,6 +332,14 @@ impl SchedulerState {
             Op::Report { worker, reports } => Ok(self.report(now, worker, reports)),
             Op::AdvanceTime => Ok(self.advance_time(now)),
             Op::Purge { finished_before, limit } => Ok(self.purge(*finished_before, *limit)),
+            Op::Batch(ops) => Ok(Output::Batch(
+                ops.iter()
+                    .map(|op| match op {
+                        Op::Batch(_) => Err(Rejection::invalid("batch", "batches do not nest")),
+                        op => self.apply_op(now, op),
+                    })
+                    .collect(),
+            )),
         }
     }
 
@@ -487,6 +499,12 @@ impl SchedulerState {
     /// The single way a task's state changes: unindex the old state, index the new one,
     /// record the change and the event. Terminal states also settle dependents.
     fn transition(&mut self, now: Millis, id: TaskId, new: TaskState) {
+        self.transition_by(now, id, new, false);
+    }
+
+    /// [`Self::transition`]; `by_holder` marks a change the holding worker caused itself (its
+    /// completion or failure report), which it need not be told to stop.
+    fn transition_by(&mut self, now: Millis, id: TaskId, new: TaskState, by_holder: bool) {
         let task = self.tasks.get_mut(&id).expect("transition of a known task");
         let old = std::mem::replace(&mut task.state, new);
         task.updated_at = now;
@@ -496,8 +514,10 @@ impl SchedulerState {
         }
         Self::index_state(&mut self.idx, id, &task.spec, &task.state);
         let holder = task.state.holder().map(|(w, f)| (w.clone(), f));
-        let revoked_from =
-            old.holder().map(|(w, f)| (w.clone(), f)).filter(|h| Some(h) != holder.as_ref());
+        let revoked_from = old
+            .holder()
+            .map(|(w, f)| (w.clone(), f))
+            .filter(|h| !by_holder && Some(h) != holder.as_ref());
         let event = TaskEvent {
             task: id,
             state: task.state.kind(),
@@ -696,7 +716,8 @@ impl SchedulerState {
         } else {
             TaskState::Failed { at: now }
         };
-        self.transition(now, id, next);
+        let by_holder = matches!(kind, FailureKind::Error | FailureKind::Fatal);
+        self.transition_by(now, id, next, by_holder);
     }
 
     fn cancel(&mut self, now: Millis, ids: &[TaskId], reason: &str) -> Output {
@@ -983,10 +1004,22 @@ impl SchedulerState {
                 );
             }
             ReportKind::Succeeded { result } => {
-                self.transition(
+                let started_at = match &task.state {
+                    TaskState::Running { started_at, .. } => *started_at,
+                    TaskState::Assigned { at, .. } => *at,
+                    _ => now,
+                };
+                self.transition_by(
                     now,
                     r.task,
-                    TaskState::Succeeded { at: now, worker: holder, fence, result: result.clone() },
+                    TaskState::Succeeded {
+                        at: now,
+                        started_at,
+                        worker: holder,
+                        fence,
+                        result: result.clone(),
+                    },
+                    true,
                 );
             }
             ReportKind::Failed { message, retryable } => {

@@ -80,21 +80,60 @@ impl Limits {
     }
 }
 
+/// A field path, built into a string only when a rejection needs it (validation runs for every
+/// task of every batch; formatting paths eagerly was a measurable share of submit cost).
+#[derive(Clone, Copy)]
+pub enum Field<'a> {
+    /// A top-level name.
+    Root(&'a str),
+    /// `parent.name`.
+    Child(&'a Field<'a>, &'a str),
+    /// `parent[i]`.
+    Index(&'a Field<'a>, usize),
+    /// `parent["key"]`.
+    Key(&'a Field<'a>, &'a str),
+}
+
+impl std::fmt::Display for Field<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Field::Root(n) => f.write_str(n),
+            Field::Child(p, n) => write!(f, "{p}.{n}"),
+            Field::Index(p, i) => write!(f, "{p}[{i}]"),
+            Field::Key(p, k) => write!(f, "{p}[{k:?}]"),
+        }
+    }
+}
+
+impl<'a> Field<'a> {
+    fn child(&'a self, name: &'a str) -> Field<'a> {
+        Field::Child(self, name)
+    }
+}
+
 fn is_ident_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '@' | '/')
 }
 
 /// A name-like field: non-empty, at most `max_name_bytes`, identifier characters.
 pub fn ident(field: &str, value: &str, limits: &Limits) -> Result<(), Rejection> {
+    ident_at(&Field::Root(field), value, limits)
+}
+
+fn ident_at(field: &Field, value: &str, limits: &Limits) -> Result<(), Rejection> {
     if value.is_empty() {
-        return Err(Rejection::invalid(field, "must not be empty"));
+        return Err(Rejection::invalid(field.to_string(), "must not be empty"));
     }
     if value.len() > limits.max_name_bytes {
-        return Err(Rejection::limit(field, limits.max_name_bytes as u64, value.len() as u64));
+        return Err(Rejection::limit(
+            field.to_string(),
+            limits.max_name_bytes as u64,
+            value.len() as u64,
+        ));
     }
     if let Some(c) = value.chars().find(|c| !is_ident_char(*c)) {
         return Err(Rejection::invalid(
-            field,
+            field.to_string(),
             format!("character {c:?} not allowed (use letters, digits and . _ - : @ /)"),
         ));
     }
@@ -107,18 +146,23 @@ pub fn worker_id(field: &str, id: &WorkerId) -> Result<(), Rejection> {
 }
 
 fn string_map(
-    field: &str,
+    field: &Field,
     map: &BTreeMap<String, String>,
     limits: &Limits,
 ) -> Result<(), Rejection> {
     if map.len() > limits.max_map_entries {
-        return Err(Rejection::limit(field, limits.max_map_entries as u64, map.len() as u64));
+        return Err(Rejection::limit(
+            field.to_string(),
+            limits.max_map_entries as u64,
+            map.len() as u64,
+        ));
     }
     for (k, v) in map {
-        ident(&format!("{field}[{k:?}]"), k, limits)?;
+        let f = Field::Key(field, k);
+        ident_at(&f, k, limits)?;
         if v.len() > limits.max_value_bytes {
             return Err(Rejection::limit(
-                format!("{field}[{k:?}]"),
+                f.to_string(),
                 limits.max_value_bytes as u64,
                 v.len() as u64,
             ));
@@ -127,35 +171,35 @@ fn string_map(
     Ok(())
 }
 
-fn retry(field: &str, r: &RetryPolicy, limits: &Limits) -> Result<(), Rejection> {
+fn retry(field: &Field, r: &RetryPolicy, limits: &Limits) -> Result<(), Rejection> {
     if r.max_attempts == 0 {
         return Err(Rejection::invalid(
-            format!("{field}.max_attempts"),
+            field.child("max_attempts").to_string(),
             "must be at least 1 (1 = no retries)",
         ));
     }
     if r.max_attempts > limits.max_attempts {
         return Err(Rejection::limit(
-            format!("{field}.max_attempts"),
+            field.child("max_attempts").to_string(),
             limits.max_attempts as u64,
             r.max_attempts as u64,
         ));
     }
     if !(1000..=10_000).contains(&r.multiplier_permille) {
         return Err(Rejection::invalid(
-            format!("{field}.multiplier_permille"),
+            field.child("multiplier_permille").to_string(),
             "must be between 1000 (constant) and 10000 (x10)",
         ));
     }
     if r.initial_backoff_ms > r.max_backoff_ms {
         return Err(Rejection::invalid(
-            format!("{field}.initial_backoff_ms"),
+            field.child("initial_backoff_ms").to_string(),
             "must not exceed max_backoff_ms",
         ));
     }
     if r.max_backoff_ms > limits.max_duration_ms {
         return Err(Rejection::limit(
-            format!("{field}.max_backoff_ms"),
+            field.child("max_backoff_ms").to_string(),
             limits.max_duration_ms,
             r.max_backoff_ms,
         ));
@@ -165,43 +209,63 @@ fn retry(field: &str, r: &RetryPolicy, limits: &Limits) -> Result<(), Rejection>
 
 /// One task spec, without its dependencies. `now` bounds `not_before`.
 pub fn task_spec(field: &str, spec: &TaskSpec, now: u64, limits: &Limits) -> Result<(), Rejection> {
-    ident(&format!("{field}.name"), &spec.name, limits)?;
-    ident(&format!("{field}.queue"), &spec.queue, limits)?;
+    task_spec_at(&Field::Root(field), spec, now, limits)
+}
+
+fn task_spec_at(
+    field: &Field,
+    spec: &TaskSpec,
+    now: u64,
+    limits: &Limits,
+) -> Result<(), Rejection> {
+    ident_at(&field.child("name"), &spec.name, limits)?;
+    ident_at(&field.child("queue"), &spec.queue, limits)?;
     if spec.payload.len() > limits.max_payload_bytes {
         return Err(Rejection::limit(
-            format!("{field}.payload"),
+            field.child("payload").to_string(),
             limits.max_payload_bytes as u64,
             spec.payload.len() as u64,
         ));
     }
-    string_map(&format!("{field}.labels"), &spec.labels, limits)?;
-    string_map(&format!("{field}.metadata"), &spec.metadata, limits)?;
-    if spec.resources.named.len() > limits.max_map_entries {
-        return Err(Rejection::limit(
-            format!("{field}.resources"),
-            limits.max_map_entries as u64,
-            spec.resources.named.len() as u64,
-        ));
+    if !spec.labels.is_empty() {
+        string_map(&field.child("labels"), &spec.labels, limits)?;
     }
-    for name in spec.resources.named.keys() {
-        ident(&format!("{field}.resources[{name:?}]"), name, limits)?;
+    if !spec.metadata.is_empty() {
+        string_map(&field.child("metadata"), &spec.metadata, limits)?;
     }
-    retry(&format!("{field}.retry"), &spec.retry, limits)?;
+    if !spec.resources.named.is_empty() {
+        let res = field.child("resources");
+        if spec.resources.named.len() > limits.max_map_entries {
+            return Err(Rejection::limit(
+                res.to_string(),
+                limits.max_map_entries as u64,
+                spec.resources.named.len() as u64,
+            ));
+        }
+        for name in spec.resources.named.keys() {
+            ident_at(&Field::Key(&res, name), name, limits)?;
+        }
+    }
+    retry(&field.child("retry"), &spec.retry, limits)?;
     if let Some(t) = spec.timeout_ms {
         if t == 0 {
             return Err(Rejection::invalid(
-                format!("{field}.timeout_ms"),
+                field.child("timeout_ms").to_string(),
                 "must be positive (omit it for no timeout)",
             ));
         }
         if t > limits.max_duration_ms {
-            return Err(Rejection::limit(format!("{field}.timeout_ms"), limits.max_duration_ms, t));
+            return Err(Rejection::limit(
+                field.child("timeout_ms").to_string(),
+                limits.max_duration_ms,
+                t,
+            ));
         }
     }
     if let Some(nb) = spec.not_before {
         if nb > now.saturating_add(limits.max_duration_ms) {
             return Err(Rejection::invalid(
-                format!("{field}.not_before"),
+                field.child("not_before").to_string(),
                 "is more than seven days in the future",
             ));
         }
@@ -209,13 +273,13 @@ pub fn task_spec(field: &str, spec: &TaskSpec, now: u64, limits: &Limits) -> Res
     if let Some(key) = &spec.idempotency_key {
         if key.is_empty() {
             return Err(Rejection::invalid(
-                format!("{field}.idempotency_key"),
+                field.child("idempotency_key").to_string(),
                 "must not be empty (omit it instead)",
             ));
         }
         if key.len() > limits.max_name_bytes {
             return Err(Rejection::limit(
-                format!("{field}.idempotency_key"),
+                field.child("idempotency_key").to_string(),
                 limits.max_name_bytes as u64,
                 key.len() as u64,
             ));
@@ -235,45 +299,52 @@ pub fn submit_batch(tasks: &[NewTask], now: u64, limits: &Limits) -> Result<(), 
         return Err(Rejection::limit("tasks", limits.max_batch_tasks as u64, tasks.len() as u64));
     }
     let mut keys: HashMap<&str, usize> = HashMap::new();
+    let root = Field::Root("tasks");
     for (i, t) in tasks.iter().enumerate() {
-        let field = format!("tasks[{i}]");
-        task_spec(&field, &t.spec, now, limits)?;
+        let field = Field::Index(&root, i);
+        task_spec_at(&field, &t.spec, now, limits)?;
         if t.delay_ms > limits.max_duration_ms {
             return Err(Rejection::limit(
-                format!("{field}.delay_ms"),
+                field.child("delay_ms").to_string(),
                 limits.max_duration_ms,
                 t.delay_ms,
             ));
         }
         if t.depends_on.len() > limits.max_deps {
             return Err(Rejection::limit(
-                format!("{field}.depends_on"),
+                field.child("depends_on").to_string(),
                 limits.max_deps as u64,
                 t.depends_on.len() as u64,
             ));
         }
-        let mut seen = std::collections::HashSet::with_capacity(t.depends_on.len());
-        for (j, d) in t.depends_on.iter().enumerate() {
-            let dfield = format!("{field}.depends_on[{j}]");
-            if let DepRef::Batch(p) = d {
-                if *p as usize == i {
-                    return Err(Rejection::invalid(dfield, "a task cannot depend on itself"));
+        if !t.depends_on.is_empty() {
+            let deps = field.child("depends_on");
+            let mut seen = std::collections::HashSet::with_capacity(t.depends_on.len());
+            for (j, d) in t.depends_on.iter().enumerate() {
+                let dfield = || Field::Index(&deps, j).to_string();
+                if let DepRef::Batch(p) = d {
+                    if *p as usize == i {
+                        return Err(Rejection::invalid(dfield(), "a task cannot depend on itself"));
+                    }
+                    if *p as usize >= tasks.len() {
+                        return Err(Rejection::invalid(
+                            dfield(),
+                            format!(
+                                "batch position {p} is out of range (batch has {})",
+                                tasks.len()
+                            ),
+                        ));
+                    }
                 }
-                if *p as usize >= tasks.len() {
-                    return Err(Rejection::invalid(
-                        dfield,
-                        format!("batch position {p} is out of range (batch has {})", tasks.len()),
-                    ));
+                if !seen.insert(*d) {
+                    return Err(Rejection::invalid(dfield(), "duplicate dependency"));
                 }
-            }
-            if !seen.insert(*d) {
-                return Err(Rejection::invalid(dfield, "duplicate dependency"));
             }
         }
         if let Some(k) = &t.spec.idempotency_key {
             if let Some(first) = keys.insert(k.as_str(), i) {
                 return Err(Rejection::invalid(
-                    format!("{field}.idempotency_key"),
+                    field.child("idempotency_key").to_string(),
                     format!("duplicates the key of tasks[{first}]"),
                 ));
             }
@@ -318,6 +389,7 @@ pub fn topo_order(tasks: &[NewTask]) -> Result<Vec<u32>, Rejection> {
 /// A worker's registration.
 pub fn worker_spec(spec: &WorkerSpec, limits: &Limits) -> Result<(), Rejection> {
     worker_id("worker.id", &spec.id)?;
+    let root = Field::Root("worker");
     if spec.queues.is_empty() {
         return Err(Rejection::invalid("worker.queues", "must name at least one queue"));
     }
@@ -328,12 +400,14 @@ pub fn worker_spec(spec: &WorkerSpec, limits: &Limits) -> Result<(), Rejection> 
             spec.queues.len() as u64,
         ));
     }
+    let queues = root.child("queues");
     for (i, q) in spec.queues.iter().enumerate() {
-        ident(&format!("worker.queues[{i}]"), q, limits)?;
+        ident_at(&Field::Index(&queues, i), q, limits)?;
     }
-    string_map("worker.labels", &spec.labels, limits)?;
+    string_map(&root.child("labels"), &spec.labels, limits)?;
+    let cap = root.child("capacity");
     for name in spec.capacity.named.keys() {
-        ident(&format!("worker.capacity[{name:?}]"), name, limits)?;
+        ident_at(&Field::Key(&cap, name), name, limits)?;
     }
     if spec.slots == 0 {
         return Err(Rejection::invalid("worker.slots", "must be at least 1"));

@@ -810,3 +810,19 @@ fn a_late_report_from_an_older_attempt_is_stale_even_after_success() {
         Err(Rejection::StaleFence { task: a, current: None, given: f1 })
     );
 }
+
+#[test]
+fn a_workers_own_report_does_not_revoke_its_task() {
+    let mut h = H::new();
+    h.worker("w1", 2);
+    let a = h.submit1(spec("a"));
+    let b = h.submit1(spec("b"));
+    let fa = h.assign(a, "w1").unwrap();
+    let fb = h.assign(b, "w1").unwrap();
+    h.s.take_changes();
+    h.complete("w1", a, fa).unwrap();
+    h.fail("w1", b, fb, true).unwrap();
+    let ch = h.s.take_changes();
+    assert!(ch.events.iter().all(|e| e.revoked_from.is_none()), "{:?}", ch.events);
+    assert!(matches!(h.task(a).state, TaskState::Succeeded { started_at: 1_000, .. }));
+}

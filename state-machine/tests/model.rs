@@ -196,6 +196,9 @@ impl Model {
             Op::Report { worker, reports } => {
                 Shape::Items(reports.iter().map(|r| self.report(&worker.0, r)).collect())
             }
+            Op::Batch(_) => unreachable!(
+                "the generator makes no batches; see a_batch_equals_its_operations_in_sequence"
+            ),
             Op::AdvanceTime => {
                 let now = self.now;
                 let due: Vec<u64> = self
@@ -728,5 +731,42 @@ fn plans_apply_cleanly_and_respect_priority() {
             }
             Ok(())
         })
+        .unwrap();
+}
+
+/// A batch entry is exactly its operations applied one after another: same responses, same
+/// state, same events.
+#[test]
+fn a_batch_equals_its_operations_in_sequence() {
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 200,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(
+            &(proptest::collection::vec((op_strategy(), 0u64..150), 1..40), 1usize..6),
+            |(ops, group)| {
+                let mut single = SchedulerState::new();
+                let mut batched = SchedulerState::new();
+                let mut now = 1_000;
+                for chunk in ops.chunks(group) {
+                    now += chunk[0].1;
+                    // Concretize against the single-apply state; both states are equal here.
+                    let mut concrete = Vec::new();
+                    let mut expected = Vec::new();
+                    for (aop, _) in chunk {
+                        let op = concretize(aop, &single, now);
+                        expected.push(single.apply(&Command::new(now, op.clone())));
+                        concrete.push(op);
+                    }
+                    let single_events = single.take_changes().events;
+                    let r = batched.apply(&Command::new(now, Op::Batch(concrete)));
+                    prop_assert_eq!(r, Ok(Output::Batch(expected)));
+                    prop_assert_eq!(batched.take_changes().events, single_events);
+                    prop_assert_eq!(batched.digest(), single.digest());
+                }
+                Ok(())
+            },
+        )
         .unwrap();
 }
