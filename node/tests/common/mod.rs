@@ -16,7 +16,7 @@ use proto::pb::workers_client::WorkersClient;
 use tonic::transport::Channel;
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    client::ports::free_port().expect("a free port")
 }
 
 pub struct NodeProc {
@@ -136,6 +136,20 @@ impl Cluster {
         })
         .await;
         c.wait_leader().await;
+        // Every node must be up (a node that failed to start would make fault tests
+        // meaningless: killing the leader would leave no quorum).
+        let n = c.nodes.len();
+        let first = c.nodes[0].addr.clone();
+        until("every node reachable", 30, || {
+            let first = first.clone();
+            async move {
+                let mut cl = ClusterClient::new(channel(&first).await);
+                cl.status(pb::ClusterStatusRequest {})
+                    .await
+                    .is_ok_and(|r| r.into_inner().nodes.iter().filter(|x| x.reachable).count() == n)
+            }
+        })
+        .await;
         c
     }
 

@@ -1,0 +1,530 @@
+//! `schedctl dev up`: a local cluster and shell workers as child processes.
+//!
+//! 1. Find `schedulerd`: next to this executable, else `$SCHEDULERD_BIN`, else on `PATH`.
+//! 2. Pick ports: `base-port + i` for gRPC and `base-port + 1000 + i` for HTTP when free,
+//!    otherwise free ports from the OS. They are saved in `DIR/cluster.json`: the nodes store
+//!    their members' addresses, so a restart on the same directory must reuse the same ports.
+//! 3. Start node N as `schedulerd --id N --listen ... --data-dir DIR/node-N --http ...`, wait
+//!    until its gRPC health service answers, initialise the cluster on node 1 unless it
+//!    already has a leader (InitCluster is idempotent for the same members anyway), and wait
+//!    for a leader.
+//! 4. Start the workers: `schedctl worker run --exec 'sh -c "$SCHED_PAYLOAD"'`, so a task's
+//!    payload is the shell script it runs.
+//! 5. On Ctrl-C / SIGTERM: stop the workers first (they drain and deregister while the
+//!    cluster is still up), then the nodes; SIGTERM, then SIGKILL after a grace.
+//!
+//! Every child runs in its own process group, so a Ctrl-C in the terminal reaches only this
+//! process, which then stops the children in order; on Linux the children also get SIGTERM if
+//! this process dies without cleaning up. Child output goes to `DIR/<child>.log`.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use client::pb;
+use serde::{Deserialize, Serialize};
+use tokio::process::{Child, Command};
+use tokio::signal::unix::{signal, SignalKind};
+
+use super::output::{print_json, Format};
+use super::{Ctx, UsageError};
+
+/// How long a node may take to answer health checks, and the cluster to elect a leader.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Workers get this long to drain at shutdown (then SIGKILL).
+const WORKER_STOP_GRACE: Duration = Duration::from_secs(15);
+/// Nodes get this long to exit after SIGTERM (then SIGKILL).
+const NODE_STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Development commands.
+#[derive(Debug, Subcommand)]
+pub enum DevCmd {
+    /// Start a local cluster and shell workers; Ctrl-C stops everything.
+    Up(UpArgs),
+}
+
+/// `dev up` options.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Scheduler nodes (1, 3 or 5 make sense).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=9))]
+    pub nodes: u32,
+    /// Shell workers.
+    #[arg(long, default_value_t = 2)]
+    pub workers: u32,
+    /// Directory for node data, logs and the port assignment (reused on restart).
+    #[arg(long, default_value = ".dev-cluster")]
+    pub dir: PathBuf,
+    /// First gRPC port (HTTP ports start 1000 higher).
+    #[arg(long, default_value_t = 7001)]
+    pub base_port: u16,
+}
+
+/// The saved layout of a dev cluster.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+struct Layout {
+    nodes: Vec<NodeAddrs>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+struct NodeAddrs {
+    id: u64,
+    grpc: String,
+    http: String,
+}
+
+impl Layout {
+    fn endpoints(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.grpc.clone()).collect()
+    }
+}
+
+/// Runs a dev command.
+pub async fn run(ctx: &Ctx, cmd: DevCmd) -> Result<u8> {
+    let DevCmd::Up(a) = cmd;
+    up(ctx, a).await
+}
+
+/// Finds `schedulerd`: next to `exe`, then `$SCHEDULERD_BIN`, then `PATH`.
+fn find_schedulerd(exe: Option<&Path>) -> Option<PathBuf> {
+    if let Some(dir) = exe.and_then(Path::parent) {
+        let p = dir.join("schedulerd");
+        if p.is_file() {
+            return Some(p);
+        }
+    }
+    if let Some(p) = std::env::var_os("SCHEDULERD_BIN").map(PathBuf::from) {
+        if p.is_file() {
+            return Some(p);
+        }
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths).map(|d| d.join("schedulerd")).find(|p| p.is_file())
+    })
+}
+
+/// When started by `cargo run` (cargo sets `$CARGO`) from this workspace and `schedulerd` is
+/// not built yet, build it with the same profile, so one command starts a cluster on a fresh
+/// checkout. Returns the binary, or `None` when not run by cargo.
+fn build_schedulerd(exe: Option<&Path>) -> Result<Option<PathBuf>> {
+    let (Some(cargo), Some(dir)) = (std::env::var_os("CARGO"), exe.and_then(Path::parent)) else {
+        return Ok(None);
+    };
+    let release = dir.file_name().is_some_and(|n| n == "release");
+    eprintln!(
+        "building schedulerd (cargo build{} -p node)...",
+        if release { " --release" } else { "" }
+    );
+    let mut cmd = std::process::Command::new(cargo);
+    // The workspace this schedctl was built from (cargo runs us from any directory).
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("Cargo.toml");
+    cmd.args(["build", "-p", "node", "--bin", "schedulerd", "--manifest-path"]).arg(manifest);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().context("running cargo to build schedulerd")?;
+    if !status.success() {
+        bail!("building schedulerd failed ({status}); fix the build, then run `dev up` again");
+    }
+    Ok(find_schedulerd(exe))
+}
+
+fn port_free(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// The preferred ports when all are free, else OS-chosen free ports.
+fn pick_layout(nodes: u32, base: u16) -> Result<Layout> {
+    let wanted: Vec<(u16, u16)> = (0..nodes as u16)
+        .map(|i| (base.saturating_add(i), base.saturating_add(1000).saturating_add(i)))
+        .collect();
+    let distinct = base.checked_add(1000 + nodes as u16).is_some();
+    if distinct && wanted.iter().all(|(g, h)| port_free(*g) && port_free(*h)) {
+        return Ok(Layout {
+            nodes: wanted
+                .iter()
+                .enumerate()
+                .map(|(i, (g, h))| NodeAddrs {
+                    id: i as u64 + 1,
+                    grpc: format!("127.0.0.1:{g}"),
+                    http: format!("127.0.0.1:{h}"),
+                })
+                .collect(),
+        });
+    }
+    let ports: Vec<u16> = (0..nodes * 2)
+        .map(|_| client::ports::free_port())
+        .collect::<std::io::Result<_>>()
+        .context("finding free loopback ports")?;
+    Ok(Layout {
+        nodes: (0..nodes as usize)
+            .map(|i| NodeAddrs {
+                id: i as u64 + 1,
+                grpc: format!("127.0.0.1:{}", ports[2 * i]),
+                http: format!("127.0.0.1:{}", ports[2 * i + 1]),
+            })
+            .collect(),
+    })
+}
+
+fn load_layout(path: &Path) -> Result<Option<Layout>> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(Some(
+            serde_json::from_str(&s).with_context(|| format!("reading {}", path.display()))?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// A started child process.
+struct Proc {
+    name: String,
+    log: PathBuf,
+    child: Child,
+    /// Its unexpected exit was already reported.
+    reported: bool,
+}
+
+fn spawn(name: &str, program: &Path, args: &[String], dir: &Path) -> Result<Proc> {
+    let log = dir.join(format!("{name}.log"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let err = file.try_clone()?;
+    let mut cmd = Command::new(program);
+    cmd.args(args).stdin(Stdio::null()).stdout(file).stderr(err).process_group(0);
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl is async-signal-safe; the closure allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().with_context(|| format!("starting {}", program.display()))?;
+    Ok(Proc { name: name.to_string(), log, child, reported: false })
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// Waits until the node's gRPC health service answers.
+async fn wait_healthy(proc: &mut Proc, addr: &str) -> Result<()> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(2));
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    loop {
+        if let Some(status) = proc.child.try_wait()? {
+            bail!(
+                "{} exited ({status}) during startup; the end of {}:\n{}",
+                proc.name,
+                proc.log.display(),
+                log_tail(&proc.log)
+            );
+        }
+        if let Ok(ch) = endpoint.connect().await {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+            let req = tonic_health::pb::HealthCheckRequest { service: String::new() };
+            match health.check(req).await {
+                Ok(_) => return Ok(()),
+                Err(s) => {
+                    // Any answer from the server (even "unknown service") means it is serving.
+                    if matches!(client::Error::from_status(s, addr), client::Error::Status { .. }) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{} did not answer health checks at {addr}; see {}",
+                proc.name,
+                proc.log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Initialises the cluster unless it already has a leader, then waits for one.
+async fn ensure_initialised(layout: &Layout) -> Result<u64> {
+    let first = client::Client::with_config(client::ClientConfig {
+        retry_budget: Duration::from_secs(5),
+        ..client::ClientConfig::new([layout.nodes[0].grpc.clone()])
+    })?;
+    let has_leader = matches!(first.cluster_status().await, Ok(s) if s.leader_id != 0);
+    if !has_leader {
+        let members: Vec<pb::Member> =
+            layout.nodes.iter().map(|n| pb::Member { id: n.id, addr: n.grpc.clone() }).collect();
+        if let Err(e) = first.init_cluster(members).await {
+            // A restarted cluster may still be electing its leader; the wait below decides.
+            tracing::info!(error = %e, "init was not accepted; waiting for a leader");
+        }
+    }
+    let all = client::Client::with_config(client::ClientConfig {
+        retry_budget: Duration::from_secs(2),
+        ..client::ClientConfig::new(layout.endpoints())
+    })?;
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    loop {
+        if let Ok(s) = all.cluster_status().await {
+            if s.leader_id != 0 {
+                return Ok(s.leader_id);
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the cluster elected no leader within {}",
+                humantime::format_duration(STARTUP_TIMEOUT)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// SIGTERM, then SIGKILL after `grace`, for every process of `procs`.
+async fn stop_all(procs: &mut [Proc], grace: Duration) {
+    for p in procs.iter() {
+        if let Some(pid) = p.child.id() {
+            // SAFETY: plain syscall on a child we started and have not reaped.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+            }
+        }
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    for p in procs.iter_mut() {
+        match tokio::time::timeout_at(deadline, p.child.wait()).await {
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!(child = %p.name, "did not stop in time; killing it");
+                let _ = p.child.kill().await;
+            }
+        }
+    }
+}
+
+async fn up(ctx: &Ctx, a: UpArgs) -> Result<u8> {
+    let exe = std::env::current_exe().ok();
+    let schedulerd = match find_schedulerd(exe.as_deref()) {
+        Some(p) => Some(p),
+        None => build_schedulerd(exe.as_deref())?,
+    };
+    let schedulerd = schedulerd.ok_or_else(|| {
+        UsageError(
+            "cannot find the schedulerd binary: build it (`cargo build --release -p node`), put it \
+             next to schedctl or on PATH, or set SCHEDULERD_BIN"
+                .into(),
+        )
+    })?;
+    let exe = exe.context("cannot locate the schedctl executable to start workers")?;
+    std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
+    let dir = a.dir.canonicalize()?;
+    let layout_path = dir.join("cluster.json");
+    let layout = match load_layout(&layout_path)? {
+        Some(l) if l.nodes.len() == a.nodes as usize => l,
+        Some(l) => {
+            return Err(UsageError(format!(
+                "{} holds a {}-node cluster; pass --nodes {} or use another --dir",
+                dir.display(),
+                l.nodes.len(),
+                l.nodes.len()
+            ))
+            .into())
+        }
+        None => {
+            let l = pick_layout(a.nodes, a.base_port)?;
+            std::fs::write(&layout_path, serde_json::to_string_pretty(&l)?)?;
+            l
+        }
+    };
+    for n in &layout.nodes {
+        let port: u16 = n.grpc.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        if !port_free(port) {
+            bail!(
+                "port {} of node {} is in use (is another dev cluster running from {}?)",
+                n.grpc,
+                n.id,
+                dir.display()
+            );
+        }
+    }
+
+    let mut nodes: Vec<Proc> = Vec::new();
+    let mut workers: Vec<Proc> = Vec::new();
+    let started =
+        start(&schedulerd, &exe, &dir, &layout, a.workers, &mut nodes, &mut workers).await;
+    let leader = match started {
+        Ok(l) => l,
+        Err(e) => {
+            stop_all(&mut workers, WORKER_STOP_GRACE).await;
+            stop_all(&mut nodes, NODE_STOP_GRACE).await;
+            return Err(e);
+        }
+    };
+
+    let endpoints = layout.endpoints().join(",");
+    match ctx.format {
+        Format::Json => print_json(&serde_json::json!({
+            "dir": dir.display().to_string(),
+            "endpoints": layout.endpoints(),
+            "leader_id": leader,
+            "nodes": layout.nodes.iter().map(|n| serde_json::json!({
+                "id": n.id,
+                "grpc": n.grpc,
+                "http": format!("http://{}", n.http),
+                "log": dir.join(format!("node-{}.log", n.id)).display().to_string(),
+            })).collect::<Vec<_>>(),
+            "workers": workers.iter().map(|w| w.name.clone()).collect::<Vec<_>>(),
+        })),
+        Format::Table => {
+            println!("raftsched dev cluster is up (data and logs in {})", dir.display());
+            for n in &layout.nodes {
+                let mark = if n.id == leader { " (leader)" } else { "" };
+                println!(
+                    "  node {}  grpc {}  metrics http://{}/metrics{mark}",
+                    n.id, n.grpc, n.http
+                );
+            }
+            println!("  workers: {} (sh -c \"$SCHED_PAYLOAD\")", workers.len());
+            println!();
+            println!("  export SCHED_ENDPOINTS={endpoints}");
+            println!("  schedctl --endpoints {endpoints} task submit --name hello --payload 'echo hello' --wait");
+            println!();
+            println!("Ctrl-C stops everything.");
+        }
+    }
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = tick.tick() => {
+                for p in nodes.iter_mut().chain(workers.iter_mut()) {
+                    if p.reported {
+                        continue;
+                    }
+                    if let Ok(Some(status)) = p.child.try_wait() {
+                        eprintln!("{} exited ({status}); see {}", p.name, p.log.display());
+                        p.reported = true;
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("stopping workers and nodes");
+    stop_all(&mut workers, WORKER_STOP_GRACE).await;
+    stop_all(&mut nodes, NODE_STOP_GRACE).await;
+    Ok(0)
+}
+
+async fn start(
+    schedulerd: &Path,
+    exe: &Path,
+    dir: &Path,
+    layout: &Layout,
+    worker_count: u32,
+    nodes: &mut Vec<Proc>,
+    workers: &mut Vec<Proc>,
+) -> Result<u64> {
+    for n in &layout.nodes {
+        let args = vec![
+            "--id".to_string(),
+            n.id.to_string(),
+            "--listen".into(),
+            n.grpc.clone(),
+            "--data-dir".into(),
+            dir.join(format!("node-{}", n.id)).display().to_string(),
+            "--http".into(),
+            n.http.clone(),
+        ];
+        nodes.push(spawn(&format!("node-{}", n.id), schedulerd, &args, dir)?);
+    }
+    for (p, n) in nodes.iter_mut().zip(&layout.nodes) {
+        wait_healthy(p, &n.grpc).await?;
+    }
+    let leader = ensure_initialised(layout).await?;
+    let endpoints = layout.endpoints().join(",");
+    for i in 1..=worker_count {
+        let args = vec![
+            "--endpoints".to_string(),
+            endpoints.clone(),
+            "worker".into(),
+            "run".into(),
+            "--exec".into(),
+            "sh -c \"$SCHED_PAYLOAD\"".into(),
+            "--id".into(),
+            format!("dev-worker-{i}"),
+            "--drain-grace".into(),
+            "10s".into(),
+        ];
+        workers.push(spawn(&format!("worker-{i}"), exe, &args, dir)?);
+    }
+    Ok(leader)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preferred_ports_are_used_when_free_else_os_ports() {
+        // Find a base whose ports are free (bounded search over a high range).
+        let base = (20_000u16..30_000)
+            .step_by(37)
+            .find(|b| (0..3).all(|i| port_free(b + i) && port_free(b + 1000 + i)));
+        if let Some(base) = base {
+            let l = pick_layout(3, base).unwrap();
+            assert_eq!(l.nodes[0].grpc, format!("127.0.0.1:{base}"));
+            assert_eq!(l.nodes[2].http, format!("127.0.0.1:{}", base + 1002));
+        }
+        // Occupy a preferred port: every port comes from the OS instead, all distinct.
+        let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = busy.local_addr().unwrap().port();
+        let l = pick_layout(3, port).unwrap();
+        let mut all: Vec<&String> = l.nodes.iter().flat_map(|n| [&n.grpc, &n.http]).collect();
+        assert!(!all.contains(&&format!("127.0.0.1:{port}")));
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 6);
+        assert_eq!(l.nodes.iter().map(|n| n.id).collect::<Vec<_>>(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn layouts_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.json");
+        assert_eq!(load_layout(&path).unwrap(), None);
+        let l = Layout {
+            nodes: vec![NodeAddrs {
+                id: 1,
+                grpc: "127.0.0.1:1".into(),
+                http: "127.0.0.1:2".into(),
+            }],
+        };
+        std::fs::write(&path, serde_json::to_string(&l).unwrap()).unwrap();
+        assert_eq!(load_layout(&path).unwrap(), Some(l));
+    }
+
+    #[test]
+    fn schedulerd_is_found_next_to_the_executable_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("schedulerd");
+        std::fs::write(&bin, "").unwrap();
+        let exe = dir.path().join("schedctl");
+        assert_eq!(find_schedulerd(Some(&exe)), Some(bin));
+    }
+}

@@ -1,0 +1,419 @@
+//! `schedctl` against a real 3-node cluster: tasks, workflows, shell workers, cancellation,
+//! listing, status, and a leader failover while a worker runs tasks.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{alive, serial, wait_for, Cluster};
+use serde_json::Value;
+
+#[test]
+fn submit_get_and_idempotent_resubmit() {
+    let _serial = serial();
+    let c = Cluster::start(3);
+    let r = c.ok(&[
+        "task",
+        "submit",
+        "--name",
+        "greet",
+        "--payload",
+        "echo hi",
+        "--priority",
+        "7",
+        "--label",
+        "zone=eu",
+        "--cpu",
+        "250",
+        "--key",
+        "greet-1",
+    ]);
+    let v = r;
+    let id = v["tasks"][0]["id"].as_u64().unwrap();
+    assert_eq!(v["tasks"][0]["created"], true);
+    assert_eq!(v["tasks"][0]["idempotency_key"], "greet-1");
+
+    let t = c.task(id);
+    assert_eq!(t["name"], "greet");
+    assert_eq!(t["payload"], "echo hi");
+    assert_eq!(t["priority"], 7);
+    assert_eq!(t["labels"]["zone"], "eu");
+    assert_eq!(t["resources"]["cpu_milli"], 250);
+    assert_eq!(t["state"], "queued", "no worker is attached");
+
+    // The same key names the same task.
+    let again = c.ok(&["task", "submit", "--name", "greet", "--key", "greet-1"]);
+    assert_eq!(again["tasks"][0]["id"].as_u64(), Some(id));
+    assert_eq!(again["tasks"][0]["created"], false);
+
+    // The human view and the explanation work too.
+    let text = c.ctl(&["task", "get", &id.to_string()]);
+    assert_eq!(text.code, 0);
+    assert!(text.stdout.contains("greet") && text.stdout.contains("queued"), "{text:?}");
+    let e = c.ok(&["task", "explain", &id.to_string()]);
+    assert_eq!(e["state"], "queued");
+    assert!(!e["summary"].as_str().unwrap_or("").is_empty(), "{e}");
+
+    // Unknown ids are an operation failure (1), with the server's code in JSON.
+    let missing = c.ctl(&["-o", "json", "task", "get", "999999"]);
+    assert_eq!(missing.code, 1, "{missing:?}");
+    assert_eq!(missing.json()["error"]["code"], "NOT_FOUND");
+
+    // A rejected submit (unknown dependency) is 1 as well, and names the problem.
+    let bad = c.ctl(&["task", "submit", "--name", "x", "--after", "999999"]);
+    assert_eq!(bad.code, 1, "{bad:?}");
+    assert!(bad.stderr.contains("999999"), "{bad:?}");
+}
+
+#[test]
+fn cluster_status_shows_every_node_and_one_leader() {
+    let _serial = serial();
+    let c = Cluster::start(3);
+    let s = c.ok(&["cluster", "status"]);
+    let nodes = s["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3, "{s}");
+    let leader = s["leader_id"].as_u64().unwrap();
+    assert_ne!(leader, 0);
+    let leaders: Vec<&Value> = nodes.iter().filter(|n| n["role"] == "leader").collect();
+    assert_eq!(leaders.len(), 1, "{s}");
+    assert_eq!(leaders[0]["id"].as_u64(), Some(leader));
+    assert!(nodes.iter().all(|n| n["voter"] == true && n["reachable"] == true), "{s}");
+    let table = c.ctl(&["cluster", "status"]);
+    assert_eq!(table.code, 0);
+    assert!(table.stdout.starts_with(&format!("leader: {leader}")), "{table:?}");
+}
+
+#[test]
+fn list_filters_by_state() {
+    let _serial = serial();
+    let c = Cluster::start(3);
+    let a = c.submit(&["--name", "a"]);
+    let b = c.submit(&["--name", "b"]);
+    let x = c.submit(&["--name", "x"]);
+    let r = c.ok(&["task", "cancel", &x.to_string()]);
+    assert_eq!(r["results"][0]["ok"], true);
+
+    let ids = |state: &str| -> Vec<u64> {
+        let v = c.ok(&["task", "list", "--state", state]);
+        let mut ids: Vec<u64> =
+            v["tasks"].as_array().unwrap().iter().map(|t| t["id"].as_u64().unwrap()).collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(ids("cancelled"), vec![x]);
+    assert_eq!(ids("queued"), vec![a, b]);
+    assert_eq!(ids("queued,cancelled"), vec![a, b, x]);
+    assert!(ids("succeeded").is_empty());
+    let limited = c.ok(&["task", "list", "--limit", "2"]);
+    assert_eq!(limited["tasks"].as_array().unwrap().len(), 2);
+
+    // Cancelling again is fine (already cancelled), cancelling an unknown id is not.
+    let again = c.ok(&["task", "cancel", &x.to_string()]);
+    assert_eq!(again["results"][0]["already_cancelled"], true);
+    let unknown = c.ctl(&["task", "cancel", "424242"]);
+    assert_eq!(unknown.code, 1, "{unknown:?}");
+}
+
+#[test]
+fn worker_runs_shell_commands_and_reports_results() {
+    let _serial = serial();
+    let mut c = Cluster::start(3);
+    c.start_worker("w-shell", "sh -c \"$SCHED_PAYLOAD\"", &["--slots", "2"]);
+
+    let ok = c.ok(&["task",
+        "submit",
+        "--name",
+        "env",
+        "--payload",
+        "printf '%s/%s/%s/%s' \"$SCHED_TASK_NAME\" \"$SCHED_TASK_ID\" \"$SCHED_ATTEMPT\" \"$SCHED_FENCE\"",
+        "--wait",
+    ]);
+    let t = ok;
+    assert_eq!(t["state"], "succeeded");
+    let id = t["id"].as_u64().unwrap();
+    let fence = t["fence"].as_u64().unwrap();
+    assert_eq!(t["result"], format!("env/{id}/1/{fence}"));
+    assert_eq!(t["worker"], "w-shell");
+    let states: Vec<&str> =
+        t["updates"].as_array().unwrap().iter().filter_map(|u| u["state"].as_str()).collect();
+    assert_eq!(states.last(), Some(&"succeeded"), "{states:?}");
+
+    let failed = c.ctl(&[
+        "-o",
+        "json",
+        "task",
+        "submit",
+        "--name",
+        "bad",
+        "--payload",
+        "echo broken >&2; exit 3",
+        "--max-attempts",
+        "1",
+        "--wait",
+    ]);
+    assert_eq!(failed.code, 1, "a failed task exits 1: {failed:?}");
+    let t = failed.json();
+    assert_eq!(t["state"], "failed");
+    let msg = t["last_failure"]["message"].as_str().unwrap_or("");
+    assert!(msg.contains("exit status 3") && msg.contains("broken"), "{t}");
+
+    // A timed-out attempt is killed and fails as retryable "timed out".
+    let slow = c.ctl(&[
+        "-o",
+        "json",
+        "task",
+        "submit",
+        "--name",
+        "slow",
+        "--payload",
+        "sleep 30",
+        "--timeout",
+        "1s",
+        "--max-attempts",
+        "1",
+        "--wait",
+    ]);
+    assert_eq!(slow.code, 1, "{slow:?}");
+    assert_eq!(slow.json()["state"], "failed");
+}
+
+#[test]
+fn workflow_runs_in_dependency_order() {
+    let _serial = serial();
+    let mut c = Cluster::start(3);
+    c.start_worker("w-a", "sh -c \"$SCHED_PAYLOAD\"", &["--slots", "2"]);
+    c.start_worker("w-b", "sh -c \"$SCHED_PAYLOAD\"", &["--slots", "2"]);
+    let trace = c.dir.path().join("trace");
+    let step = |name: &str| format!("sleep 0.2; echo {name} >> {}", trace.display());
+    let wf = serde_json::json!({
+        "key_prefix": "wf-test",
+        "tasks": [
+            { "name": "d", "after": ["b", "c"], "payload": step("d") },
+            { "name": "a", "payload": step("a") },
+            { "name": "b", "after": ["a"], "payload": step("b") },
+            { "name": "c", "after": ["a"], "payload": step("c") },
+        ]
+    });
+    let path = c.dir.path().join("wf.json");
+    std::fs::write(&path, wf.to_string()).unwrap();
+    let r = c.ok(&["workflow", "submit", path.to_str().unwrap(), "--wait"]);
+    let v = r;
+    let tasks = v["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 4);
+    let by_name: HashMap<&str, &Value> =
+        tasks.iter().map(|t| (t["workflow_name"].as_str().unwrap(), t)).collect();
+    assert!(tasks.iter().all(|t| t["state"] == "succeeded"), "{v}");
+    // Declared dependencies are the real ones.
+    let id = |n: &str| by_name[n]["id"].as_u64().unwrap();
+    let mut d_deps: Vec<u64> = by_name["d"]["depends_on"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    d_deps.sort();
+    let mut want = vec![id("b"), id("c")];
+    want.sort();
+    assert_eq!(d_deps, want);
+
+    // Each step ran after the steps it depends on had finished.
+    let order: Vec<String> =
+        std::fs::read_to_string(&trace).unwrap().lines().map(str::to_string).collect();
+    let pos = |n: &str| {
+        order.iter().position(|l| l == n).unwrap_or_else(|| panic!("{n} missing: {order:?}"))
+    };
+    assert_eq!(order.len(), 4, "each step ran once: {order:?}");
+    assert!(pos("a") < pos("b") && pos("a") < pos("c"), "{order:?}");
+    assert!(pos("b") < pos("d") && pos("c") < pos("d"), "{order:?}");
+    let fin = |n: &str| by_name[n]["finished_at_ms"].as_u64().unwrap();
+    assert!(
+        fin("a") <= fin("b")
+            && fin("a") <= fin("c")
+            && fin("b") <= fin("d")
+            && fin("c") <= fin("d")
+    );
+
+    // Submitting the same file again with the same prefix creates nothing.
+    let again = c.ok(&["workflow", "submit", path.to_str().unwrap()]);
+    assert!(again["tasks"].as_array().unwrap().iter().all(|t| t["created"] == false), "{again}");
+
+    // Graph errors are caught before anything is sent.
+    let before = c.ok(&["task", "list"])["tasks"].as_array().unwrap().len();
+    let cyclic = c.dir.path().join("cycle.yaml");
+    std::fs::write(&cyclic, "- name: x\n  after: [y]\n- name: y\n  after: [x]\n").unwrap();
+    let r = c.ctl(&["workflow", "submit", cyclic.to_str().unwrap()]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("dependency cycle"), "{r:?}");
+    let unknown = c.dir.path().join("unknown.yaml");
+    std::fs::write(&unknown, "- name: x\n  after: [ghost]\n").unwrap();
+    let r = c.ctl(&["workflow", "submit", unknown.to_str().unwrap()]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("ghost"), "{r:?}");
+    let after = c.ok(&["task", "list"])["tasks"].as_array().unwrap().len();
+    assert_eq!(before, after, "nothing was submitted");
+}
+
+#[test]
+fn cancelling_a_running_task_kills_its_process() {
+    let _serial = serial();
+    let mut c = Cluster::start(3);
+    c.start_worker("w-cancel", "sh -c \"$SCHED_PAYLOAD\"", &["--kill-grace", "2s"]);
+    let pidfile = c.dir.path().join("sleep.pid");
+    let payload = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
+    let id = c.submit(&["--name", "sleeper", "--payload", &payload]);
+    c.wait_state(id, "running");
+    let pid: i32 = wait_for("the task's process to start", || {
+        std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok()
+    });
+    assert!(alive(pid));
+
+    let r = c.ok(&["task", "cancel", &id.to_string(), "--reason", "test"]);
+    assert_eq!(r["results"][0]["ok"], true, "{r}");
+    let t = c.wait_state(id, "cancelled");
+    assert_eq!(t["cancel_reason"], "test");
+    wait_for("the cancelled task's process to be killed", || (!alive(pid)).then_some(()));
+
+    // The worker is free again and takes new work.
+    let next = c.ok(&["task", "submit", "--name", "after", "--payload", "echo next", "--wait"]);
+    assert_eq!(next["result"], "next\n");
+}
+
+#[test]
+fn worker_keeps_finishing_tasks_across_a_leader_failover() {
+    let _serial = serial();
+    let mut c = Cluster::start(3);
+    let log = c.dir.path().join("executions");
+    let exec = format!("sleep 0.3; echo $SCHED_TASK_ID >> {}", log.display());
+    c.start_worker("w-failover", &exec, &["--slots", "4"]);
+
+    let mut ids: Vec<u64> = (0..12).map(|i| c.submit(&["--name", &format!("t{i}")])).collect();
+    // Kill the leader while tasks are running.
+    wait_for("some tasks to run", || {
+        let v = c.ok(&["task", "list", "--state", "running,succeeded"]);
+        (!v["tasks"].as_array()?.is_empty()).then_some(())
+    });
+    let old = c.leader();
+    c.kill(old);
+    // Submits during the election are retried by schedctl until a new leader answers.
+    ids.extend((12..18).map(|i| c.submit(&["--name", &format!("t{i}")])));
+    let new = c.leader();
+    assert_ne!(new, old);
+
+    let tasks: Vec<Value> = wait_for("every task to finish", || {
+        let v = c.ctl(&["-o", "json", "task", "list", "--limit", "1000"]);
+        if v.code != 0 {
+            return None;
+        }
+        let tasks = v.json()["tasks"].as_array()?.clone();
+        let done = tasks.iter().filter(|t| t["state"] == "succeeded").count();
+        (done == ids.len()).then_some(tasks)
+    });
+    assert_eq!(tasks.len(), ids.len());
+    for t in &tasks {
+        assert_eq!(t["attempt"], 1, "no attempt was lost or repeated: {t}");
+    }
+    // Every task ran exactly once.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let mut runs: HashMap<u64, usize> = HashMap::new();
+    for l in text.lines() {
+        *runs.entry(l.trim().parse().unwrap()).or_default() += 1;
+    }
+    for id in &ids {
+        assert_eq!(runs.get(id), Some(&1), "task {id} ran {:?} times\n{}", runs.get(id), c.logs());
+    }
+    assert_eq!(runs.len(), ids.len());
+}
+
+#[test]
+fn dev_up_starts_a_usable_cluster_and_stops_it() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_ports(1)[0];
+    // A base port whose neighbours are taken is replaced by OS ports; either way it works.
+    let mut child = std::process::Command::new(common::schedctl_bin())
+        .args(["-o", "json", "dev", "up", "--nodes", "3", "--workers", "1"])
+        .arg("--dir")
+        .arg(dir.path())
+        .args(["--base-port", &port.to_string()])
+        .env_remove("SCHED_ENDPOINTS")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let guard = KillOnDrop(child.id() as i32);
+    // The JSON summary is printed once everything is up; read it line by line.
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut s = String::new();
+        let mut stdout = stdout;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            s.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if let Ok(v) = serde_json::from_str::<Value>(&s) {
+                let _ = tx.send(v);
+                return;
+            }
+        }
+    });
+    let summary = rx.recv_timeout(common::WAIT).expect("dev up printed its summary");
+    let endpoints: Vec<String> = summary["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(endpoints.len(), 3);
+    let joined = endpoints.join(",");
+    let r = common::schedctl(&[
+        "--endpoints",
+        &joined,
+        "-o",
+        "json",
+        "task",
+        "submit",
+        "--name",
+        "hello",
+        "--payload",
+        "echo hello",
+        "--wait",
+    ]);
+    assert_eq!(r.ok_json()["result"], "hello\n");
+
+    // SIGTERM stops everything it started and exits 0.
+    // SAFETY: signalling the child this test started.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let status = wait_for("dev up to exit", || child.try_wait().ok().flatten());
+    assert!(status.success(), "{status:?}");
+    std::mem::forget(guard);
+    wait_for("the nodes to stop", || {
+        let r = common::schedctl(&[
+            "--endpoints",
+            &joined,
+            "--retry-budget",
+            "0s",
+            "cluster",
+            "status",
+        ]);
+        (r.code == 3).then_some(())
+    });
+    assert!(dir.path().join("cluster.json").is_file());
+}
+
+/// SIGKILLs a process when a test fails before stopping it properly.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: signalling a child this test started.
+        unsafe {
+            libc::kill(self.0, libc::SIGTERM);
+        }
+    }
+}
