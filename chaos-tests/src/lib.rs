@@ -13,6 +13,13 @@
 //!   acceptance, fencing, dependencies, priority, cancellation, convergence, election
 //!   safety), failover percentiles, and coverage. A run passes only if every property is
 //!   valid: "unknown" fails.
+//! * [`cluster`] and [`proxy`]: real node processes behind partition proxies, with SIGKILL,
+//!   SIGSTOP/SIGCONT, partitions, restarts and membership changes.
+//! * [`scenario`]: one seeded run — cluster, worker processes (`chaos-worker`), workload,
+//!   fault schedule, final reads, verdict.
 
 pub mod checker;
+pub mod cluster;
 pub mod history;
+pub mod proxy;
+pub mod scenario;
