@@ -460,9 +460,9 @@ async fn run_fault(
                 *members.iter().filter(|m| **m != leader).collect::<Vec<_>>()
                     [rng.random_range(0..members.len() - 1)]
             };
-            // Shorter or longer than the election timeout (150-300 ms).
+            // Shorter or longer than the election timeout (90-150 ms).
             let hold = if rng.random_bool(0.5) {
-                rng.random_range(50..120)
+                rng.random_range(20..70)
             } else {
                 rng.random_range(800..2_000)
             };

@@ -14,6 +14,8 @@
 //! * [`exec`]: the handler that runs each task as a shell command in its own process group.
 //! * [`workflow`]: JSON/YAML DAG files turned into one atomic submit.
 //! * [`backoff`]: the retry delays.
+//! * [`local`] and [`ports`]: local clusters of real `schedulerd` processes (dev clusters,
+//!   benchmarks, tests).
 //!
 //! The library never panics on server input and never retries a request the server refused:
 //! only "no answer" outcomes are retried, and only in ways that cannot apply anything twice.
@@ -22,6 +24,7 @@ pub mod backoff;
 pub mod client;
 pub mod error;
 pub mod exec;
+pub mod local;
 pub mod ports;
 pub mod worker;
 pub mod workflow;

@@ -8,8 +8,9 @@
 //!    assignment stream.
 //! 2. **Assignments.** Each [`pb::Assignment`] is deduplicated by `(task, fence)`: the server
 //!    resends what the worker holds whenever the stream reopens, and an attempt must run at most
-//!    once per process. A new attempt reports `Started` (unless the assignment says it was
-//!    already confirmed) and runs at once.
+//!    once per process. A new attempt runs at once and reports `Started` if it is still
+//!    running 10 ms later (unless the assignment says it was already confirmed); a job that
+//!    ends sooner sends only its final report.
 //! 3. **Reports.** Started/Succeeded/Failed reports go through one queue: while a Report RPC is
 //!    in flight, new reports accumulate and leave together in the next one. A report that could
 //!    not be delivered is sent again with the same fencing token, which the server answers with
@@ -580,6 +581,11 @@ struct Session {
     ttl: Duration,
 }
 
+/// How long a job runs before its start is reported. Short jobs finish first and send only
+/// their final report: one Raft commit per task instead of two, which halves the latency of a
+/// dependent task's step and the log traffic of small tasks.
+const START_REPORT_DELAY: Duration = Duration::from_millis(10);
+
 /// Inputs of the actor.
 enum Ev {
     StreamOpened {
@@ -614,6 +620,11 @@ enum Ev {
         result: Result<pb::ReportResponse, Error>,
     },
     ReportRetry,
+    /// The start-report delay of an attempt passed (see [`START_REPORT_DELAY`]).
+    StartDue {
+        task: u64,
+        fence: u64,
+    },
     /// A task the server lists for this worker, read back because no assignment carried it.
     Recovered {
         gen: u64,
@@ -936,6 +947,22 @@ impl Actor {
                 self.report_retry_scheduled = false;
                 self.kick_reports();
             }
+            Ev::StartDue { task, fence } => {
+                // Still running: confirm the start. A job that already finished sends only
+                // its final report (Assigned -> Succeeded/Failed is a valid transition).
+                if self.held.get(&(task, fence)).is_some_and(|h| matches!(h.phase, Phase::Running))
+                {
+                    self.queue_report(PendingReport {
+                        task,
+                        fence,
+                        outcome: PbOutcome::Started(pb::Started {}),
+                        is_final: false,
+                        orphan: false,
+                        solo: false,
+                        converted: false,
+                    });
+                }
+            }
             Ev::Recovered { gen, task, fence, found } if gen == self.gen => {
                 self.on_recovered(task, fence, found)
             }
@@ -1048,14 +1075,11 @@ impl Actor {
     fn start_job(&mut self, a: pb::Assignment) {
         let key = (a.task, a.fence);
         if !a.started {
-            self.queue_report(PendingReport {
-                task: a.task,
-                fence: a.fence,
-                outcome: PbOutcome::Started(pb::Started {}),
-                is_final: false,
-                orphan: false,
-                solo: false,
-                converted: false,
+            let tx = self.tx.clone();
+            let (task, fence) = key;
+            tokio::spawn(async move {
+                tokio::time::sleep(START_REPORT_DELAY).await;
+                let _ = tx.send(Ev::StartDue { task, fence });
             });
         }
         let (stop_tx, mut stop_rx) = watch::channel(None::<StopReason>);

@@ -49,13 +49,13 @@ pub struct Args {
     /// After a leader change, how long each worker has to reach the new leader (e.g. 5s).
     #[arg(long, env = "SCHED_FAILOVER_GRACE", value_parser = humantime::parse_duration)]
     pub failover_grace: Option<Duration>,
-    /// Raft heartbeat interval (e.g. 50ms).
+    /// Raft heartbeat interval (default 30ms).
     #[arg(long, env = "SCHED_RAFT_HEARTBEAT", value_parser = humantime::parse_duration)]
     pub raft_heartbeat: Option<Duration>,
-    /// Lower bound of the Raft election timeout (e.g. 150ms).
+    /// Lower bound of the Raft election timeout (default 90ms).
     #[arg(long, env = "SCHED_ELECTION_MIN", value_parser = humantime::parse_duration)]
     pub election_min: Option<Duration>,
-    /// Upper bound of the Raft election timeout (e.g. 300ms).
+    /// Upper bound of the Raft election timeout (default 150ms).
     #[arg(long, env = "SCHED_ELECTION_MAX", value_parser = humantime::parse_duration)]
     pub election_max: Option<Duration>,
     /// Source IP for connections to other nodes (multi-homed hosts).

@@ -8,8 +8,8 @@
 //!   only a prefix is sent and success is reported as `PartialSuccess`, so one huge batch can
 //!   never exceed message limits or the heartbeat-sized RPC timeout.
 //! * Errors map to what makes openraft back off correctly: a refused connection or
-//!   `UNAVAILABLE` is `Unreachable` (retried after [`PeerClient::backoff`]), a deadline is
-//!   `Timeout`-like `Network`, a Raft error from the peer is `RemoteError`.
+//!   `UNAVAILABLE` is `Unreachable` (retried after [`PeerClient::backoff`]), a deadline is a
+//!   `Network` error (retried at once), a Raft error from the peer is `RemoteError`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -173,9 +173,12 @@ pub struct PeerClient {
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>;
 
+/// A peer that refused or dropped the connection is `Unreachable`: openraft backs off before
+/// trying again. A deadline (tonic reports its own as `Cancelled: Timeout expired`) is only a
+/// `Network` error and is retried at once: a slow AppendEntries must not pause replication.
 fn status_to_rpc<E: std::error::Error>(s: tonic::Status) -> RPCError<NodeId, NodeInfo, E> {
     match s.code() {
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
+        tonic::Code::Unavailable | tonic::Code::Unknown => {
             RPCError::Unreachable(Unreachable::new(&s))
         }
         _ => RPCError::Network(NetworkError::new(&s)),

@@ -950,7 +950,7 @@ impl SchedulerState {
                     TaskState::Succeeded { worker, fence, .. },
                     ReportKind::Succeeded { .. } | ReportKind::Started,
                 ) => *fence == r.fence && worker == reporter,
-                (_, ReportKind::Failed { .. } | ReportKind::Started) => task
+                (_, ReportKind::Failed { .. }) => task
                     .last_failure
                     .as_ref()
                     .is_some_and(|f| f.fence == r.fence && f.worker == *reporter),

@@ -382,7 +382,7 @@ impl Model {
                 |f: &Option<(u64, String)>| f.as_ref() == Some(&(r.fence.0, worker.to_string()));
             return match &r.outcome {
                 ReportKind::Succeeded { .. } | ReportKind::Started if same(&t.done_fence) => true,
-                ReportKind::Failed { .. } | ReportKind::Started if same(&t.fail_fence) => true,
+                ReportKind::Failed { .. } if same(&t.fail_fence) => true,
                 _ => false,
             };
         };

@@ -88,24 +88,6 @@ pub async fn run(ctx: &Ctx, cmd: DevCmd) -> Result<u8> {
     up(ctx, a).await
 }
 
-/// Finds `schedulerd`: next to `exe`, then `$SCHEDULERD_BIN`, then `PATH`.
-fn find_schedulerd(exe: Option<&Path>) -> Option<PathBuf> {
-    if let Some(dir) = exe.and_then(Path::parent) {
-        let p = dir.join("schedulerd");
-        if p.is_file() {
-            return Some(p);
-        }
-    }
-    if let Some(p) = std::env::var_os("SCHEDULERD_BIN").map(PathBuf::from) {
-        if p.is_file() {
-            return Some(p);
-        }
-    }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths).map(|d| d.join("schedulerd")).find(|p| p.is_file())
-    })
-}
-
 /// When started by `cargo run` (cargo sets `$CARGO`) from this workspace and `schedulerd` is
 /// not built yet, build it with the same profile, so one command starts a cluster on a fresh
 /// checkout. Returns the binary, or `None` when not run by cargo.
@@ -129,7 +111,7 @@ fn build_schedulerd(exe: Option<&Path>) -> Result<Option<PathBuf>> {
     if !status.success() {
         bail!("building schedulerd failed ({status}); fix the build, then run `dev up` again");
     }
-    Ok(find_schedulerd(exe))
+    Ok(client::local::find_schedulerd(exe))
 }
 
 fn port_free(port: u16) -> bool {
@@ -316,7 +298,7 @@ async fn stop_all(procs: &mut [Proc], grace: Duration) {
 
 async fn up(ctx: &Ctx, a: UpArgs) -> Result<u8> {
     let exe = std::env::current_exe().ok();
-    let schedulerd = match find_schedulerd(exe.as_deref()) {
+    let schedulerd = match client::local::find_schedulerd(exe.as_deref()) {
         Some(p) => Some(p),
         None => build_schedulerd(exe.as_deref())?,
     };
@@ -525,6 +507,6 @@ mod tests {
         let bin = dir.path().join("schedulerd");
         std::fs::write(&bin, "").unwrap();
         let exe = dir.path().join("schedctl");
-        assert_eq!(find_schedulerd(Some(&exe)), Some(bin));
+        assert_eq!(client::local::find_schedulerd(Some(&exe)), Some(bin));
     }
 }

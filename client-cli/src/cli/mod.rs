@@ -9,6 +9,7 @@
 //! * Output goes through [`output`]: tables for people, exactly one JSON document per command
 //!   with `-o json` (errors too: `{"error": {...}}` on stdout, the message on stderr).
 
+mod bench;
 mod cluster;
 mod dev;
 mod output;
@@ -83,6 +84,9 @@ pub enum Command {
     /// Local development cluster.
     #[command(subcommand)]
     Dev(dev::DevCmd),
+    /// Measure submit latency and throughput, end-to-end throughput, dependency latency,
+    /// failover and recovery on a local 3-node cluster (see BENCHMARKS.md).
+    Bench(bench::BenchArgs),
 }
 
 /// Settings every command shares.
@@ -153,7 +157,7 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Task(t) => matches!(t, task::TaskCmd::Submit(_) | task::TaskCmd::Cancel { .. }),
         Command::Workflow(_) => true,
         Command::Worker(w) => matches!(w, worker::WorkerCmd::Drain { .. }),
-        Command::Dev(_) => false,
+        Command::Dev(_) | Command::Bench(_) => false,
     };
     let ctx = Ctx {
         writes,
@@ -172,6 +176,7 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Workflow(c) => task::run_workflow(&ctx, c).await,
         Command::Worker(c) => worker::run(&ctx, c).await,
         Command::Dev(c) => dev::run(&ctx, c).await,
+        Command::Bench(c) => bench::run(&ctx, c).await,
     };
     match result {
         Ok(code) => code,
