@@ -23,8 +23,15 @@ use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{mpsc, oneshot};
 use tracing::error;
 
-/// How many apply batches may wait for the persister.
-const QUEUE: usize = 256;
+/// How many apply batches may wait for the persister (also bounded by [`QUEUE_BYTES`]).
+const QUEUE: usize = 1_024;
+/// Encoded bytes that may wait for the persister. This bounds the memory of the queue and the
+/// log tail a crashed node re-applies (everything applied but not yet in sled).
+const QUEUE_BYTES: usize = 32 << 20;
+/// The persister makes sled durable at least this often while writing (sled's own background
+/// flush cannot keep up with bulk inserts, and whatever is not durable in sled is re-applied
+/// from the Raft log after a crash, which delays the restart).
+const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 /// Stop merging queued batches beyond this many distinct keys.
 const MAX_MERGED_KEYS: usize = 100_000;
 
@@ -46,6 +53,16 @@ pub(crate) struct Write {
     pub index: u64,
 }
 
+impl Write {
+    /// Queue budget this write uses, in KiB.
+    fn kib(&self) -> u32 {
+        let records: usize =
+            self.records.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
+        let meta: usize = self.meta.iter().map(|(k, v)| k.len() + v.len()).sum();
+        ((records + meta) / 1024 + 1).min(QUEUE_BYTES / 1024) as u32
+    }
+}
+
 enum Ack {
     Async(oneshot::Sender<Result<(), String>>),
     Blocking(std::sync::mpsc::Sender<Result<(), String>>),
@@ -65,7 +82,8 @@ impl Ack {
 }
 
 enum Msg {
-    Write(Write),
+    /// A write and the queue budget (KiB) it holds.
+    Write(Write, u32),
     Session(oneshot::Sender<()>),
     Sync(Ack),
 }
@@ -73,6 +91,7 @@ enum Msg {
 /// Handle to the persister thread. Dropping it finishes the queued writes and joins the thread.
 pub(crate) struct Persister {
     tx: Option<mpsc::Sender<Msg>>,
+    budget: Arc<tokio::sync::Semaphore>,
     thread: Option<std::thread::JoinHandle<()>>,
     error: Arc<Mutex<Option<String>>>,
     persisted: Arc<AtomicU64>,
@@ -94,6 +113,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Persister {
     /// Start the thread writing into whatever tree `data` holds at the time of each write.
     pub fn start(
+        db: sled::Db,
         data: Arc<RwLock<sled::Tree>>,
         cow: Arc<Mutex<Option<Cow>>>,
         persisted_at: u64,
@@ -101,11 +121,12 @@ impl Persister {
         let (tx, rx) = mpsc::channel(QUEUE);
         let error = Arc::new(Mutex::new(None));
         let persisted = Arc::new(AtomicU64::new(persisted_at));
-        let (e, p) = (error.clone(), persisted.clone());
+        let budget = Arc::new(tokio::sync::Semaphore::new(QUEUE_BYTES / 1024));
+        let (e, p, b) = (error.clone(), persisted.clone(), budget.clone());
         let thread = std::thread::Builder::new()
             .name("sm-persister".into())
-            .spawn(move || run(rx, data, cow, e, p))?;
-        Ok(Persister { tx: Some(tx), thread: Some(thread), error, persisted })
+            .spawn(move || run(rx, db, data, cow, e, p, b))?;
+        Ok(Persister { tx: Some(tx), budget, thread: Some(thread), error, persisted })
     }
 
     /// The first sled failure, if any.
@@ -127,7 +148,15 @@ impl Persister {
 
     /// Queue one apply's changes (waits while the queue is full).
     pub async fn write(&self, w: Write) -> Result<(), String> {
-        self.sender()?.send(Msg::Write(w)).await.map_err(|_| "the persister stopped".to_string())
+        let kib = w.kib();
+        let sender = self.sender()?;
+        // The persister gives the budget back once the write is in sled.
+        self.budget
+            .acquire_many(kib)
+            .await
+            .map_err(|_| "the persister stopped".to_string())?
+            .forget();
+        sender.send(Msg::Write(w, kib)).await.map_err(|_| "the persister stopped".to_string())
     }
 
     /// Queue the start of a copy-on-write session; the receiver fires when it is open, which
@@ -173,14 +202,18 @@ impl Persister {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
     mut rx: mpsc::Receiver<Msg>,
+    db: sled::Db,
     data: Arc<RwLock<sled::Tree>>,
     cow: Arc<Mutex<Option<Cow>>>,
     error: Arc<Mutex<Option<String>>>,
     persisted: Arc<AtomicU64>,
+    budget: Arc<tokio::sync::Semaphore>,
 ) {
     let mut pending: Option<Msg> = None;
+    let mut last_flush = std::time::Instant::now();
     loop {
         let msg = match pending.take() {
             Some(m) => m,
@@ -190,10 +223,11 @@ fn run(
             },
         };
         match msg {
-            Msg::Write(first) => {
+            Msg::Write(first, kib) => {
                 let mut records: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
                 let mut meta: BTreeMap<&'static [u8], Vec<u8>> = BTreeMap::new();
                 let mut index = first.index;
+                let mut used = kib as usize;
                 let mut absorb =
                     |w: Write, records: &mut BTreeMap<_, _>, meta: &mut BTreeMap<_, _>| {
                         records.extend(w.records);
@@ -203,7 +237,10 @@ fn run(
                 absorb(first, &mut records, &mut meta);
                 while records.len() < MAX_MERGED_KEYS {
                     match rx.try_recv() {
-                        Ok(Msg::Write(w)) => absorb(w, &mut records, &mut meta),
+                        Ok(Msg::Write(w, kib)) => {
+                            used += kib as usize;
+                            absorb(w, &mut records, &mut meta)
+                        }
                         Ok(other) => {
                             pending = Some(other);
                             break;
@@ -212,9 +249,16 @@ fn run(
                     }
                 }
                 if lock(&error).is_some() {
+                    budget.add_permits(used);
                     continue;
                 }
-                match write(&data, &cow, records, meta) {
+                let mut result = write(&data, &cow, records, meta);
+                budget.add_permits(used);
+                if result.is_ok() && last_flush.elapsed() >= FLUSH_EVERY {
+                    result = db.flush().map(|_| ());
+                    last_flush = std::time::Instant::now();
+                }
+                match result {
                     Ok(()) => persisted.store(index, Ordering::Release),
                     Err(e) => {
                         error!(error = %e, "writing the state machine to sled failed; the node must stop");

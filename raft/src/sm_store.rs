@@ -216,6 +216,7 @@ impl StateMachineStore {
         let io_err = |source| SmOpenError::Io { path: dir.to_path_buf(), source };
         fs::create_dir_all(&snap_dir).map_err(io_err)?;
         let sled_err = |source| SmOpenError::Sled { path: sled_dir.clone(), source };
+        let started = std::time::Instant::now();
         let db = sled::Config::new()
             .path(&sled_dir)
             .cache_capacity(cfg.cache_capacity)
@@ -235,6 +236,7 @@ impl StateMachineStore {
             }
         }
         let tree = db.open_tree(current.as_bytes()).map_err(sled_err)?;
+        let sled_open_ms = started.elapsed().as_millis() as u64;
         let corrupt = |reason: String| SmOpenError::Corrupt { path: sled_dir.clone(), reason };
         let (state, applied) = load_tree(&tree).map_err(|e| match e {
             LoadError::Sled(e) => sled_err(e),
@@ -272,9 +274,13 @@ impl StateMachineStore {
         let applied_index = applied.last.map_or(0, |l| l.index);
         let data = Arc::new(RwLock::new(tree));
         let cow = Arc::new(Mutex::new(None));
-        let persister =
-            Persister::start(data.clone(), cow.clone(), applied.last.map_or(0, |l| l.index))
-                .map_err(|source| SmOpenError::Io { path: dir.to_path_buf(), source })?;
+        let persister = Persister::start(
+            db.clone(),
+            data.clone(),
+            cow.clone(),
+            applied.last.map_or(0, |l| l.index),
+        )
+        .map_err(|source| SmOpenError::Io { path: dir.to_path_buf(), source })?;
         let shared = Arc::new(Shared {
             db,
             store_tree,
@@ -304,6 +310,8 @@ impl StateMachineStore {
             applied =
                 store.shared.applied.read().map(|a| a.last.map_or(0, |l| l.index)).unwrap_or(0),
             tasks = read(&store.shared.state).task_count(),
+            sled_open_ms,
+            total_ms = started.elapsed().as_millis() as u64,
             "state machine loaded"
         );
         Ok(store)
