@@ -255,6 +255,7 @@ impl RaftNode {
     /// grouped into one log entry ([`Op::Batch`]) by the batcher; the leader's clock is
     /// stamped when the entry is proposed.
     pub async fn propose_local(&self, op: Op) -> Result<Written, WriteError> {
+        self.check_quorum_contact()?;
         let (reply, rx) = oneshot::channel();
         let size = op.size_hint();
         self.proposals
@@ -262,6 +263,26 @@ impl RaftNode {
             .await
             .map_err(|_| WriteError::Fatal("the proposal batcher stopped".into()))?;
         rx.await.map_err(|_| WriteError::Fatal("the proposal batcher stopped".into()))?
+    }
+
+    /// A leader that has not heard from a majority for longer than an election timeout is
+    /// probably cut off (the others have likely elected a new leader): refuse at once, so the
+    /// client tries another node, instead of letting the request wait for the write timeout.
+    /// openraft 0.9 keeps such a leader in office until it sees a higher term.
+    fn check_quorum_contact(&self) -> Result<(), WriteError> {
+        let m = self.raft.metrics().borrow().clone();
+        let limit = self.settings.election_max_ms.max(3 * self.settings.heartbeat_ms);
+        match m.millis_since_quorum_ack {
+            Some(ms) if m.state == ServerState::Leader && ms > limit => {
+                Err(WriteError::Unavailable {
+                    reason: format!(
+                        "this leader has not reached a majority for {ms} ms; retry on another node"
+                    ),
+                    leader: None,
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Propose `op` as an entry of its own (leader loops: their entries stay attributable).
@@ -343,6 +364,7 @@ impl RaftNode {
 
     /// Wait until a local read reflects every write committed before this call.
     pub async fn read_barrier(&self) -> Result<(), WriteError> {
+        self.check_quorum_contact()?;
         let timeout = Duration::from_millis(self.settings.write_timeout_ms);
         let index = match tokio::time::timeout(timeout, self.raft.ensure_linearizable()).await {
             Err(_) => {
