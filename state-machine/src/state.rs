@@ -478,7 +478,7 @@ impl SchedulerState {
                 state,
             }),
         );
-        self.touch(RecordKey::Task(id));
+        self.touch(RecordKey::of_task(id));
         self.changes.events.push(TaskEvent {
             task: id,
             state: kind,
@@ -526,7 +526,7 @@ impl SchedulerState {
             revoked_from,
         };
         let new_kind = task.state.kind();
-        self.touch(RecordKey::Task(id));
+        self.touch(RecordKey::of_task(id));
         self.changes.events.push(event);
         match new_kind {
             TaskStateKind::Succeeded => self.release_dependents(now, id),
@@ -673,7 +673,7 @@ impl SchedulerState {
                 self.idx.unmet.remove(&t);
                 Self::index_state(&mut self.idx, t, &task.spec, &task.state);
                 let attempt = task.attempt;
-                self.touch(RecordKey::Task(t));
+                self.touch(RecordKey::of_task(t));
                 self.changes.events.push(TaskEvent {
                     task: t,
                     state: TaskStateKind::UpstreamFailed,
@@ -1069,7 +1069,7 @@ impl SchedulerState {
             if let Some(k) = &task.spec.idempotency_key {
                 self.idx.by_key.remove(k);
             }
-            self.touch(RecordKey::Task(id));
+            self.touch(RecordKey::of_task(id));
             tasks += 1;
         }
         let mut workers = 0;

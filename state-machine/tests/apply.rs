@@ -24,7 +24,7 @@ fn submit_reports_changed_records_and_events() {
     h.s.take_changes();
     let id = h.submit1(spec("a"));
     let ch = h.s.take_changes();
-    assert!(ch.records.contains(&RecordKey::Task(id)));
+    assert!(ch.records.contains(&RecordKey::of_task(id)));
     assert!(ch.records.contains(&RecordKey::Meta));
     assert_eq!(ch.events.len(), 1);
     assert_eq!(ch.events[0].task, id);
@@ -781,8 +781,12 @@ fn changes_name_deleted_records_too() {
     h.s.take_changes();
     h.apply(Op::Purge { finished_before: h.now, limit: 10 }).unwrap();
     let ch = h.s.take_changes();
-    assert!(ch.records.contains(&RecordKey::Task(a)));
-    assert_eq!(h.s.encode_record(&RecordKey::Task(a)), None);
+    assert!(ch.records.contains(&RecordKey::of_task(a)));
+    assert_eq!(
+        h.s.encode_record(&RecordKey::of_task(a)),
+        None,
+        "the only task of its chunk is gone"
+    );
 }
 
 #[test]
