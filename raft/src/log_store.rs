@@ -158,7 +158,8 @@ pub struct LogOptions {
     /// so a segment may exceed it by one batch. Default 64 MiB.
     pub segment_size: u64,
     /// Upper bound on the encoded size of the recently appended entries kept decoded in memory.
-    /// Default 64 MiB.
+    /// Default 16 MiB: followers normally trail by a few entries, and decoded entries take
+    /// several times their encoded size in memory.
     pub cache_bytes: usize,
     /// Upper bound on the encoded size returned by one `limited_get_log_entries` call (used by
     /// replication); at least one entry is always returned. Default 1 MiB.
@@ -167,7 +168,7 @@ pub struct LogOptions {
 
 impl Default for LogOptions {
     fn default() -> Self {
-        LogOptions { segment_size: 64 << 20, cache_bytes: 64 << 20, max_read_bytes: 1 << 20 }
+        LogOptions { segment_size: 64 << 20, cache_bytes: 16 << 20, max_read_bytes: 1 << 20 }
     }
 }
 
