@@ -127,6 +127,19 @@ pub struct PlannerSettings {
     pub max_reservations: usize,
     /// Plan at least this often even without state changes.
     pub interval: Duration,
+    /// Assign the dependents a completion releases in the completion's own log entry
+    /// (one commit per dependent step instead of two).
+    pub plan_ahead: bool,
+}
+
+impl PlannerSettings {
+    /// The pure planner's policy.
+    pub fn policy(&self) -> state_machine::PlanPolicy {
+        state_machine::PlanPolicy {
+            max_assignments: self.max_assignments_per_round,
+            max_reservations: self.max_reservations,
+        }
+    }
 }
 
 /// Retention of finished tasks.
@@ -163,6 +176,7 @@ impl Default for Config {
                 max_assignments_per_round: 4_096,
                 max_reservations: 16,
                 interval: Duration::from_millis(200),
+                plan_ahead: true,
             },
             retention: RetentionSettings {
                 finished_tasks: Duration::from_secs(24 * 3600),
@@ -276,6 +290,7 @@ struct FilePlanner {
     max_assignments_per_round: Option<usize>,
     max_reservations: Option<usize>,
     interval: Option<Dur>,
+    plan_ahead: Option<bool>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -379,6 +394,9 @@ impl Config {
         }
         if let Some(d) = &p.interval {
             c.planner.interval = d.get("planner.interval")?;
+        }
+        if let Some(v) = p.plan_ahead {
+            c.planner.plan_ahead = v;
         }
         if let Some(d) = &file.retention.finished_tasks {
             c.retention.finished_tasks = d.get("retention.finished_tasks")?;

@@ -12,17 +12,56 @@
 //! * **timers**: proposes `AdvanceTime` when the earliest delayed task or attempt deadline is
 //!   due (retry backoff, `not_before`, attempt timeouts).
 //! * **retention**: purges finished tasks older than `retention.finished_tasks`.
+//!
+//! [`PlanAhead`] is the planner's shortcut for dependent steps: a completion that releases
+//! dependents is proposed together with their `Assign`, in one entry.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use openraft::ServerState;
-use raft::raft_node::{now_ms, WriteError};
-use state_machine::{plan, Op, Output, PlanPolicy, TaskState};
+use raft::raft_node::{now_ms, CompanionHook, WriteError};
+use state_machine::{plan, plan_after_reports, Op, Output, Response, SchedulerState, TaskState};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::Node;
+
+/// Plans the tasks a completion releases before the completion is committed, so that their
+/// `Assign` rides in the completion's own log entry: a dependent step costs one commit, not
+/// two. The assignments are exactly those the planner would make right after the completion
+/// (`plan_after_reports`); apply re-validates them, and whatever it refuses is left to the
+/// planner loop. Installed on every node, it acts only where proposals are made: the leader.
+pub struct PlanAhead(pub Weak<Node>);
+
+impl CompanionHook for PlanAhead {
+    fn plan(&self, state: &SchedulerState, op: &Op) -> Vec<Op> {
+        let (Op::Report { worker, reports }, Some(node)) = (op, self.0.upgrade()) else {
+            return Vec::new();
+        };
+        if !node.cfg.planner.plan_ahead {
+            return Vec::new();
+        }
+        let now = now_ms().max(state.log_time());
+        let assignments =
+            plan_after_reports(state, worker, reports, now, &node.cfg.planner.policy());
+        if assignments.is_empty() {
+            return Vec::new();
+        }
+        vec![Op::Assign { assignments, planned_at: node.raft.sm().events().applied() }]
+    }
+
+    fn committed(&self, responses: &[Response]) {
+        let Some(node) = self.0.upgrade() else { return };
+        for r in responses {
+            if let Ok(Output::Assigned(results)) = r {
+                let accepted = results.iter().filter(|r| r.is_ok()).count() as u64;
+                node.metrics.record_assignments(accepted, results.len() as u64 - accepted);
+                node.metrics.record_assignments_ahead(accepted);
+            }
+        }
+    }
+}
 
 /// Run the leader loops whenever this node leads. Returns when the node stops.
 pub async fn supervise(node: Arc<Node>) {
@@ -89,10 +128,7 @@ async fn propose(node: &Node, op: Op) -> Result<Option<Output>, ()> {
 }
 
 async fn planner(node: Arc<Node>) {
-    let policy = PlanPolicy {
-        max_assignments: node.cfg.planner.max_assignments_per_round,
-        max_reservations: node.cfg.planner.max_reservations,
-    };
+    let policy = node.cfg.planner.policy();
     let mut applied = node.raft.sm().events().subscribe();
     let mut last_planned = None;
     loop {

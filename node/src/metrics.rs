@@ -17,6 +17,7 @@ const LATENCY_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1_000
 pub struct Metrics {
     assignments: AtomicU64,
     assignments_refused: AtomicU64,
+    assignments_ahead: AtomicU64,
     expirations: AtomicU64,
     expiry_requeues: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS_MS.len()],
@@ -31,6 +32,12 @@ impl Metrics {
     pub fn record_assignments(&self, accepted: u64, refused: u64) {
         self.assignments.fetch_add(accepted, Ordering::Relaxed);
         self.assignments_refused.fetch_add(refused, Ordering::Relaxed);
+    }
+
+    /// Assignments accepted that were planned ahead of a completion (also counted in
+    /// `record_assignments`).
+    pub fn record_assignments_ahead(&self, accepted: u64) {
+        self.assignments_ahead.fetch_add(accepted, Ordering::Relaxed);
     }
 
     /// One worker expiry and the tasks it requeued.
@@ -168,6 +175,13 @@ pub fn render(node: &Node) -> String {
         "Planned assignments refused at apply (leader).",
         "counter",
         get(&c.assignments_refused),
+    );
+    line(
+        &mut out,
+        "raftsched_assignments_ahead_total",
+        "Assignments made in the entry of the completion that released the task (leader).",
+        "counter",
+        get(&c.assignments_ahead),
     );
     line(
         &mut out,

@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 use proto::internal::v1 as ipb;
-use state_machine::{Command, Op, Response};
+use state_machine::{Command, Op, Response, SchedulerState};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::error::Elapsed;
 use tracing::{info, warn};
@@ -103,6 +103,17 @@ pub enum AdminError {
 /// Leader-local handling of a worker heartbeat: `Ok(draining)` or a gRPC error.
 pub type HeartbeatHook = Arc<dyn Fn(&str, u64) -> Result<bool, tonic::Status> + Send + Sync>;
 
+/// Leader-local companions of a proposal: operations that must ride in the same log entry,
+/// right after it. The node uses this to assign the tasks a completion releases in the
+/// completion's own entry (see `state_machine::plan_after_reports`).
+pub trait CompanionHook: Send + Sync {
+    /// Operations to propose right after `op`, planned on the current applied state; empty
+    /// for none. Runs under the state's read lock: keep it cheap.
+    fn plan(&self, state: &SchedulerState, op: &Op) -> Vec<Op>;
+    /// The companions' responses once their entry is committed.
+    fn committed(&self, responses: &[Response]);
+}
+
 /// One member of the cluster. See the module docs.
 pub struct RaftNode {
     id: NodeId,
@@ -113,14 +124,25 @@ pub struct RaftNode {
     peers: Peers,
     settings: RaftSettings,
     heartbeat: OnceLock<HeartbeatHook>,
+    companions: OnceLock<Arc<dyn CompanionHook>>,
     proposals: mpsc::Sender<Proposal>,
 }
 
 /// A write waiting for the batcher.
+/// Operations that must land in one log entry, in order (usually just one).
 struct Proposal {
-    op: Op,
+    ops: Vec<Op>,
     size: usize,
-    reply: oneshot::Sender<Result<Written, WriteError>>,
+    reply: oneshot::Sender<Result<WrittenGroup, WriteError>>,
+}
+
+/// A committed group: the entry's index and one response per operation of the group.
+#[derive(Debug)]
+pub struct WrittenGroup {
+    /// Log index of the entry.
+    pub index: u64,
+    /// The state machine's responses, in the order of the operations.
+    pub responses: Vec<Response>,
 }
 
 /// Most operations in one log entry.
@@ -170,6 +192,7 @@ impl RaftNode {
             peers,
             settings,
             heartbeat: OnceLock::new(),
+            companions: OnceLock::new(),
             proposals,
         }))
     }
@@ -207,6 +230,11 @@ impl RaftNode {
     /// Counters of the durable log.
     pub fn log_stats(&self) -> LogStats {
         self.log.stats()
+    }
+
+    /// Install the leader-local companion planner (once).
+    pub fn set_companion_hook(&self, hook: Arc<dyn CompanionHook>) {
+        let _ = self.companions.set(hook);
     }
 
     /// Install the leader-local heartbeat handler (once).
@@ -254,12 +282,39 @@ impl RaftNode {
     /// Propose on this node only (the leader side of a forward). Concurrent proposals are
     /// grouped into one log entry ([`Op::Batch`]) by the batcher; the leader's clock is
     /// stamped when the entry is proposed.
+    ///
+    /// A [`CompanionHook`] may add operations that ride in the same entry right after `op`;
+    /// the answer is still `op`'s own response.
     pub async fn propose_local(&self, op: Op) -> Result<Written, WriteError> {
+        let hook = self.companions.get();
+        let mut ops = vec![op];
+        if let Some(hook) = hook {
+            ops.extend(self.sm.read(|s| hook.plan(s, &ops[0])));
+        }
+        let g = self.propose_group(ops).await?;
+        let mut responses = g.responses.into_iter();
+        let response = responses.next().ok_or_else(|| {
+            WriteError::Fatal("the batcher answered a proposal without a response".into())
+        })?;
+        let rest: Vec<Response> = responses.collect();
+        if let (Some(hook), false) = (hook, rest.is_empty()) {
+            hook.committed(&rest);
+        }
+        Ok(Written { index: g.index, response })
+    }
+
+    /// Propose several operations on this node that must be applied together, in order, in
+    /// one log entry (e.g. a completion and the assignment of the task it releases). The
+    /// batcher may put other proposals before or after the group, never inside it.
+    pub async fn propose_group(&self, ops: Vec<Op>) -> Result<WrittenGroup, WriteError> {
         self.check_quorum_contact()?;
+        if ops.iter().any(|op| matches!(op, Op::Batch(_))) {
+            return Err(WriteError::Fatal("a proposal group may not contain a batch".into()));
+        }
         let (reply, rx) = oneshot::channel();
-        let size = op.size_hint();
+        let size = ops.iter().map(Op::size_hint).sum();
         self.proposals
-            .send(Proposal { op, size, reply })
+            .send(Proposal { ops, size, reply })
             .await
             .map_err(|_| WriteError::Fatal("the proposal batcher stopped".into()))?;
         rx.await.map_err(|_| WriteError::Fatal("the proposal batcher stopped".into()))?
@@ -772,34 +827,38 @@ async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Proposal>, timeout: Duration
         let raft = raft.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let (ops, replies): (Vec<Op>, Vec<_>) =
-                batch.into_iter().map(|p| (p.op, p.reply)).unzip();
+            let mut ops = Vec::new();
+            let mut replies = Vec::with_capacity(batch.len());
+            for p in batch {
+                replies.push((p.ops.len(), p.reply));
+                ops.extend(p.ops);
+            }
             let single = ops.len() == 1;
             let op = if single { ops.into_iter().next().expect("one op") } else { Op::Batch(ops) };
             let r =
                 tokio::time::timeout(timeout, raft.client_write(Command::new(now_ms(), op))).await;
-            match map_write(&raft, r) {
-                Ok(r) if single => {
-                    let reply = replies.into_iter().next().expect("one reply");
-                    let _ = reply.send(Ok(Written { index: r.log_id.index, response: r.data }));
-                }
+            let responses = match map_write(&raft, r) {
+                Ok(r) if single => Ok((r.log_id.index, vec![r.data])),
                 Ok(r) => match r.data {
                     Ok(state_machine::Output::Batch(responses))
-                        if responses.len() == replies.len() =>
+                        if responses.len() == replies.iter().map(|(n, _)| n).sum::<usize>() =>
                     {
-                        for (reply, response) in replies.into_iter().zip(responses) {
-                            let _ = reply.send(Ok(Written { index: r.log_id.index, response }));
-                        }
+                        Ok((r.log_id.index, responses))
                     }
-                    other => {
-                        let e = WriteError::Fatal(format!("a batch was answered with {other:?}"));
-                        for reply in replies {
-                            let _ = reply.send(Err(e.clone()));
-                        }
-                    }
+                    other => Err(WriteError::Fatal(format!("a batch was answered with {other:?}"))),
                 },
+                Err(e) => Err(e),
+            };
+            match responses {
+                Ok((index, responses)) => {
+                    let mut responses = responses.into_iter();
+                    for (n, reply) in replies {
+                        let responses = responses.by_ref().take(n).collect();
+                        let _ = reply.send(Ok(WrittenGroup { index, responses }));
+                    }
+                }
                 Err(e) => {
-                    for reply in replies {
+                    for (_, reply) in replies {
                         let _ = reply.send(Err(e.clone()));
                     }
                 }

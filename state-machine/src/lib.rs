@@ -37,7 +37,7 @@ pub use model::{
     AttemptFailure, DeathReason, FailureKind, Fence, Meta, Millis, Resources, RetryPolicy, Task,
     TaskId, TaskSpec, TaskState, TaskStateKind, Worker, WorkerId, WorkerSpec, WorkerStatus,
 };
-pub use planner::{plan, Plan, PlanPolicy, Reservation};
+pub use planner::{plan, plan_after_reports, Plan, PlanPolicy, Reservation};
 pub use record::{Record, RecordKey, RecordRef, StateLoader};
 pub use state::{Changes, SchedulerState, TaskEvent};
 pub use validate::Limits;

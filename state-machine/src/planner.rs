@@ -29,11 +29,12 @@
 //! O(log n) per assignment made — it does not grow with the number of queued tasks.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::iter::Peekable;
 
-use crate::command::Assignment;
-use crate::model::{Resources, TaskId, WorkerId, WorkerStatus};
-use crate::state::{missing_label, Bucket, SchedulerState};
+use crate::command::{Assignment, Report, ReportKind};
+use crate::model::{Millis, Resources, TaskId, WorkerId, WorkerStatus};
+use crate::state::{missing_label, SchedulerState, Shape};
 
 /// Knobs of one planning round.
 #[derive(Clone, Debug)]
@@ -83,29 +84,129 @@ impl WorkerView<'_> {
     }
 }
 
+type ReadyKey = (Reverse<i32>, TaskId);
+
+/// Walks one shape's ready tasks best first: the state's bucket merged with the tasks an
+/// [`Overlay`] adds to that shape.
 struct Cursor<'a> {
-    bucket: &'a Bucket,
-    iter: std::collections::btree_set::Iter<'a, (Reverse<i32>, TaskId)>,
+    shape: &'a Shape,
+    base: Option<Peekable<std::collections::btree_set::Iter<'a, ReadyKey>>>,
+    extra: Peekable<std::slice::Iter<'a, ReadyKey>>,
     /// Workers (indexes into the view) serving the queue with the labels; computed lazily.
     eligible: Option<Vec<usize>>,
 }
 
+impl Cursor<'_> {
+    fn next(&mut self) -> Option<(i32, TaskId)> {
+        let from_base = match (self.base.as_mut().and_then(|b| b.peek()), self.extra.peek()) {
+            (None, None) => return None,
+            (Some(b), Some(e)) => b < e,
+            (b, _) => b.is_some(),
+        };
+        let (Reverse(p), id) =
+            if from_base { self.base.as_mut().and_then(|b| b.next()) } else { self.extra.next() }?;
+        Some((*p, *id))
+    }
+}
+
+/// Hypothetical changes to plan against without changing the state: tasks that would be
+/// ready, and capacity that would be free.
+#[derive(Default)]
+struct Overlay {
+    /// Extra ready tasks by shape, each list best first.
+    ready: BTreeMap<Shape, Vec<ReadyKey>>,
+    /// Per worker: resources and slots that would be released.
+    freed: HashMap<WorkerId, (Resources, u64)>,
+}
+
 /// Plan one round. Pure: the same state and policy always give the same plan.
 pub fn plan(state: &SchedulerState, policy: &PlanPolicy) -> Plan {
+    plan_with(state, policy, &Overlay::default())
+}
+
+/// Plan for the completions in `reports` before they are committed, so that the tasks they
+/// release can be assigned in the same log entry as the completion instead of one commit
+/// later (a dependent step then costs one commit, not two).
+///
+/// Returns the assignments of *released* tasks that [`plan`] would make on the state after
+/// `Op::Report { worker, reports }` applied at time `now` (a property test checks exactly
+/// that). Everything else is left to the regular planner round. Reports that cannot be
+/// accepted free nothing; a `Failed` report anywhere in the list returns nothing, because a
+/// failure may requeue its task and the overlay does not model that.
+///
+/// Proposing `[Report, Assign]` together is safe whatever happens in between: apply
+/// re-validates every assignment, so a speculation made stale by an earlier entry is refused
+/// and the task simply waits for the next round.
+pub fn plan_after_reports(
+    state: &SchedulerState,
+    worker: &WorkerId,
+    reports: &[Report],
+    now: Millis,
+    policy: &PlanPolicy,
+) -> Vec<Assignment> {
+    if reports.iter().any(|r| matches!(r.outcome, ReportKind::Failed { .. })) {
+        return Vec::new();
+    }
+    let mut done: BTreeSet<TaskId> = BTreeSet::new();
+    let mut freed = Resources::default();
+    for r in reports {
+        let ReportKind::Succeeded { .. } = r.outcome else { continue };
+        let Some(task) = state.task(r.task) else { continue };
+        if task.state.holder() == Some((worker, r.fence)) && done.insert(r.task) {
+            freed.add(&task.spec.resources);
+        }
+    }
+    // Waiting dependents whose last unmet dependencies are among `done`.
+    let mut satisfied: BTreeMap<TaskId, u32> = BTreeMap::new();
+    for t in &done {
+        for d in state.idx.dependents.get(t).into_iter().flatten() {
+            if state.idx.unmet.contains_key(d) {
+                *satisfied.entry(*d).or_default() += 1;
+            }
+        }
+    }
+    let mut overlay = Overlay::default();
+    for (d, n) in satisfied {
+        let task = state.task(d).expect("indexed dependents exist");
+        let ready = state.idx.unmet[&d] == n && task.spec.not_before.is_none_or(|t| t <= now);
+        if ready {
+            let list = overlay.ready.entry(Shape::of(&task.spec)).or_default();
+            list.push((Reverse(task.spec.priority), d));
+        }
+    }
+    if overlay.ready.is_empty() {
+        return Vec::new();
+    }
+    for list in overlay.ready.values_mut() {
+        list.sort_unstable();
+    }
+    overlay.freed.insert(worker.clone(), (freed, done.len() as u64));
+    let released: BTreeSet<TaskId> = overlay.ready.values().flatten().map(|(_, id)| *id).collect();
+    let mut p = plan_with(state, policy, &overlay);
+    p.assignments.retain(|a| released.contains(&a.task));
+    p.assignments
+}
+
+fn plan_with(state: &SchedulerState, policy: &PlanPolicy, overlay: &Overlay) -> Plan {
     let mut out = Plan::default();
     let mut workers: Vec<WorkerView> = Vec::new();
     for w in state.workers.values() {
         if w.status != WorkerStatus::Alive {
             continue;
         }
-        let load = state.idx.loads.get(&w.spec.id);
-        let used_slots = load.map_or(0, |l| l.tasks.len() as u64);
+        let mut used = state.idx.loads.get(&w.spec.id).map(|l| (l.used.clone(), l.tasks.len()));
+        if let (Some((u, n)), Some((r, k))) = (used.as_mut(), overlay.freed.get(&w.spec.id)) {
+            u.sub(r);
+            *n = n.saturating_sub(*k as usize);
+        }
         workers.push(WorkerView {
             id: &w.spec.id,
             capacity: &w.spec.capacity,
-            free: load.map_or_else(|| w.spec.capacity.clone(), |l| w.spec.capacity.minus(&l.used)),
+            free: used
+                .as_ref()
+                .map_or_else(|| w.spec.capacity.clone(), |(u, _)| w.spec.capacity.minus(u)),
             slots: w.spec.slots as u64,
-            used_slots,
+            used_slots: used.map_or(0, |(_, n)| n as u64),
             reserved: false,
         });
     }
@@ -117,24 +218,44 @@ pub fn plan(state: &SchedulerState, policy: &PlanPolicy) -> Plan {
         .map(|(i, w)| (w.load_key(), i))
         .collect();
 
-    let mut cursors: Vec<Cursor> = state
-        .idx
-        .buckets
-        .values()
-        .map(|b| Cursor { bucket: b, iter: b.tasks.iter(), eligible: None })
-        .collect();
+    // One cursor per shape: the state's buckets, each merged with the overlay's tasks of the
+    // same shape, then the overlay's shapes that have no bucket yet.
+    let mut cursors: Vec<Cursor> = Vec::new();
+    let mut merged: BTreeSet<&Shape> = BTreeSet::new();
+    for b in state.idx.buckets.values() {
+        let extra = overlay.ready.get(&b.shape).map_or(&[][..], |v| &v[..]);
+        if !extra.is_empty() {
+            merged.insert(&b.shape);
+        }
+        cursors.push(Cursor {
+            shape: &b.shape,
+            base: Some(b.tasks.iter().peekable()),
+            extra: extra.iter().peekable(),
+            eligible: None,
+        });
+    }
+    for (shape, extra) in &overlay.ready {
+        if !merged.contains(shape) {
+            cursors.push(Cursor {
+                shape,
+                base: None,
+                extra: extra.iter().peekable(),
+                eligible: None,
+            });
+        }
+    }
     // Max-heap on (priority, smaller id first).
     let mut heads: BinaryHeap<(i32, Reverse<TaskId>, usize)> = BinaryHeap::new();
     for (c, cur) in cursors.iter_mut().enumerate() {
-        if let Some((Reverse(p), id)) = cur.iter.next() {
-            heads.push((*p, Reverse(*id), c));
+        if let Some((p, id)) = cur.next() {
+            heads.push((p, Reverse(id), c));
         }
     }
 
     while out.assignments.len() < policy.max_assignments && !open.is_empty() {
         let Some((_, Reverse(task), c)) = heads.pop() else { break };
         let cur = &mut cursors[c];
-        let shape = &cur.bucket.shape;
+        let shape = cur.shape;
         let eligible = cur.eligible.get_or_insert_with(|| {
             state
                 .workers
@@ -178,8 +299,8 @@ pub fn plan(state: &SchedulerState, policy: &PlanPolicy) -> Plan {
                     open.insert((w.load_key(), i));
                 }
                 out.assignments.push(Assignment { task, worker: w.id.clone() });
-                if let Some((Reverse(p), id)) = cur.iter.next() {
-                    heads.push((*p, Reverse(*id), c));
+                if let Some((p, id)) = cur.next() {
+                    heads.push((p, Reverse(id), c));
                 }
             }
             None => {
@@ -207,7 +328,7 @@ mod tests {
 
     use super::*;
     use crate::command::{Command, NewTask, Op, Output};
-    use crate::model::{TaskSpec, WorkerSpec};
+    use crate::model::{Fence, TaskSpec, WorkerSpec};
 
     fn state_with_workers(workers: &[(&str, u64, u32)]) -> SchedulerState {
         let mut s = SchedulerState::new();
@@ -289,6 +410,42 @@ mod tests {
         let p = plan(&s, &PlanPolicy::default());
         assert!(p.reservations.is_empty());
         assert_eq!(p.assignments, vec![Assignment { task: small, worker: WorkerId("w1".into()) }]);
+    }
+
+    #[test]
+    fn a_completion_plans_its_dependent_onto_the_freed_slot_unless_better_work_waits() {
+        use crate::command::DepRef;
+        let mut s = state_with_workers(&[("w1", 1_000, 1)]);
+        let a = submit(&mut s, 0, 0);
+        let mut spec = TaskSpec::new("b");
+        spec.resources.cpu_milli = 1_000;
+        let b = match s.apply(&Command::new(
+            3,
+            Op::Submit {
+                tasks: vec![NewTask { spec, delay_ms: 0, depends_on: vec![DepRef::Id(a)] }],
+            },
+        )) {
+            Ok(Output::Submitted(v)) => v[0].id,
+            other => panic!("{other:?}"),
+        };
+        let first = plan(&s, &PlanPolicy::default());
+        let Ok(Output::Assigned(r)) =
+            s.apply(&Command::new(4, Op::Assign { assignments: first.assignments, planned_at: 0 }))
+        else {
+            panic!("assign")
+        };
+        let fence = *r[0].as_ref().unwrap();
+        let w1 = WorkerId("w1".into());
+        let done =
+            vec![Report { task: a, fence, outcome: ReportKind::Succeeded { result: vec![] } }];
+        let ahead = plan_after_reports(&s, &w1, &done, 5, &PlanPolicy::default());
+        assert_eq!(ahead, vec![Assignment { task: b, worker: w1.clone() }]);
+        // A stale token frees nothing and releases nothing.
+        let stale = vec![Report { fence: Fence(fence.0 + 1), ..done[0].clone() }];
+        assert!(plan_after_reports(&s, &w1, &stale, 5, &PlanPolicy::default()).is_empty());
+        // A queued task of higher priority gets the slot first: no speculation for b.
+        submit(&mut s, 5, 0);
+        assert!(plan_after_reports(&s, &w1, &done, 5, &PlanPolicy::default()).is_empty());
     }
 
     #[test]

@@ -68,7 +68,7 @@ pub(crate) struct Shape {
 }
 
 impl Shape {
-    fn of(spec: &TaskSpec) -> Shape {
+    pub(crate) fn of(spec: &TaskSpec) -> Shape {
         Shape {
             queue: spec.queue.clone(),
             labels: spec.labels.clone(),
@@ -121,6 +121,16 @@ pub(crate) struct Indexes {
     /// Live (alive or draining) workers' load.
     pub loads: HashMap<WorkerId, Load>,
     pub counts: [u64; 9],
+}
+
+impl Indexes {
+    /// The ready bucket holding tasks of `spec`'s shape, if there is one.
+    pub(crate) fn bucket_of(&self, spec: &TaskSpec) -> Option<u32> {
+        self.bucket_ids.get(&shape_hash(spec))?.iter().copied().find(|b| {
+            let s = &self.buckets[b].shape;
+            s.queue == spec.queue && s.labels == spec.labels && s.resources == spec.resources
+        })
+    }
 }
 
 /// The scheduler's replicated state. See the module docs.
@@ -542,23 +552,14 @@ impl SchedulerState {
         match state {
             TaskState::Waiting => {}
             TaskState::Queued { .. } => {
-                let h = shape_hash(spec);
-                let bid = idx.bucket_ids.get(&h).and_then(|bs| {
-                    bs.iter().copied().find(|b| {
-                        let s = &idx.buckets[b].shape;
-                        s.queue == spec.queue
-                            && s.labels == spec.labels
-                            && s.resources == spec.resources
-                    })
-                });
-                let bid = match bid {
+                let bid = match idx.bucket_of(spec) {
                     Some(b) => b,
                     None => {
                         let b = idx.next_bucket;
                         idx.next_bucket += 1;
                         idx.buckets
                             .insert(b, Bucket { shape: Shape::of(spec), tasks: BTreeSet::new() });
-                        idx.bucket_ids.entry(h).or_default().push(b);
+                        idx.bucket_ids.entry(shape_hash(spec)).or_default().push(b);
                         b
                     }
                 };

@@ -5,9 +5,11 @@
 //! skipped). Three independent views, each sound on its own:
 //!
 //! * **Audit order** (exact): each attempt of a dependent task B, at its first
-//!   Assigned/Running change at index `i`, needs every dependency A to have become Succeeded
-//!   at an index `< i`. If A's success was not seen and an audit gap starts before `i`, the
-//!   attempt is not judged (the success may be in the gap).
+//!   Assigned/Running change at position `(i, seq)`, needs every dependency A to have become
+//!   Succeeded strictly before it in apply order: at an earlier index, or earlier in the same
+//!   entry (the leader assigns the tasks a completion releases in the completion's own
+//!   entry). If A's success was not seen and an audit gap starts before `i`, the attempt is
+//!   not judged (the success may be in the gap).
 //! * **Real time** (black box): an `ExecStart` of B must not precede every success report
 //!   of A: some `CompleteInvoke` of A with `success = true` must be at or before the start.
 //!   Equal milliseconds count as "not before".
@@ -38,11 +40,12 @@ pub(crate) fn dependencies(
     let (mut judged, mut skipped) = (0usize, 0usize);
 
     // Audit order.
-    let mut succeeded_at: HashMap<u64, u64> = HashMap::new();
+    // Changes are visited in apply order, `(index, seq)`: a success in here came before.
+    let mut succeeded: BTreeSet<u64> = BTreeSet::new();
     let mut attempts: BTreeSet<(u64, u32)> = BTreeSet::new();
     for c in &f.applied {
         if c.state == TaskStateKind::Succeeded {
-            succeeded_at.entry(c.task).or_insert(c.index);
+            succeeded.insert(c.task);
         }
         if !c.is_held() {
             continue;
@@ -54,11 +57,13 @@ pub(crate) fn dependencies(
         let mut unsure = false;
         let mut bad = None;
         for &(dep, key) in &deps {
-            match succeeded_at.get(&dep) {
-                Some(&i) if i < c.index => {}
-                Some(&i) => bad = Some(format!("{dep} ({key:?}) succeeded only at index {i}")),
-                None if f.gap_before(c.index) => unsure = true,
-                None => bad = Some(format!("{dep} ({key:?}) had not succeeded")),
+            if succeeded.contains(&dep) {
+                continue;
+            }
+            if f.gap_before(c.index) {
+                unsure = true;
+            } else {
+                bad = Some(format!("{dep} ({key:?}) had not succeeded"));
             }
         }
         match bad {
@@ -187,6 +192,30 @@ mod tests {
             "task 3 attempt 1 was assigned at index 14 but dependency 1 (\"a\") had not succeeded",
         );
         assert_eq!(r.counts.deps_violations, 1);
+    }
+
+    #[test]
+    fn assigned_after_the_dependency_success_in_the_same_entry_is_valid() {
+        // "c" (task 3, after "a") released and assigned in the entry where "a" succeeds
+        // (op 0), right after its release (op 1).
+        let (mut h, e) = healthy();
+        h.applied_seq(15, 2, 3, "assigned", 1, Some(9), Some("w3"));
+        assert_valid(&h, &e, Property::Dependencies);
+    }
+
+    #[test]
+    fn assigned_before_the_dependency_success_in_the_same_entry_is_a_violation() {
+        let (mut h, e) = healthy();
+        h.remove(|k| matches!(k, EventKind::Applied { index: 15, .. }));
+        h.applied_seq(15, 0, 3, "assigned", 1, Some(9), Some("w3"));
+        h.applied_seq(15, 1, 1, "succeeded", 1, Some(2), Some("w2"));
+        assert_invalid(
+            &h,
+            &e,
+            Property::Dependencies,
+            1,
+            "task 3 attempt 1 was assigned at index 15 but dependency 1 (\"a\") had not succeeded",
+        );
     }
 
     #[test]
