@@ -21,7 +21,9 @@ use std::time::Duration;
 
 use openraft::ServerState;
 use raft::raft_node::{now_ms, CompanionHook, WriteError};
-use state_machine::{plan, plan_after_reports, Op, Output, Response, SchedulerState, TaskState};
+use state_machine::{
+    plan, plan_after_reports, Op, Output, ReportKind, Response, SchedulerState, TaskState,
+};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -35,6 +37,12 @@ use crate::Node;
 pub struct PlanAhead(pub Weak<Node>);
 
 impl CompanionHook for PlanAhead {
+    fn considers(&self, op: &Op) -> bool {
+        // Only a completion can release dependents.
+        matches!(op, Op::Report { reports, .. }
+            if reports.iter().any(|r| matches!(r.outcome, ReportKind::Succeeded { .. })))
+    }
+
     fn plan(&self, state: &SchedulerState, op: &Op) -> Vec<Op> {
         let (Op::Report { worker, reports }, Some(node)) = (op, self.0.upgrade()) else {
             return Vec::new();

@@ -107,6 +107,9 @@ pub type HeartbeatHook = Arc<dyn Fn(&str, u64) -> Result<bool, tonic::Status> + 
 /// right after it. The node uses this to assign the tasks a completion releases in the
 /// completion's own entry (see `state_machine::plan_after_reports`).
 pub trait CompanionHook: Send + Sync {
+    /// Whether `op` may have companions; only then is [`Self::plan`] called (it needs the
+    /// state's read lock, which an apply in progress holds up).
+    fn considers(&self, op: &Op) -> bool;
     /// Operations to propose right after `op`, planned on the current applied state; empty
     /// for none. Runs under the state's read lock: keep it cheap.
     fn plan(&self, state: &SchedulerState, op: &Op) -> Vec<Op>;
@@ -288,7 +291,7 @@ impl RaftNode {
     pub async fn propose_local(&self, op: Op) -> Result<Written, WriteError> {
         let hook = self.companions.get();
         let mut ops = vec![op];
-        if let Some(hook) = hook {
+        if let Some(hook) = hook.filter(|h| h.considers(&ops[0])) {
             ops.extend(self.sm.read(|s| hook.plan(s, &ops[0])));
         }
         let g = self.propose_group(ops).await?;
