@@ -25,7 +25,8 @@ pub struct EventBatch {
     pub log_time: u64,
     /// Term of the leader that proposed the entry.
     pub term: u64,
-    /// For an Assign entry: the applied index its planner looked at (0 otherwise).
+    /// For an entry with an Assign (alone or in a batch): the applied index its planner
+    /// looked at, the earliest if several (0 otherwise).
     pub planned_at: u64,
     /// Changes, in apply order.
     pub events: Vec<TaskEvent>,

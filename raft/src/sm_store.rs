@@ -448,10 +448,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         let r = st.apply(&cmd);
                         let ch = st.take_changes();
                         changed.extend(ch.records);
-                        let planned_at = match &cmd.op {
-                            state_machine::Op::Assign { planned_at, .. } => *planned_at,
-                            _ => 0,
-                        };
+                        let planned_at = cmd.op.planned_at().unwrap_or(0);
                         batches.push(EventBatch {
                             index: entry.log_id.index,
                             log_time: st.log_time(),

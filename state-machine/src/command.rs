@@ -121,6 +121,16 @@ impl Op {
         }
     }
 
+    /// For an entry that assigns: the applied index the planner looked at. For a batch with
+    /// several assignments, the earliest (a lower bound of what every planner saw).
+    pub fn planned_at(&self) -> Option<u64> {
+        match self {
+            Op::Assign { planned_at, .. } => Some(*planned_at),
+            Op::Batch(ops) => ops.iter().filter_map(Op::planned_at).min(),
+            _ => None,
+        }
+    }
+
     /// A rough size in bytes, to bound how much goes into one log entry.
     pub fn size_hint(&self) -> usize {
         match self {

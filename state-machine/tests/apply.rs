@@ -830,3 +830,13 @@ fn a_workers_own_report_does_not_revoke_its_task() {
     assert!(ch.events.iter().all(|e| e.revoked_from.is_none()), "{:?}", ch.events);
     assert!(matches!(h.task(a).state, TaskState::Succeeded { started_at: 1_000, .. }));
 }
+
+#[test]
+fn planned_at_of_a_batch_is_its_earliest_assign() {
+    let assign = |planned_at| Op::Assign { assignments: vec![], planned_at };
+    assert_eq!(assign(7).planned_at(), Some(7));
+    assert_eq!(Op::AdvanceTime.planned_at(), None);
+    let batch = Op::Batch(vec![Op::AdvanceTime, assign(9), assign(4)]);
+    assert_eq!(batch.planned_at(), Some(4));
+    assert_eq!(Op::Batch(vec![Op::AdvanceTime]).planned_at(), None);
+}

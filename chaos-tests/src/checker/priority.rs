@@ -13,11 +13,18 @@
 //! later, so tasks queued between `p` and the entry are invisible to it; counting them would
 //! blame the scheduler for a race. Q counts only if its stint began at or before a proven
 //! lower bound of `p`, the largest of:
-//! * the start of the current queued stint of every task assigned by the entry (the planner
-//!   saw each of them queued, and a task leaves Queued only by assignment or cancellation);
-//! * the entry's `plan_index`, when the server exposes it (exact);
-//! * the index of the previous assigning entry of the same term, when terms are recorded
-//!   (a leader plans again only after its previous Assign was applied).
+//! * the start of the current queued stint of every task assigned by the entry that was
+//!   queued *before* the entry (the planner saw each of them queued, and a task leaves Queued
+//!   only by assignment or cancellation). A task released and assigned in the same entry was
+//!   planned ahead of the completion that releases it, on an earlier state, so its stint
+//!   proves nothing;
+//! * the entry's `plan_index`, when the server exposes it (exact, or the earliest of the
+//!   entry's planners);
+//! * only when the entry has no `plan_index`: the index of the previous assigning entry of
+//!   the same term, when terms are recorded (the planner loop plans again only after its
+//!   previous Assign was applied). With a plan index this heuristic is not needed, and it
+//!   would be wrong: an Assign planned ahead of a completion rides in the completion's
+//!   entry while a planner round, planned earlier, is still in flight.
 //!
 //! # Audit gaps
 //!
@@ -157,19 +164,20 @@ pub(crate) fn priority(
             continue;
         }
 
-        let mut bound = assigned.iter().map(|a| a.1).max().expect("non-empty");
+        let mut bound = assigned.iter().map(|a| a.1).filter(|&since| since < index).max();
         if let Some(p) = plan_index {
             exact += 1;
-            bound = bound.max(p);
+            bound = bound.max(Some(p));
         }
-        if let (Some((prev_index, Some(prev_term))), Some(term)) = (prev, term) {
+        if let (None, Some((prev_index, Some(prev_term))), Some(term)) = (plan_index, prev, term) {
             if prev_term == term {
                 by_term += 1;
-                bound = bound.max(prev_index);
+                bound = bound.max(Some(prev_index));
             }
         }
 
-        let visible = stint_starts.partition_point(|&s| s <= bound);
+        // With no lower bound at all, the planner is not shown to have seen anything.
+        let visible = bound.map_or(0, |b| stint_starts.partition_point(|&s| s <= b));
         let best = tree.prefix_max(visible);
         for &(task, since, p) in &assigned {
             judged += 1;
@@ -313,6 +321,70 @@ mod tests {
             Property::Priority,
             1,
             "task 3 (priority 9, queued since 4)",
+        );
+    }
+
+    #[test]
+    fn an_exact_plan_index_overrides_the_previous_round_of_the_same_term() {
+        // Index 4 is a completion entry: it queues task 3 (p9) and, planned ahead, assigns
+        // task 2. The planner round applied at index 5 looked at index 3 (its plan index),
+        // so task 3 was not visible to it, although an assignment of the same term precedes.
+        let mut h = two_rounds(Some(2), Some(3));
+        h.push(EventKind::Applied {
+            index: 4,
+            seq: 1,
+            task: 2,
+            state: "assigned".into(),
+            attempt: 1,
+            fence: Some(3),
+            worker: Some("w2".into()),
+            term: Some(2),
+            plan_index: None,
+        });
+        assert_valid(&h, &Expectations::default(), Property::Priority);
+    }
+
+    /// Index 6 is a completion entry that releases task 3 (p1) and assigns it, planned ahead
+    /// at `plan`; task 4 (p9) was queued at index 5 and stays queued.
+    fn planned_ahead(plan: u64) -> H {
+        let mut h = H::new();
+        h.submit_ok("a", 1, &[], 1);
+        h.submit_ok("c", 1, &["a"], 3);
+        h.submit_ok("x", 9, &[], 4);
+        let mut push = |index: u64, seq: u32, task: u64, state: &str, fence: Option<u64>| {
+            h.push(EventKind::Applied {
+                index,
+                seq,
+                task,
+                state: state.into(),
+                attempt: u32::from(fence.is_some()),
+                fence,
+                worker: fence.map(|_| "w1".to_string()),
+                term: Some(3),
+                plan_index: (index == 6).then_some(plan),
+            });
+        };
+        push(1, 0, 1, "queued", None);
+        push(2, 0, 1, "assigned", Some(1));
+        push(3, 0, 3, "waiting", None);
+        push(5, 0, 4, "queued", None);
+        push(6, 0, 1, "succeeded", Some(1));
+        push(6, 1, 3, "queued", None);
+        push(6, 2, 3, "assigned", Some(2));
+        h
+    }
+
+    #[test]
+    fn a_task_assigned_in_its_release_entry_is_judged_by_the_plan_index() {
+        // Planned at index 4: task 4, queued at 5, was not visible.
+        assert_valid(&planned_ahead(4), &Expectations::default(), Property::Priority);
+        // Planned at index 5: task 4 was visible and outranks task 3.
+        assert_invalid(
+            &planned_ahead(5),
+            &Expectations::default(),
+            Property::Priority,
+            1,
+            "index 6: task 3 (priority 1, queued since 6) was assigned while task 4 (priority 9, queued since 5) stayed queued",
         );
     }
 
