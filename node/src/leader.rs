@@ -1,12 +1,14 @@
 //! Leader-only loops. [`supervise`] watches the Raft role: when this node becomes leader (for a
 //! term) it resets the leader-local soft state and starts the loops; when it stops being
-//! leader it aborts them. Every loop proposes with `propose_local`, never forwarding: a loop on
-//! a deposed leader simply fails and is stopped.
+//! leader it aborts them. Every loop proposes with `propose_exclusive` (its own entry, on this
+//! node, never forwarded): a loop on a deposed leader simply fails and is stopped.
 //!
 //! * **planner**: woken by every applied change (and at least every `planner.interval`), runs
 //!   the pure [`state_machine::plan`] on the current state and proposes one `Assign` with many
-//!   assignments. One Assign is in flight at a time, so the next plan sees the previous one
-//!   applied and never double-books.
+//!   assignments. One planner Assign is in flight at a time, so the next round sees the
+//!   previous one applied. [`PlanAhead`] Assigns ride in completion entries meanwhile; a
+//!   placement that no longer fits when applied is refused by apply's re-validation, never
+//!   double-booked.
 //! * **liveness**: expires worker sessions whose heartbeat deadline passed
 //!   (see [`crate::liveness`]); only the expiry goes to the log.
 //! * **timers**: proposes `AdvanceTime` when the earliest delayed task or attempt deadline is
@@ -33,7 +35,8 @@ use crate::Node;
 /// `Assign` rides in the completion's own log entry: a dependent step costs one commit, not
 /// two. The assignments are exactly those the planner would make right after the completion
 /// (`plan_after_reports`); apply re-validates them, and whatever it refuses is left to the
-/// planner loop. Installed on every node, it acts only where proposals are made: the leader.
+/// planner loop. Installed on every node (unless `planner.plan_ahead` is off), it acts only
+/// where proposals are made: the leader.
 pub struct PlanAhead(pub Weak<Node>);
 
 impl CompanionHook for PlanAhead {
@@ -47,9 +50,6 @@ impl CompanionHook for PlanAhead {
         let (Op::Report { worker, reports }, Some(node)) = (op, self.0.upgrade()) else {
             return Vec::new();
         };
-        if !node.cfg.planner.plan_ahead {
-            return Vec::new();
-        }
         let now = now_ms().max(state.log_time());
         let assignments =
             plan_after_reports(state, worker, reports, now, &node.cfg.planner.policy());
@@ -63,9 +63,7 @@ impl CompanionHook for PlanAhead {
         let Some(node) = self.0.upgrade() else { return };
         for r in responses {
             if let Ok(Output::Assigned(results)) = r {
-                let accepted = results.iter().filter(|r| r.is_ok()).count() as u64;
-                node.metrics.record_assignments(accepted, results.len() as u64 - accepted);
-                node.metrics.record_assignments_ahead(accepted);
+                node.metrics.record_assignments(results, true);
             }
         }
     }
@@ -164,12 +162,10 @@ async fn planner(node: Arc<Node>) {
         if p.assignments.is_empty() {
             continue;
         }
-        let wanted = p.assignments.len();
         let tasks: Vec<_> = p.assignments.iter().map(|a| a.task).collect();
         match propose(&node, Op::Assign { assignments: p.assignments, planned_at }).await {
             Ok(Some(Output::Assigned(results))) => {
-                let accepted = results.iter().filter(|r| r.is_ok()).count();
-                node.metrics.record_assignments(accepted as u64, (wanted - accepted) as u64);
+                node.metrics.record_assignments(&results, false);
                 // Queue-to-assignment latency, in log time.
                 node.local(|s| {
                     for ((t, r), since) in tasks.iter().zip(&results).zip(&since) {

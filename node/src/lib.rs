@@ -69,9 +69,4 @@ impl Node {
     pub fn local<R>(&self, f: impl FnOnce(&SchedulerState) -> R) -> R {
         self.raft.sm().read(f)
     }
-
-    /// True once shutdown began.
-    pub fn is_stopping(&self) -> bool {
-        *self.stopping.borrow()
-    }
 }

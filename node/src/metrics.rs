@@ -28,16 +28,19 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Assignments accepted and refused at apply by one Assign entry.
-    pub fn record_assignments(&self, accepted: u64, refused: u64) {
+    /// The outcome of one Assign at apply. A task planned ahead of the completion that
+    /// released it was queued and assigned by the same entry: 0 ms in the latency histogram.
+    /// (The planner loop observes its own assignments' latency.)
+    pub fn record_assignments<T, E>(&self, results: &[Result<T, E>], ahead: bool) {
+        let accepted = results.iter().filter(|r| r.is_ok()).count() as u64;
         self.assignments.fetch_add(accepted, Ordering::Relaxed);
-        self.assignments_refused.fetch_add(refused, Ordering::Relaxed);
-    }
-
-    /// Assignments accepted that were planned ahead of a completion (also counted in
-    /// `record_assignments`).
-    pub fn record_assignments_ahead(&self, accepted: u64) {
-        self.assignments_ahead.fetch_add(accepted, Ordering::Relaxed);
+        self.assignments_refused.fetch_add(results.len() as u64 - accepted, Ordering::Relaxed);
+        if ahead {
+            self.assignments_ahead.fetch_add(accepted, Ordering::Relaxed);
+            for _ in 0..accepted {
+                self.observe_assign_latency(0);
+            }
+        }
     }
 
     /// One worker expiry and the tasks it requeued.

@@ -91,7 +91,9 @@ pub async fn run(
         cfg,
     });
     let weak = Arc::downgrade(&node);
-    raft.set_companion_hook(Arc::new(crate::leader::PlanAhead(weak.clone())));
+    if node.cfg.planner.plan_ahead {
+        raft.set_companion_hook(Arc::new(crate::leader::PlanAhead(weak.clone())));
+    }
     raft.set_heartbeat_hook(Arc::new(move |worker: &str, session: u64| {
         let node =
             weak.upgrade().ok_or_else(|| tonic::Status::unavailable("node is shutting down"))?;

@@ -75,8 +75,9 @@ pub enum Op {
     Assign {
         /// task -> worker pairs.
         assignments: Vec<Assignment>,
-        /// The applied log index of the state the planner looked at (recorded for audits:
-        /// a task that became ready after it could not have been considered).
+        /// The applied log index of the state the planner looked at (recorded for audits: a
+        /// task that became ready after it could not have been considered, except one
+        /// released earlier in the same entry, for which the leader planned ahead).
         planned_at: u64,
     },
     /// Progress reports from one worker, each carrying the attempt's fencing token.
@@ -104,23 +105,6 @@ pub enum Op {
 }
 
 impl Op {
-    /// A short name for logs and metrics.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Op::Submit { .. } => "submit",
-            Op::Cancel { .. } => "cancel",
-            Op::RegisterWorker { .. } => "register_worker",
-            Op::DrainWorker { .. } => "drain_worker",
-            Op::DeregisterWorker { .. } => "deregister_worker",
-            Op::ExpireWorker { .. } => "expire_worker",
-            Op::Assign { .. } => "assign",
-            Op::Report { .. } => "report",
-            Op::AdvanceTime => "advance_time",
-            Op::Batch(_) => "batch",
-            Op::Purge { .. } => "purge",
-        }
-    }
-
     /// For an entry that assigns: the applied index the planner looked at. For a batch with
     /// several assignments, the earliest (a lower bound of what every planner saw).
     pub fn planned_at(&self) -> Option<u64> {

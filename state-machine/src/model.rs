@@ -130,11 +130,6 @@ impl Resources {
         r.sub(other);
         r
     }
-
-    /// True when no resource is requested.
-    pub fn is_zero(&self) -> bool {
-        self.cpu_milli == 0 && self.memory_mib == 0 && self.named.values().all(|&v| v == 0)
-    }
 }
 
 /// How a task is retried after a failed attempt.
@@ -449,14 +444,6 @@ impl TaskState {
         match self {
             TaskState::Assigned { worker, fence, .. }
             | TaskState::Running { worker, fence, .. } => Some((worker, *fence)),
-            _ => None,
-        }
-    }
-
-    /// The attempt deadline of an attempt in progress.
-    pub fn deadline(&self) -> Option<Millis> {
-        match self {
-            TaskState::Assigned { deadline, .. } | TaskState::Running { deadline, .. } => *deadline,
             _ => None,
         }
     }

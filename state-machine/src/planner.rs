@@ -29,11 +29,11 @@
 //! O(log n) per assignment made — it does not grow with the number of queued tasks.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::iter::Peekable;
 
 use crate::command::{Assignment, Report, ReportKind};
-use crate::model::{Millis, Resources, TaskId, WorkerId, WorkerStatus};
+use crate::model::{Millis, Resources, TaskId, TaskState, WorkerId, WorkerStatus};
 use crate::state::{missing_label, SchedulerState, Shape};
 
 /// Knobs of one planning round.
@@ -97,7 +97,8 @@ struct Cursor<'a> {
 }
 
 impl Cursor<'_> {
-    fn next(&mut self) -> Option<(i32, TaskId)> {
+    /// The next task, best first, and whether it comes from the overlay.
+    fn next(&mut self) -> Option<(i32, TaskId, bool)> {
         let from_base = match (self.base.as_mut().and_then(|b| b.peek()), self.extra.peek()) {
             (None, None) => return None,
             (Some(b), Some(e)) => b < e,
@@ -105,18 +106,18 @@ impl Cursor<'_> {
         };
         let (Reverse(p), id) =
             if from_base { self.base.as_mut().and_then(|b| b.next()) } else { self.extra.next() }?;
-        Some((*p, *id))
+        Some((*p, *id, !from_base))
     }
 }
 
 /// Hypothetical changes to plan against without changing the state: tasks that would be
 /// ready, and capacity that would be free.
 #[derive(Default)]
-struct Overlay {
+struct Overlay<'a> {
     /// Extra ready tasks by shape, each list best first.
     ready: BTreeMap<Shape, Vec<ReadyKey>>,
-    /// Per worker: resources and slots that would be released.
-    freed: HashMap<WorkerId, (Resources, u64)>,
+    /// A worker, with the resources and slots it would release.
+    freed: Option<(&'a WorkerId, Resources, u64)>,
 }
 
 /// Plan one round. Pure: the same state and policy always give the same plan.
@@ -168,7 +169,8 @@ pub fn plan_after_reports(
     let mut overlay = Overlay::default();
     for (d, n) in satisfied {
         let task = state.task(d).expect("indexed dependents exist");
-        let ready = state.idx.unmet[&d] == n && task.spec.not_before.is_none_or(|t| t <= now);
+        let ready = state.idx.unmet[&d] == n
+            && matches!(SchedulerState::ready_state(now, &task.spec), TaskState::Queued { .. });
         if ready {
             let list = overlay.ready.entry(Shape::of(&task.spec)).or_default();
             list.push((Reverse(task.spec.priority), d));
@@ -180,33 +182,36 @@ pub fn plan_after_reports(
     for list in overlay.ready.values_mut() {
         list.sort_unstable();
     }
-    overlay.freed.insert(worker.clone(), (freed, done.len() as u64));
-    let released: BTreeSet<TaskId> = overlay.ready.values().flatten().map(|(_, id)| *id).collect();
+    overlay.freed = Some((worker, freed, done.len() as u64));
     let mut p = plan_with(state, policy, &overlay);
-    p.assignments.retain(|a| released.contains(&a.task));
+    // The released tasks are the ones still Waiting in `state`.
+    p.assignments.retain(|a| state.idx.unmet.contains_key(&a.task));
     p.assignments
 }
 
-fn plan_with(state: &SchedulerState, policy: &PlanPolicy, overlay: &Overlay) -> Plan {
+/// [`plan`] on the state changed by `overlay`. With overlay tasks, the round stops once each
+/// of them is placed or skipped: what comes after cannot involve them.
+fn plan_with(state: &SchedulerState, policy: &PlanPolicy, overlay: &Overlay<'_>) -> Plan {
     let mut out = Plan::default();
     let mut workers: Vec<WorkerView> = Vec::new();
     for w in state.workers.values() {
         if w.status != WorkerStatus::Alive {
             continue;
         }
-        let mut used = state.idx.loads.get(&w.spec.id).map(|l| (l.used.clone(), l.tasks.len()));
-        if let (Some((u, n)), Some((r, k))) = (used.as_mut(), overlay.freed.get(&w.spec.id)) {
-            u.sub(r);
-            *n = n.saturating_sub(*k as usize);
+        let load = state.idx.loads.get(&w.spec.id);
+        let mut free =
+            load.map_or_else(|| w.spec.capacity.clone(), |l| w.spec.capacity.minus(&l.used));
+        let mut used_slots = load.map_or(0, |l| l.tasks.len() as u64);
+        if let Some((_, r, k)) = overlay.freed.as_ref().filter(|(id, _, _)| **id == w.spec.id) {
+            free.add(r);
+            used_slots = used_slots.saturating_sub(*k);
         }
         workers.push(WorkerView {
             id: &w.spec.id,
             capacity: &w.spec.capacity,
-            free: used
-                .as_ref()
-                .map_or_else(|| w.spec.capacity.clone(), |(u, _)| w.spec.capacity.minus(u)),
+            free,
             slots: w.spec.slots as u64,
-            used_slots: used.map_or(0, |(_, n)| n as u64),
+            used_slots,
             reserved: false,
         });
     }
@@ -245,15 +250,20 @@ fn plan_with(state: &SchedulerState, policy: &PlanPolicy, overlay: &Overlay) -> 
         }
     }
     // Max-heap on (priority, smaller id first).
-    let mut heads: BinaryHeap<(i32, Reverse<TaskId>, usize)> = BinaryHeap::new();
+    let mut heads: BinaryHeap<(i32, Reverse<TaskId>, usize, bool)> = BinaryHeap::new();
     for (c, cur) in cursors.iter_mut().enumerate() {
-        if let Some((p, id)) = cur.next() {
-            heads.push((p, Reverse(id), c));
+        if let Some((p, id, extra)) = cur.next() {
+            heads.push((p, Reverse(id), c, extra));
         }
     }
+    let mut extras_left: usize = overlay.ready.values().map(Vec::len).sum();
+    let ahead = extras_left > 0;
 
-    while out.assignments.len() < policy.max_assignments && !open.is_empty() {
-        let Some((_, Reverse(task), c)) = heads.pop() else { break };
+    while out.assignments.len() < policy.max_assignments
+        && !open.is_empty()
+        && !(ahead && extras_left == 0)
+    {
+        let Some((_, Reverse(task), c, extra)) = heads.pop() else { break };
         let cur = &mut cursors[c];
         let shape = cur.shape;
         let eligible = cur.eligible.get_or_insert_with(|| {
@@ -270,7 +280,9 @@ fn plan_with(state: &SchedulerState, policy: &PlanPolicy, overlay: &Overlay) -> 
                 .collect()
         });
         if eligible.is_empty() {
-            continue; // no worker serves this shape: skip the whole shape
+            // No worker serves this shape: skip the whole shape.
+            extras_left -= usize::from(extra) + cur.extra.len();
+            continue;
         }
         let need = &shape.resources;
         let fits_now =
@@ -299,11 +311,14 @@ fn plan_with(state: &SchedulerState, policy: &PlanPolicy, overlay: &Overlay) -> 
                     open.insert((w.load_key(), i));
                 }
                 out.assignments.push(Assignment { task, worker: w.id.clone() });
-                if let Some((p, id)) = cur.next() {
-                    heads.push((p, Reverse(id), c));
+                extras_left -= usize::from(extra);
+                if let Some((p, id, extra)) = cur.next() {
+                    heads.push((p, Reverse(id), c, extra));
                 }
             }
             None => {
+                // The rest of this shape is skipped too.
+                extras_left -= usize::from(extra) + cur.extra.len();
                 // Nothing of this shape fits now. Hold a worker back if one could ever fit it.
                 if out.reservations.len() < policy.max_reservations {
                     if let Some(&i) = eligible

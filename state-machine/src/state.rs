@@ -188,14 +188,7 @@ impl SchedulerState {
                 s.idx.by_key.insert(k.clone(), id);
             }
             if matches!(task.state, TaskState::Waiting) {
-                let unmet: Vec<TaskId> = task
-                    .deps
-                    .iter()
-                    .copied()
-                    .filter(|d| {
-                        s.tasks.get(d).is_some_and(|t| t.state.kind() != TaskStateKind::Succeeded)
-                    })
-                    .collect();
+                let unmet = s.unmet_deps(task);
                 s.idx.unmet.insert(id, unmet.len() as u32);
                 for d in unmet {
                     s.idx.dependents.entry(d).or_default().push(id);
@@ -208,11 +201,6 @@ impl SchedulerState {
     }
 
     // ----- read access -------------------------------------------------------------------
-
-    /// The counters record.
-    pub fn meta(&self) -> &Meta {
-        &self.meta
-    }
 
     /// Current log time.
     pub fn log_time(&self) -> Millis {
@@ -499,7 +487,7 @@ impl SchedulerState {
     }
 
     /// Queued, or Delayed until `not_before` when that is still in the future.
-    fn ready_state(now: Millis, spec: &TaskSpec) -> TaskState {
+    pub(crate) fn ready_state(now: Millis, spec: &TaskSpec) -> TaskState {
         match spec.not_before {
             Some(t) if t > now => TaskState::Delayed { until: t },
             _ => TaskState::Queued { since: now },
@@ -595,21 +583,12 @@ impl SchedulerState {
         match state {
             TaskState::Waiting => {}
             TaskState::Queued { .. } => {
-                let h = shape_hash(spec);
-                let mut emptied = None;
-                if let Some(bs) = idx.bucket_ids.get(&h) {
-                    for &b in bs {
-                        let bucket = idx.buckets.get_mut(&b).expect("bucket");
-                        if bucket.tasks.remove(&(Reverse(spec.priority), id)) {
-                            if bucket.tasks.is_empty() {
-                                emptied = Some(b);
-                            }
-                            break;
-                        }
-                    }
-                }
-                if let Some(b) = emptied {
+                let Some(b) = idx.bucket_of(spec) else { return };
+                let bucket = idx.buckets.get_mut(&b).expect("bucket");
+                bucket.tasks.remove(&(Reverse(spec.priority), id));
+                if bucket.tasks.is_empty() {
                     idx.buckets.remove(&b);
+                    let h = shape_hash(spec);
                     let bs = idx.bucket_ids.get_mut(&h).expect("bucket ids");
                     bs.retain(|x| *x != b);
                     if bs.is_empty() {
