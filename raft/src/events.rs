@@ -154,11 +154,6 @@ impl EventLog {
             if out.len() == max { out.last().map_or(g.applied, |b| b.index) } else { g.applied };
         Ok((out, next.max(cursor)))
     }
-
-    /// The oldest index a reader may resume after.
-    pub fn floor(&self) -> u64 {
-        self.lock().floor
-    }
 }
 
 #[cfg(test)]

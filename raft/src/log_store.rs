@@ -1397,11 +1397,6 @@ impl LogStore {
         })
     }
 
-    /// The log directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// A reader sharing this store's state.
     pub fn reader(&self) -> LogReader {
         self.reader.clone()

@@ -120,7 +120,6 @@ pub trait CompanionHook: Send + Sync {
 /// One member of the cluster. See the module docs.
 pub struct RaftNode {
     id: NodeId,
-    addr: String,
     raft: Raft,
     sm: SmHandle,
     log: LogReader,
@@ -141,7 +140,7 @@ struct Proposal {
 
 /// A committed group: the entry's index and one response per operation of the group.
 #[derive(Debug)]
-pub struct WrittenGroup {
+struct WrittenGroup {
     /// Log index of the entry.
     pub index: u64,
     /// The state machine's responses, in the order of the operations.
@@ -188,7 +187,6 @@ impl RaftNode {
         tokio::spawn(batcher(raft.clone(), rx, Duration::from_millis(settings.write_timeout_ms)));
         Ok(Arc::new(RaftNode {
             id,
-            addr,
             raft,
             sm: handle,
             log: log_reader,
@@ -205,11 +203,6 @@ impl RaftNode {
         self.id
     }
 
-    /// This node's gRPC address.
-    pub fn addr(&self) -> &str {
-        &self.addr
-    }
-
     /// The openraft handle.
     pub fn raft(&self) -> &Raft {
         &self.raft
@@ -223,11 +216,6 @@ impl RaftNode {
     /// The channel pool to peers.
     pub fn peers(&self) -> &Peers {
         &self.peers
-    }
-
-    /// The settings it runs with.
-    pub fn settings(&self) -> &RaftSettings {
-        &self.settings
     }
 
     /// Counters of the durable log.
@@ -252,10 +240,7 @@ impl RaftNode {
 
     /// The leader this node knows of, with its address.
     pub fn leader(&self) -> LeaderHint {
-        let m = self.raft.metrics().borrow().clone();
-        let id = m.current_leader?;
-        let addr = m.membership_config.membership().get_node(&id).map(|n| n.addr.clone())?;
-        Some((id, addr))
+        leader_hint(&self.raft)
     }
 
     /// The stop reason, if openraft stopped with a fatal error (e.g. a storage failure).
@@ -309,11 +294,8 @@ impl RaftNode {
     /// Propose several operations on this node that must be applied together, in order, in
     /// one log entry (e.g. a completion and the assignment of the task it releases). The
     /// batcher may put other proposals before or after the group, never inside it.
-    pub async fn propose_group(&self, ops: Vec<Op>) -> Result<WrittenGroup, WriteError> {
+    async fn propose_group(&self, ops: Vec<Op>) -> Result<WrittenGroup, WriteError> {
         self.check_quorum_contact()?;
-        if ops.iter().any(|op| matches!(op, Op::Batch(_))) {
-            return Err(WriteError::Fatal("a proposal group may not contain a batch".into()));
-        }
         let (reply, rx) = oneshot::channel();
         let size = ops.iter().map(Op::size_hint).sum();
         self.proposals
@@ -328,10 +310,15 @@ impl RaftNode {
     /// client tries another node, instead of letting the request wait for the write timeout.
     /// openraft 0.9 keeps such a leader in office until it sees a higher term.
     fn check_quorum_contact(&self) -> Result<(), WriteError> {
-        let m = self.raft.metrics().borrow().clone();
+        // Copy out the two fields: cloning all metrics would allocate on every request.
+        let (state, since_ack) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            (m.state, m.millis_since_quorum_ack)
+        };
         let limit = self.settings.election_max_ms.max(3 * self.settings.heartbeat_ms);
-        match m.millis_since_quorum_ack {
-            Some(ms) if m.state == ServerState::Leader && ms > limit => {
+        match since_ack {
+            Some(ms) if state == ServerState::Leader && ms > limit => {
                 Err(WriteError::Unavailable {
                     reason: format!(
                         "this leader has not reached a majority for {ms} ms; retry on another node"
@@ -386,11 +373,7 @@ impl RaftNode {
     /// Handle a worker heartbeat: on the leader run the hook, elsewhere forward one hop.
     pub async fn heartbeat(&self, worker: &str, session: u64) -> Result<bool, tonic::Status> {
         if self.is_leader() {
-            let hook = self
-                .heartbeat
-                .get()
-                .ok_or_else(|| tonic::Status::unavailable("node is starting"))?;
-            return hook(worker, session);
+            return self.heartbeat_local(worker, session);
         }
         let Some((_, addr)) = self.leader() else {
             return Err(tonic::Status::unavailable("no leader is known yet"));
@@ -471,7 +454,7 @@ impl RaftNode {
     }
 
     /// Wait until the local state machine applied `index`.
-    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> Result<(), WriteError> {
+    async fn wait_applied(&self, index: u64, timeout: Duration) -> Result<(), WriteError> {
         let mut rx = self.sm.events().subscribe();
         let result = tokio::time::timeout(timeout, rx.wait_for(|applied| *applied >= index))
             .await
@@ -816,12 +799,14 @@ async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Proposal>, timeout: Duration
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_BATCHES_IN_FLIGHT));
     while let Some(first) = rx.recv().await {
         let Ok(permit) = slots.clone().acquire_owned().await else { return };
-        let mut bytes = first.size;
+        let (mut bytes, mut n_ops) = (first.size, first.ops.len());
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH_OPS && bytes < MAX_BATCH_BYTES {
+        // A group is never split, so an entry may exceed the op limit by one group.
+        while n_ops < MAX_BATCH_OPS && bytes < MAX_BATCH_BYTES {
             match rx.try_recv() {
                 Ok(p) => {
                     bytes += p.size;
+                    n_ops += p.ops.len();
                     batch.push(p);
                 }
                 Err(_) => break,
@@ -843,9 +828,7 @@ async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Proposal>, timeout: Duration
             let responses = match map_write(&raft, r) {
                 Ok(r) if single => Ok((r.log_id.index, vec![r.data])),
                 Ok(r) => match r.data {
-                    Ok(state_machine::Output::Batch(responses))
-                        if responses.len() == replies.iter().map(|(n, _)| n).sum::<usize>() =>
-                    {
+                    Ok(state_machine::Output::Batch(responses)) if responses.len() == n_ops => {
                         Ok((r.log_id.index, responses))
                     }
                     other => Err(WriteError::Fatal(format!("a batch was answered with {other:?}"))),
