@@ -332,9 +332,25 @@ impl Client {
         st.nodes[st.preferred].addr.clone()
     }
 
+    /// Runs one call with routing, deadlines and retries (see [`Self::call_at`]).
+    async fn call<Req, Resp, F, Fut>(
+        &self,
+        op: &'static str,
+        kind: Kind,
+        req: Req,
+        f: F,
+    ) -> Result<Resp, Error>
+    where
+        Req: Clone,
+        F: Fn(Channel, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        Ok(self.call_at(op, kind, req, f).await?.0)
+    }
+
     /// Runs one call with routing, deadlines and retries; returns the answer and the address
     /// of the node that gave it.
-    async fn call<Req, Resp, F, Fut>(
+    async fn call_at<Req, Resp, F, Fut>(
         &self,
         op: &'static str,
         kind: Kind,
@@ -416,7 +432,7 @@ impl Client {
     ) -> Result<pb::SubmitTasksResponse, Error> {
         ensure_idempotency_keys(&mut req.tasks);
         let n = req.tasks.len();
-        let (resp, _) = self
+        let resp = self
             .call("submit_tasks", Kind::Write, req, |ch, r| async move {
                 tasks(ch).submit_tasks(r).await
             })
@@ -443,10 +459,8 @@ impl Client {
 
     /// One task, with explicit read options.
     pub async fn get_task_with(&self, req: pb::GetTaskRequest) -> Result<pb::Task, Error> {
-        let (t, _) = self
-            .call("get_task", Kind::Read, req, |ch, r| async move { tasks(ch).get_task(r).await })
-            .await?;
-        Ok(t)
+        self.call("get_task", Kind::Read, req, |ch, r| async move { tasks(ch).get_task(r).await })
+            .await
     }
 
     /// One page of tasks.
@@ -454,12 +468,13 @@ impl Client {
         &self,
         req: pb::ListTasksRequest,
     ) -> Result<pb::ListTasksResponse, Error> {
-        let (l, _) =
-            self.call("list_tasks", Kind::Read, req, |ch, r| async move {
-                tasks(ch).list_tasks(r).await
-            })
-            .await?;
-        Ok(l)
+        self.call(
+            "list_tasks",
+            Kind::Read,
+            req,
+            |ch, r| async move { tasks(ch).list_tasks(r).await },
+        )
+        .await
     }
 
     /// Up to `max` tasks, following page tokens (`req.limit` is the page size).
@@ -490,12 +505,10 @@ impl Client {
         &self,
         req: pb::CancelTasksRequest,
     ) -> Result<pb::CancelTasksResponse, Error> {
-        let (c, _) = self
-            .call("cancel_tasks", Kind::Write, req, |ch, r| async move {
-                tasks(ch).cancel_tasks(r).await
-            })
-            .await?;
-        Ok(c)
+        self.call("cancel_tasks", Kind::Write, req, |ch, r| async move {
+            tasks(ch).cancel_tasks(r).await
+        })
+        .await
     }
 
     /// Cancels one task.
@@ -512,12 +525,10 @@ impl Client {
     /// Why a task is where it is.
     pub async fn explain_task(&self, id: u64) -> Result<pb::ExplainTaskResponse, Error> {
         let req = pb::ExplainTaskRequest { id, stale_ok: false };
-        let (e, _) = self
-            .call("explain_task", Kind::Read, req, |ch, r| async move {
-                tasks(ch).explain_task(r).await
-            })
-            .await?;
-        Ok(e)
+        self.call("explain_task", Kind::Read, req, |ch, r| async move {
+            tasks(ch).explain_task(r).await
+        })
+        .await
     }
 
     /// The task now, then on every change, ending after a terminal state.
@@ -532,7 +543,7 @@ impl Client {
                 let client = client.clone();
                 async move {
                     client
-                        .call(
+                        .call_at(
                             "watch_task",
                             Kind::Stream,
                             pb::WatchTaskRequest { id },
@@ -632,7 +643,7 @@ impl Client {
                 let client = client.clone();
                 async move {
                     client
-                        .call(
+                        .call_at(
                             "watch_events",
                             Kind::Stream,
                             pb::WatchEventsRequest { from_index: from },
@@ -701,12 +712,10 @@ impl Client {
         &self,
         req: pb::RegisterWorkerRequest,
     ) -> Result<pb::RegisterWorkerResponse, Error> {
-        let (r, _) = self
-            .call("register_worker", Kind::Write, req, |ch, r| async move {
-                workers(ch).register_worker(r).await
-            })
-            .await?;
-        Ok(r)
+        self.call("register_worker", Kind::Write, req, |ch, r| async move {
+            workers(ch).register_worker(r).await
+        })
+        .await
     }
 
     /// Opens a worker's assignment stream. It is not reopened automatically: the worker
@@ -718,7 +727,7 @@ impl Client {
     ) -> Result<AssignmentStream, Error> {
         let req = pb::OpenAssignmentsRequest { worker_id: worker_id.to_string(), session };
         let (stream, addr) = self
-            .call("open_assignments", Kind::Stream, req, |ch, r| async move {
+            .call_at("open_assignments", Kind::Stream, req, |ch, r| async move {
                 workers(ch).open_assignments(r).await
             })
             .await?;
@@ -732,18 +741,19 @@ impl Client {
         session: u64,
     ) -> Result<pb::HeartbeatResponse, Error> {
         let req = pb::HeartbeatRequest { worker_id: worker_id.to_string(), session };
-        let (r, _) =
-            self.call("heartbeat", Kind::Read, req, |ch, r| async move {
-                workers(ch).heartbeat(r).await
-            })
-            .await?;
-        Ok(r)
+        self.call(
+            "heartbeat",
+            Kind::Read,
+            req,
+            |ch, r| async move { workers(ch).heartbeat(r).await },
+        )
+        .await
     }
 
     /// Reports progress of several attempts at once (applied in order, as one log entry).
     pub async fn report(&self, req: pb::ReportRequest) -> Result<pb::ReportResponse, Error> {
         let n = req.reports.len();
-        let (r, _) = self
+        let r = self
             .call("report", Kind::Write, req, |ch, r| async move { workers(ch).report(r).await })
             .await?;
         if r.results.len() != n {
@@ -760,12 +770,13 @@ impl Client {
         &self,
         req: pb::StartTaskRequest,
     ) -> Result<pb::TaskReportResponse, Error> {
-        let (r, _) =
-            self.call("start_task", Kind::Write, req, |ch, r| async move {
-                workers(ch).start_task(r).await
-            })
-            .await?;
-        Ok(r)
+        self.call(
+            "start_task",
+            Kind::Write,
+            req,
+            |ch, r| async move { workers(ch).start_task(r).await },
+        )
+        .await
     }
 
     /// Reports the success of an attempt.
@@ -773,12 +784,10 @@ impl Client {
         &self,
         req: pb::CompleteTaskRequest,
     ) -> Result<pb::TaskReportResponse, Error> {
-        let (r, _) = self
-            .call("complete_task", Kind::Write, req, |ch, r| async move {
-                workers(ch).complete_task(r).await
-            })
-            .await?;
-        Ok(r)
+        self.call("complete_task", Kind::Write, req, |ch, r| async move {
+            workers(ch).complete_task(r).await
+        })
+        .await
     }
 
     /// Reports the failure of an attempt.
@@ -786,12 +795,13 @@ impl Client {
         &self,
         req: pb::FailTaskRequest,
     ) -> Result<pb::TaskReportResponse, Error> {
-        let (r, _) =
-            self.call("fail_task", Kind::Write, req, |ch, r| async move {
-                workers(ch).fail_task(r).await
-            })
-            .await?;
-        Ok(r)
+        self.call(
+            "fail_task",
+            Kind::Write,
+            req,
+            |ch, r| async move { workers(ch).fail_task(r).await },
+        )
+        .await
     }
 
     /// Stops assigning new work to a worker; what it holds keeps running.
@@ -811,23 +821,19 @@ impl Client {
         session: u64,
     ) -> Result<pb::DeregisterWorkerResponse, Error> {
         let req = pb::DeregisterWorkerRequest { worker_id: worker_id.to_string(), session };
-        let (r, _) = self
-            .call("deregister_worker", Kind::Write, req, |ch, r| async move {
-                workers(ch).deregister_worker(r).await
-            })
-            .await?;
-        Ok(r)
+        self.call("deregister_worker", Kind::Write, req, |ch, r| async move {
+            workers(ch).deregister_worker(r).await
+        })
+        .await
     }
 
     /// Every known worker.
     pub async fn list_workers(&self, stale_ok: bool) -> Result<pb::ListWorkersResponse, Error> {
         let req = pb::ListWorkersRequest { stale_ok };
-        let (r, _) = self
-            .call("list_workers", Kind::Read, req, |ch, r| async move {
-                workers(ch).list_workers(r).await
-            })
-            .await?;
-        Ok(r)
+        self.call("list_workers", Kind::Read, req, |ch, r| async move {
+            workers(ch).list_workers(r).await
+        })
+        .await
     }
 
     // ----------------------------------------------------------------------------- cluster
@@ -844,12 +850,10 @@ impl Client {
 
     /// Members, leader, term and per-node indexes.
     pub async fn cluster_status(&self) -> Result<pb::ClusterStatusResponse, Error> {
-        let (r, _) = self
-            .call("cluster_status", Kind::Read, pb::ClusterStatusRequest {}, |ch, r| async move {
-                cluster(ch).status(r).await
-            })
-            .await?;
-        Ok(r)
+        self.call("cluster_status", Kind::Read, pb::ClusterStatusRequest {}, |ch, r| async move {
+            cluster(ch).status(r).await
+        })
+        .await
     }
 
     /// Adds a non-voting member; with `wait_ms > 0` waits until it caught up.
@@ -860,12 +864,10 @@ impl Client {
         wait_ms: u64,
     ) -> Result<pb::AddLearnerResponse, Error> {
         let req = pb::AddLearnerRequest { id, addr: addr.to_string(), wait_ms };
-        let (r, _) = self
-            .call("add_learner", Kind::Write, req, |ch, r| async move {
-                cluster(ch).add_learner(r).await
-            })
-            .await?;
-        Ok(r)
+        self.call("add_learner", Kind::Write, req, |ch, r| async move {
+            cluster(ch).add_learner(r).await
+        })
+        .await
     }
 
     /// Makes a learner a voter.
@@ -888,7 +890,7 @@ impl Client {
 
     /// Hands leadership to node `to`; returns the leader afterwards.
     pub async fn transfer_leader(&self, to: u64) -> Result<u64, Error> {
-        let (r, _) = self
+        let r = self
             .call(
                 "transfer_leader",
                 Kind::Write,
@@ -901,7 +903,7 @@ impl Client {
 
     /// Makes the node that answers build a snapshot; returns its index.
     pub async fn trigger_snapshot(&self) -> Result<u64, Error> {
-        let (r, _) = self
+        let r = self
             .call(
                 "trigger_snapshot",
                 Kind::Write,

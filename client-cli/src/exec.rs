@@ -121,7 +121,7 @@ impl ShellHandler {
                 retryable: true,
             };
         };
-        let group = GroupGuard { pgid: pid as i32, armed: true };
+        let group = GroupGuard { pgid: pid as i32 };
 
         let stdin = child.stdin.take();
         let payload = job.payload;
@@ -150,7 +150,6 @@ impl ShellHandler {
             }
         };
         // Whatever the command left running in its group goes with it.
-        group.signal(libc::SIGKILL);
         drop(group);
 
         let out = match stdout {
@@ -202,10 +201,10 @@ fn env_safe(s: &str) -> String {
     s.replace('\0', "\u{FFFD}")
 }
 
-/// Signals a process group; on drop (a cancelled job future), kills it.
+/// Signals a process group; on drop (the job ended, or its future was cancelled), kills
+/// whatever is left in it.
 struct GroupGuard {
     pgid: i32,
-    armed: bool,
 }
 
 impl GroupGuard {
@@ -219,9 +218,7 @@ impl GroupGuard {
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
-        if std::mem::take(&mut self.armed) {
-            self.signal(libc::SIGKILL);
-        }
+        self.signal(libc::SIGKILL);
     }
 }
 

@@ -14,8 +14,8 @@
 //! * [`exec`]: the handler that runs each task as a shell command in its own process group.
 //! * [`workflow`]: JSON/YAML DAG files turned into one atomic submit.
 //! * [`backoff`]: the retry delays.
-//! * [`local`] and [`ports`]: local clusters of real `schedulerd` processes (dev clusters,
-//!   benchmarks, tests).
+//! * [`local`]: a local cluster of real `schedulerd` processes (used by the benchmarks).
+//! * [`ports`]: free loopback ports for local clusters (`dev up`, benchmarks, tests).
 //!
 //! The library never panics on server input and never retries a request the server refused:
 //! only "no answer" outcomes are retried, and only in ways that cannot apply anything twice.

@@ -190,7 +190,7 @@ async fn start_cluster(args: &BenchArgs, name: &str, extra: &[String]) -> Result
 
 async fn target(ctx: &Ctx, args: &BenchArgs, name: &str) -> Result<Target> {
     if args.external {
-        return Ok(Target { endpoints: ctx.endpoints.clone(), local: None, _tmp: None });
+        return Ok(Target { endpoints: ctx.config.endpoints.clone(), local: None, _tmp: None });
     }
     start_cluster(args, name, &[]).await
 }
@@ -213,7 +213,7 @@ fn start_workers(
     Ok(out)
 }
 
-async fn stop_workers(workers: Vec<client::worker::WorkerHandle>) {
+fn stop_workers(workers: Vec<client::worker::WorkerHandle>) {
     for w in workers {
         w.abort();
     }
@@ -305,8 +305,8 @@ async fn bench_submit(ctx: &Ctx, args: &BenchArgs) -> Result<Value> {
     }))
 }
 
-/// Waits until `n` tasks from `ids` succeeded (watching the event stream from `from`);
-/// returns the wall-clock instant of each success, in arrival order.
+/// Waits until every task of `ids` succeeded (watching the event stream from `from`);
+/// returns the wall-clock instant at which each success was seen.
 async fn wait_succeeded(
     client: &Client,
     from: u64,
@@ -359,7 +359,7 @@ async fn bench_e2e(ctx: &Ctx, args: &BenchArgs) -> Result<Value> {
     let done = wait_succeeded(&client, from, &ids, args.limit).await?;
     let last = done.values().max().copied().unwrap_or_else(Instant::now);
     let secs = last.duration_since(start).as_secs_f64();
-    stop_workers(workers).await;
+    stop_workers(workers);
     Ok(json!({
         "tasks": ids.len(),
         "workers": args.workers,
@@ -396,7 +396,7 @@ async fn bench_chain(ctx: &Ctx, args: &BenchArgs) -> Result<Value> {
         .windows(2)
         .map(|w| done[&w[1]].saturating_duration_since(done[&w[0]]).as_secs_f64() * 1e3)
         .collect();
-    stop_workers(workers).await;
+    stop_workers(workers);
     Ok(json!({
         "length": n,
         "seconds": round3(secs),
@@ -434,7 +434,7 @@ async fn bench_dag(ctx: &Ctx, args: &BenchArgs) -> Result<Value> {
     let done = wait_succeeded(&client, from, &all, args.limit).await?;
     let last = done.values().max().copied().unwrap_or_else(Instant::now);
     let secs = last.duration_since(start).as_secs_f64();
-    stop_workers(workers).await;
+    stop_workers(workers);
     Ok(json!({
         "layers": args.layers,
         "width": args.width,
@@ -475,8 +475,6 @@ async fn bench_failover(args: &BenchArgs) -> Result<Value> {
         // Let it catch up before the next round.
         tokio::time::sleep(Duration::from_millis(1_500)).await;
     }
-    let mut sorted = gaps.clone();
-    sorted.sort_by(|a, b| a.total_cmp(b));
     Ok(json!({
         "kills": args.kills,
         "until_next_write": latency_summary(gaps),

@@ -2,7 +2,7 @@
 //!
 //! 1. Find `schedulerd`: next to this executable, else `$SCHEDULERD_BIN`, else on `PATH`.
 //! 2. Pick ports: `base-port + i` for gRPC and `base-port + 1000 + i` for HTTP when free,
-//!    otherwise free ports from the OS. They are saved in `DIR/cluster.json`: the nodes store
+//!    otherwise free ports from [`client::ports`]. They are saved in `DIR/cluster.json`: the nodes store
 //!    their members' addresses, so a restart on the same directory must reuse the same ports.
 //! 3. Start node N as `schedulerd --id N --listen ... --data-dir DIR/node-N --http ...`, wait
 //!    until its gRPC health service answers, initialise the cluster on node 1 unless it
@@ -118,7 +118,7 @@ fn port_free(port: u16) -> bool {
     TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
-/// The preferred ports when all are free, else OS-chosen free ports.
+/// The preferred ports when all are free, else free ports from [`client::ports`].
 fn pick_layout(nodes: u32, base: u16) -> Result<Layout> {
     let wanted: Vec<(u16, u16)> = (0..nodes as u16)
         .map(|i| (base.saturating_add(i), base.saturating_add(1000).saturating_add(i)))
@@ -473,7 +473,7 @@ mod tests {
             assert_eq!(l.nodes[0].grpc, format!("127.0.0.1:{base}"));
             assert_eq!(l.nodes[2].http, format!("127.0.0.1:{}", base + 1002));
         }
-        // Occupy a preferred port: every port comes from the OS instead, all distinct.
+        // Occupy a preferred port: every port comes from `client::ports` instead, all distinct.
         let busy = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = busy.local_addr().unwrap().port();
         let l = pick_layout(3, port).unwrap();

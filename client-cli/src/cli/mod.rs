@@ -91,8 +91,6 @@ pub enum Command {
 
 /// Settings every command shares.
 pub struct Ctx {
-    /// Where the cluster is.
-    pub endpoints: Vec<String>,
     /// Output format.
     pub format: Format,
     /// Client settings built from the global options.
@@ -161,7 +159,6 @@ pub async fn run(cli: Cli) -> u8 {
     };
     let ctx = Ctx {
         writes,
-        endpoints: endpoints.clone(),
         format: cli.output,
         config: ClientConfig {
             endpoints,
@@ -207,7 +204,7 @@ fn describe(ctx: &Ctx, e: &anyhow::Error) -> (u8, String, serde_json::Value) {
         return (code, text.clone(), serde_json::json!({ "message": text }));
     };
     let code = ce.exit_code();
-    let endpoints = ctx.endpoints.join(",");
+    let endpoints = ctx.config.endpoints.join(",");
     let mut text = context.join(": ");
     if code == EXIT_UNAVAILABLE {
         let answered = matches!(
@@ -356,9 +353,11 @@ mod tests {
 
     fn ctx() -> Ctx {
         Ctx {
-            endpoints: vec!["127.0.0.1:7001".into()],
             format: Format::Table,
-            config: ClientConfig::default(),
+            config: ClientConfig {
+                endpoints: vec!["127.0.0.1:7001".into()],
+                ..ClientConfig::default()
+            },
             writes: true,
         }
     }

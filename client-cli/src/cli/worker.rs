@@ -103,11 +103,10 @@ pub fn config_from_args(a: &RunArgs) -> WorkerConfig {
 
 /// Runs a worker command.
 pub async fn run(ctx: &Ctx, cmd: WorkerCmd) -> Result<u8> {
-    let client = ctx.client()?;
     match cmd {
         WorkerCmd::Run(a) => run_worker(ctx, a).await,
         WorkerCmd::List => {
-            let w = client.list_workers(false).await?;
+            let w = ctx.client()?.list_workers(false).await?;
             match ctx.format {
                 Format::Json => print_json(&output::workers_json(&w)),
                 Format::Table if w.workers.is_empty() => println!("no workers"),
@@ -116,7 +115,7 @@ pub async fn run(ctx: &Ctx, cmd: WorkerCmd) -> Result<u8> {
             Ok(0)
         }
         WorkerCmd::Drain { id } => {
-            client.drain_worker(&id).await?;
+            ctx.client()?.drain_worker(&id).await?;
             match ctx.format {
                 Format::Json => print_json(&serde_json::json!({ "id": id, "draining": true })),
                 Format::Table => println!("worker {id} is draining: it gets no new tasks"),
@@ -133,7 +132,7 @@ async fn run_worker(ctx: &Ctx, a: RunArgs) -> Result<u8> {
         worker = %config.id,
         queues = ?config.queues,
         slots = config.slots,
-        endpoints = %ctx.endpoints.join(","),
+        endpoints = %ctx.config.endpoints.join(","),
         "starting worker"
     );
     let handle = Worker::new(ctx.client()?, config, handler).start();
