@@ -1,9 +1,9 @@
 //! A worker process for chaos runs. It behaves like a real worker (register, assignment
-//! stream, heartbeats, start/complete reports with the fencing token, reconnects, re-registers
-//! when its session was expired) and records every execution and report in its own history
-//! file, on the run's shared clock. The harness SIGSTOPs it to simulate a worker that
-//! stalls past its liveness deadline; on SIGCONT it reports what it finished, and the
-//! server must refuse those late completions.
+//! stream, heartbeats, a `Succeeded` report with the fencing token when an execution ends,
+//! reconnects, re-registers when its session was expired) and records every execution and
+//! report in its own history file, on the run's shared clock. The harness SIGSTOPs it to
+//! simulate a worker that stalls past its liveness deadline; on SIGCONT it reports what it
+//! finished, and the server must refuse those late completions.
 //!
 //! Usage: chaos-worker ID HISTORY_FILE OP_BASE SLOTS RUN_MIN_MS RUN_MAX_MS SEED ENDPOINT...
 
@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use chaos_tests::cluster::channel;
 use chaos_tests::history::{EventKind, HistoryWriter, RunClock};
 use proto::pb;
 use proto::pb::workers_client::WorkersClient;
@@ -39,12 +40,7 @@ impl Ctx {
 
     fn client(&self) -> WorkersClient<tonic::transport::Channel> {
         let i = self.next_endpoint.load(Ordering::Relaxed) as usize % self.endpoints.len();
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", self.endpoints[i]))
-            .expect("valid endpoint")
-            .connect_timeout(Duration::from_millis(300))
-            .timeout(Duration::from_secs(3))
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let ch = channel(&self.endpoints[i], Duration::from_secs(3)).expect("valid endpoint");
         WorkersClient::new(ch)
     }
 

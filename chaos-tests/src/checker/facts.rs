@@ -152,6 +152,8 @@ pub(crate) struct KeyFacts<'a> {
     pub final_ids: BTreeSet<u64>,
     /// Some submission of this key ended unknown.
     pub any_unknown: bool,
+    /// Number of submissions of this key that were refused (`SubmitFail`).
+    pub refused: usize,
 }
 
 impl KeyFacts<'_> {
@@ -160,6 +162,12 @@ impl KeyFacts<'_> {
         let mut ids = self.acked_ids.iter().chain(&self.final_ids);
         let first = *ids.next()?;
         ids.all(|&i| i == first).then_some(first)
+    }
+
+    /// The key was submitted and every one of its submissions was refused.
+    pub fn all_refused(&self) -> bool {
+        // `invokes` counts exactly the `submits` carrying this key.
+        self.invokes > 0 && self.refused == self.invokes
     }
 }
 
@@ -492,10 +500,13 @@ impl<'a> Facts<'a> {
             f.malformed.push(format!("fault {id} was never healed (no fault_end)"));
         }
 
-        // A key is "unknown" if any of its submissions might have happened unseen.
+        // A key is "unknown" if any of its submissions might have happened unseen; count
+        // the refused ones too, so that "all refused" is O(1) per key.
         for s in &f.submits {
-            if s.answer == Answer::Unknown {
-                f.keys.entry(s.key).or_default().any_unknown = true;
+            match s.answer {
+                Answer::Unknown => f.keys.entry(s.key).or_default().any_unknown = true,
+                Answer::Fail { .. } => f.keys.entry(s.key).or_default().refused += 1,
+                Answer::Ok { .. } => {}
             }
         }
 
@@ -617,6 +628,25 @@ mod tests {
         assert_eq!(f.priority_of(7), Some(3));
         assert_eq!(f.deps_of(8), Some(vec![(7, "a")]));
         assert!(f.completes[0].accepted_fresh());
+    }
+
+    #[test]
+    fn all_refused_needs_every_submission_of_the_key_refused() {
+        let mut h = H::new();
+        let op = h.submit_invoke("x", 1, &[]);
+        h.submit_fail_for(op, "x");
+        let op = h.submit_invoke("y", 1, &[]);
+        h.submit_fail_for(op, "y");
+        let op = h.submit_invoke("y", 1, &[]);
+        h.submit_unknown_for(op, "y");
+        h.submit_invoke("z", 1, &[]); // never answered: unknown
+        h.final_task(1, 9, Some("w"), "succeeded", Some(1)); // listed, never submitted
+        let f = Facts::build(&h.events);
+        assert!(f.keys["x"].all_refused());
+        assert_eq!((f.keys["y"].refused, f.keys["y"].invokes), (1, 2));
+        assert!(!f.keys["y"].all_refused());
+        assert!(!f.keys["z"].all_refused());
+        assert!(!f.keys["w"].all_refused());
     }
 
     #[test]

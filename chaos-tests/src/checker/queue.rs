@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::facts::{Answer, Facts};
+use super::facts::Facts;
 use super::{Counts, Findings, Property, PropertyResult, Verdict};
 
 fn no_final_reads() -> PropertyResult {
@@ -112,12 +112,7 @@ pub(crate) fn unexpected(f: &Facts<'_>, counts: &mut Counts) -> PropertyResult {
                         });
                         continue;
                     };
-                    let all_failed = f
-                        .submits
-                        .iter()
-                        .filter(|s| s.key == key)
-                        .all(|s| matches!(s.answer, Answer::Fail { .. }));
-                    if all_failed && k.acked_ids.is_empty() {
+                    if k.all_refused() && k.acked_ids.is_empty() {
                         findings.push(|| {
                             format!("task {id} (key {key:?}) exists although every submission of its key was refused")
                         });
