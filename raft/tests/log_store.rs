@@ -63,8 +63,20 @@ fn small(segment_size: u64, cache_bytes: usize) -> LogOptions {
     LogOptions { segment_size, cache_bytes, ..LogOptions::default() }
 }
 
+/// Opens a store, waiting out a lock briefly held by someone else. Tests run in parallel
+/// threads and the crash test spawns child processes: a child forked while another test
+/// still had its store open inherits that store's locked descriptor until it execs, so a
+/// reopen right after `drop` can find the lock taken for a moment.
 fn open(dir: &Path, opts: &LogOptions) -> Result<LogStore> {
-    Ok(LogStore::open(dir, opts.clone())?)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match LogStore::open(dir, opts.clone()) {
+            Err(LogError::Locked { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => return Ok(r?),
+        }
+    }
 }
 
 fn segment_files(dir: &Path) -> Result<Vec<PathBuf>> {
