@@ -359,7 +359,7 @@ fn spawn_workload(
                     idempotency_key: key.clone(),
                     retry: Some(pb::RetryPolicy {
                         max_attempts: 50,
-                        initial_backoff_ms: 50,
+                        initial_backoff_ms: Some(50),
                         ..Default::default()
                     }),
                     ..Default::default()

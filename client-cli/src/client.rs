@@ -480,23 +480,42 @@ impl Client {
     /// Up to `max` tasks, following page tokens (`req.limit` is the page size).
     pub async fn list_all_tasks(
         &self,
-        mut req: pb::ListTasksRequest,
+        req: pb::ListTasksRequest,
         max: usize,
     ) -> Result<Vec<pb::Task>, Error> {
-        let mut out = Vec::new();
+        Ok(self.list_tasks_upto(req, max).await?.tasks)
+    }
+
+    /// Up to `max` tasks, following page tokens from `req.page_token` in the request's order;
+    /// the answer's `next_page_token` continues after the last task returned (0 = no more)
+    /// and `remaining` counts the matching tasks after it (a lower bound when
+    /// `remaining_is_lower_bound`).
+    pub async fn list_tasks_upto(
+        &self,
+        mut req: pb::ListTasksRequest,
+        max: usize,
+    ) -> Result<pb::ListTasksResponse, Error> {
+        let mut out = pb::ListTasksResponse::default();
         // A page may be empty yet not the last (the server scans a bounded number of tasks
-        // per page when filtering). Bounded: the page token strictly increases.
-        while out.len() < max {
-            let want = (max - out.len()).min(1000) as u32;
-            req.limit = if req.limit == 0 { want } else { req.limit.min(want) };
+        // per page when filtering). Bounded: the token moves strictly in the list's order.
+        loop {
+            let want = (max.max(1) - out.tasks.len()).clamp(1, 1000) as u32;
+            req.limit = want;
             let page = self.list_tasks(req.clone()).await?;
-            out.extend(page.tasks);
-            if page.next_page_token == 0 || page.next_page_token <= req.page_token {
+            out.tasks.extend(page.tasks);
+            out.next_page_token = page.next_page_token;
+            out.remaining = page.remaining;
+            out.remaining_is_lower_bound = page.remaining_is_lower_bound;
+            let stuck = if req.newest_first {
+                req.page_token != 0 && page.next_page_token >= req.page_token
+            } else {
+                page.next_page_token <= req.page_token
+            };
+            if out.tasks.len() >= max.max(1) || page.next_page_token == 0 || stuck {
                 break;
             }
             req.page_token = page.next_page_token;
         }
-        out.truncate(max);
         Ok(out)
     }
 

@@ -43,6 +43,8 @@ pub enum Reason {
     InvalidState,
     /// An assignment does not fit the worker.
     DoesNotFit,
+    /// An idempotency key was reused with a different request body.
+    IdempotencyConflict,
     /// The worker is dead, draining, or the session is not current.
     WorkerUnavailable,
     /// The node is not the leader and knows no leader to forward to.
@@ -66,6 +68,7 @@ impl Reason {
             "wrong_worker" => Reason::WrongWorker,
             "invalid_state" => Reason::InvalidState,
             "does_not_fit" => Reason::DoesNotFit,
+            "idempotency_conflict" => Reason::IdempotencyConflict,
             "worker_unavailable" => Reason::WorkerUnavailable,
             "not_leader" => Reason::NotLeader,
             "unavailable" => Reason::Unavailable,
@@ -85,6 +88,7 @@ impl Reason {
             Reason::WrongWorker => "wrong_worker",
             Reason::InvalidState => "invalid_state",
             Reason::DoesNotFit => "does_not_fit",
+            Reason::IdempotencyConflict => "idempotency_conflict",
             Reason::WorkerUnavailable => "worker_unavailable",
             Reason::NotLeader => "not_leader",
             Reason::Unavailable => "unavailable",

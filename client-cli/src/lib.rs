@@ -26,6 +26,7 @@ pub mod error;
 pub mod exec;
 pub mod local;
 pub mod ports;
+pub mod quantity;
 pub mod worker;
 pub mod workflow;
 

@@ -11,8 +11,10 @@
 //!     payload: ./extract.sh
 //!   - name: transform
 //!     after: [extract]
-//!     cpu: 500
+//!     cpu: 500m                      # or 0.5 (cores); mem: 2GiB, 512Mi or 512 (MiB)
 //!     timeout: 5m
+//!     max_attempts: 5
+//!     backoff: 2s                    # retry delays 2s, 4s, 8s... up to backoff_max
 //!   - name: load
 //!     after: [transform]
 //!     labels: { zone: eu }
@@ -20,8 +22,10 @@
 //!
 //! Every field of `schedctl task submit` is accepted: `payload` / `payload_file` (relative to
 //! the workflow file), `priority`, `queue`, `cpu`, `mem`, `resources` (map), `labels` (map),
-//! `metadata` (map), `max_attempts`, `timeout` and `delay` (durations such as `30s`, `5m`),
-//! `key` (idempotency key), plus `after_ids` for existing task ids.
+//! `metadata` (map), `max_attempts`, `backoff`, `backoff_max`, `timeout` and `delay`
+//! (durations such as `30s`, `5m`), `backoff_multiplier` (e.g. 2), `key` (idempotency key),
+//! plus `after_ids` for existing task ids. `cpu` and `mem` take the quantities of
+//! [`crate::quantity`].
 //!
 //! [`Workflow::to_request`] checks the graph before anything is sent: duplicate names, unknown
 //! names and cycles are reported with the names involved. Dependencies become batch positions
@@ -36,6 +40,39 @@ use std::time::Duration;
 
 use proto::pb;
 use serde::Deserialize;
+
+/// Parses a backoff multiplier (`2`, `1.5`) into thousandths.
+pub fn multiplier_permille(s: &str) -> Result<u32, String> {
+    let x: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number like 2 or 1.5"))?;
+    if !(1.0..=10.0).contains(&x) {
+        return Err(format!("{s:?} is outside 1..10 (2 doubles the delay on every retry)"));
+    }
+    Ok((x * 1000.0).round() as u32)
+}
+
+/// The wire retry policy for these settings; `None` when none is given, so the server's
+/// default policy applies. Unset fields stay unset on the wire and mean "default" there
+/// (1 s, doubling, capped at 1 min).
+pub fn retry_policy(
+    max_attempts: Option<u32>,
+    initial_backoff_ms: Option<u64>,
+    max_backoff_ms: Option<u64>,
+    multiplier_permille: Option<u32>,
+) -> Option<pb::RetryPolicy> {
+    if max_attempts.is_none()
+        && initial_backoff_ms.is_none()
+        && max_backoff_ms.is_none()
+        && multiplier_permille.is_none()
+    {
+        return None;
+    }
+    Some(pb::RetryPolicy {
+        max_attempts: max_attempts.unwrap_or(0),
+        initial_backoff_ms,
+        multiplier_permille,
+        max_backoff_ms,
+    })
+}
 
 /// Why a workflow file cannot be submitted.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -143,11 +180,11 @@ pub struct WorkflowTask {
     pub priority: i32,
     /// Queue (default `default`).
     pub queue: Option<String>,
-    /// CPU millicores needed.
-    #[serde(default)]
+    /// CPU needed, in millicores (the file says `0.5` or `500m`).
+    #[serde(default, deserialize_with = "crate::quantity::deserialize_cpu_milli")]
     pub cpu: u64,
-    /// Memory MiB needed.
-    #[serde(default)]
+    /// Memory needed, in MiB (the file says `512`, `2GiB` or `512Mi`).
+    #[serde(default, deserialize_with = "crate::quantity::deserialize_mem_mib")]
     pub mem: u64,
     /// Named resources needed (`gpu: 1`).
     #[serde(default)]
@@ -160,6 +197,12 @@ pub struct WorkflowTask {
     pub metadata: BTreeMap<String, String>,
     /// Total attempts allowed.
     pub max_attempts: Option<u32>,
+    /// Delay before the first retry.
+    backoff: Option<DurationField>,
+    /// Longest delay between retries.
+    backoff_max: Option<DurationField>,
+    /// Growth of the delay per retry (2 = doubling).
+    backoff_multiplier: Option<f64>,
     /// Per-attempt timeout.
     timeout: Option<DurationField>,
     /// Delay before the task may run.
@@ -312,8 +355,20 @@ impl Workflow {
             }
             (None, None) => Vec::new(),
         };
-        let retry =
-            t.max_attempts.map(|n| pb::RetryPolicy { max_attempts: n, ..Default::default() });
+        let millis = |d: &Option<DurationField>, field: &str| {
+            d.as_ref().map(|d| d.to_millis(&t.name, field)).transpose()
+        };
+        let multiplier = t
+            .backoff_multiplier
+            .map(|x| multiplier_permille(&x.to_string()))
+            .transpose()
+            .map_err(|e| invalid(format!("backoff_multiplier: {e}")))?;
+        let retry = retry_policy(
+            t.max_attempts,
+            millis(&t.backoff, "backoff")?,
+            millis(&t.backoff_max, "backoff_max")?,
+            multiplier,
+        );
         let key = match (&t.key, &self.key_prefix) {
             (Some(k), _) => k.clone(),
             (None, Some(prefix)) => format!("{prefix}/{}", t.name),
@@ -412,7 +467,7 @@ tasks:
     payload: echo a
   - name: b
     after: [a]
-    cpu: 500
+    cpu: 500m
     mem: 64
     resources: { gpu: 1 }
     labels: { zone: eu }
@@ -441,6 +496,39 @@ tasks:
         assert_eq!((t[1].timeout_ms, t[1].delay_ms), (30_000, 1500));
         assert_eq!(t[0].idempotency_key, "run1/a");
         assert_eq!(t[2].idempotency_key, "mine");
+        assert_eq!(t[1].retry.as_ref().unwrap().initial_backoff_ms, None, "unset means default");
+    }
+
+    #[test]
+    fn quantities_and_backoff_keys_are_read() {
+        let p = prepare(
+            r#"
+- name: a
+  cpu: 0.5
+  mem: 2GiB
+  backoff: 2s
+  backoff_max: 5m
+  backoff_multiplier: 1.5
+- name: b
+  mem: "512Mi"
+  backoff: 0s
+"#,
+        )
+        .unwrap();
+        let t = &p.request.tasks;
+        let r = t[0].resources.as_ref().unwrap();
+        assert_eq!((r.cpu_milli, r.memory_mib), (500, 2048));
+        let retry = t[0].retry.as_ref().unwrap();
+        assert_eq!(retry.max_attempts, 0, "unset: the server's default count");
+        assert_eq!(retry.initial_backoff_ms, Some(2_000));
+        assert_eq!(retry.max_backoff_ms, Some(300_000));
+        assert_eq!(retry.multiplier_permille, Some(1_500));
+        assert_eq!(t[1].resources.as_ref().unwrap().memory_mib, 512);
+        assert_eq!(t[1].retry.as_ref().unwrap().initial_backoff_ms, Some(0));
+        let bad = Workflow::parse("- name: a\n  cpu: 1500\n", false).unwrap_err();
+        assert!(bad.contains("1500m"), "{bad}");
+        let bad = prepare("- name: a\n  backoff_multiplier: 20\n").unwrap_err().to_string();
+        assert!(bad.contains("backoff_multiplier"), "{bad}");
     }
 
     #[test]

@@ -24,7 +24,7 @@ fn submit_get_and_idempotent_resubmit() {
         "--label",
         "zone=eu",
         "--cpu",
-        "250",
+        "250m",
         "--key",
         "greet-1",
     ]);

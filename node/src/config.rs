@@ -307,6 +307,16 @@ fn ms(d: Duration) -> u64 {
 impl Config {
     /// Resolve flags/env over the file over the defaults, then check the result.
     pub fn load(args: &Args) -> Result<Config, ConfigError> {
+        Config::load_with_rust_log(args, std::env::var("RUST_LOG").ok())
+    }
+
+    /// [`Config::load`] with the value of `RUST_LOG` given. The log filter follows the same
+    /// order as every setting: `--log` (or `SCHED_LOG`), then `RUST_LOG` (the environment
+    /// layer), then the file's `log`, then the default.
+    pub fn load_with_rust_log(
+        args: &Args,
+        rust_log: Option<String>,
+    ) -> Result<Config, ConfigError> {
         let file = match &args.config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
@@ -420,8 +430,10 @@ impl Config {
         }
         c.http = args.http.or(c.http);
         c.bootstrap |= args.bootstrap;
-        if let Some(v) = &args.log {
-            c.log = v.clone();
+        match (&args.log, rust_log.filter(|v| !v.trim().is_empty())) {
+            (Some(v), _) => c.log = v.clone(),
+            (None, Some(v)) => c.log = v,
+            (None, None) => {}
         }
         if let Some(d) = args.heartbeat_ttl {
             c.workers.heartbeat_ttl = d;
@@ -520,6 +532,21 @@ mod tests {
         assert_eq!(c.workers.heartbeat_ttl, Duration::from_secs(9));
         assert_eq!(c.raft.heartbeat_ms, 40);
         assert_eq!(c.workers.heartbeat_interval, Duration::from_secs(1), "default kept");
+    }
+
+    #[test]
+    fn log_filter_follows_flags_then_rust_log_then_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "log = \"warn\"\n").unwrap();
+        let file = Args { config: Some(path), ..Default::default() };
+        let with_flag = Args { log: Some("debug".into()), ..file.clone() };
+        let env = Some("trace".to_string());
+        assert_eq!(Config::load_with_rust_log(&with_flag, env.clone()).unwrap().log, "debug");
+        assert_eq!(Config::load_with_rust_log(&file, env.clone()).unwrap().log, "trace");
+        assert_eq!(Config::load_with_rust_log(&file, None).unwrap().log, "warn");
+        let none = Args::default();
+        assert_eq!(Config::load_with_rust_log(&none, None).unwrap().log, Config::default().log);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! | size or count limit, too many pending tasks | RESOURCE_EXHAUSTED | limit_exceeded |
 //! | unknown task or worker | NOT_FOUND | not_found |
 //! | stale fencing token, wrong worker | FAILED_PRECONDITION | stale_fence / wrong_worker |
+//! | idempotency key reused with a different body | FAILED_PRECONDITION | idempotency_conflict |
 //! | task in the wrong state, does not fit, worker dead/draining | FAILED_PRECONDITION | invalid_state / does_not_fit / worker_unavailable |
 //! | no leader, forward failed, write not committed in time, node stopping | UNAVAILABLE | unavailable / not_leader |
 //! | a bug | INTERNAL | internal |
@@ -78,6 +79,9 @@ impl From<NodeError> for Status {
                     Rejection::WrongWorker { .. } => (Code::FailedPrecondition, "wrong_worker"),
                     Rejection::InvalidState { .. } => (Code::FailedPrecondition, "invalid_state"),
                     Rejection::DoesNotFit { .. } => (Code::FailedPrecondition, "does_not_fit"),
+                    Rejection::KeyConflict { .. } => {
+                        (Code::FailedPrecondition, "idempotency_conflict")
+                    }
                     Rejection::WorkerUnavailable { .. } => {
                         (Code::FailedPrecondition, "worker_unavailable")
                     }

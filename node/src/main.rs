@@ -15,8 +15,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log));
+    // `cfg.log` already resolved `--log` > `RUST_LOG` > file > default.
+    let filter = match tracing_subscriber::EnvFilter::try_new(&cfg.log) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("schedulerd: invalid log filter {:?}: {e}", cfg.log);
+            return ExitCode::from(2);
+        }
+    };
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -69,23 +69,23 @@ pub fn resources_to_pb(r: &sm::Resources) -> pb::Resources {
     }
 }
 
+/// Wire retry policy -> domain. Unset fields (and the zeros that mean "unset" on the older
+/// wire fields) take the default; only an explicitly set `initial_backoff_ms = 0` means "retry
+/// at once".
 fn retry_from_pb(r: Option<pb::RetryPolicy>) -> sm::RetryPolicy {
     let d = sm::RetryPolicy::default();
-    match r {
-        None => d,
-        Some(r) => sm::RetryPolicy {
-            max_attempts: if r.max_attempts == 0 { d.max_attempts } else { r.max_attempts },
-            initial_backoff_ms: r.initial_backoff_ms,
-            multiplier_permille: if r.multiplier_permille == 0 {
-                d.multiplier_permille
-            } else {
-                r.multiplier_permille
-            },
-            max_backoff_ms: if r.max_backoff_ms == 0 {
-                d.max_backoff_ms.max(r.initial_backoff_ms)
-            } else {
-                r.max_backoff_ms
-            },
+    let Some(r) = r else { return d };
+    let initial_backoff_ms = r.initial_backoff_ms.unwrap_or(d.initial_backoff_ms);
+    sm::RetryPolicy {
+        max_attempts: if r.max_attempts == 0 { d.max_attempts } else { r.max_attempts },
+        initial_backoff_ms,
+        multiplier_permille: match r.multiplier_permille {
+            None | Some(0) => d.multiplier_permille,
+            Some(m) => m,
+        },
+        max_backoff_ms: match r.max_backoff_ms {
+            None | Some(0) => d.max_backoff_ms.max(initial_backoff_ms),
+            Some(m) => m,
         },
     }
 }
@@ -93,9 +93,9 @@ fn retry_from_pb(r: Option<pb::RetryPolicy>) -> sm::RetryPolicy {
 fn retry_to_pb(r: &sm::RetryPolicy) -> pb::RetryPolicy {
     pb::RetryPolicy {
         max_attempts: r.max_attempts,
-        initial_backoff_ms: r.initial_backoff_ms,
-        multiplier_permille: r.multiplier_permille,
-        max_backoff_ms: r.max_backoff_ms,
+        initial_backoff_ms: Some(r.initial_backoff_ms),
+        multiplier_permille: Some(r.multiplier_permille),
+        max_backoff_ms: Some(r.max_backoff_ms),
     }
 }
 
@@ -331,6 +331,32 @@ mod tests {
         assert_eq!(t.spec.timeout_ms, None);
         assert_eq!(t.spec.idempotency_key, None);
         assert_eq!(t.depends_on, vec![DepRef::Id(sm::TaskId(4)), DepRef::Batch(0)]);
+    }
+
+    #[test]
+    fn unset_retry_fields_take_the_defaults() {
+        let d = sm::RetryPolicy::default();
+        let only_attempts =
+            retry_from_pb(Some(pb::RetryPolicy { max_attempts: 5, ..Default::default() }));
+        assert_eq!(only_attempts, sm::RetryPolicy { max_attempts: 5, ..d.clone() });
+        let zeros = retry_from_pb(Some(pb::RetryPolicy {
+            max_attempts: 0,
+            initial_backoff_ms: None,
+            multiplier_permille: Some(0),
+            max_backoff_ms: Some(0),
+        }));
+        assert_eq!(zeros, d);
+        let no_wait = retry_from_pb(Some(pb::RetryPolicy {
+            initial_backoff_ms: Some(0),
+            ..Default::default()
+        }));
+        assert_eq!(no_wait.initial_backoff_ms, 0, "an explicit zero is kept");
+        let long = retry_from_pb(Some(pb::RetryPolicy {
+            initial_backoff_ms: Some(120_000),
+            ..Default::default()
+        }));
+        assert_eq!(long.max_backoff_ms, 120_000, "the default cap never undercuts the start");
+        assert_eq!(retry_from_pb(Some(retry_to_pb(&long))), long);
     }
 
     #[test]

@@ -67,7 +67,10 @@ pub enum Rejection {
         reason: String,
     },
     /// A report or decision quoted a fencing token that is not the task's current one.
-    #[error("stale fencing token {given} for task {task} (current: {current:?})")]
+    #[error("stale fencing token {given} for task {task} ({})", match current {
+        Some(c) => format!("the current attempt has token {c}"),
+        None => "no attempt is in progress".to_string(),
+    })]
     StaleFence {
         /// The task.
         task: TaskId,
@@ -77,7 +80,10 @@ pub enum Rejection {
         given: Fence,
     },
     /// A report came from a worker that does not hold the task.
-    #[error("task {task} is not held by worker {given} (holder: {holder:?})")]
+    #[error("task {task} is not held by worker {given} ({})", match holder {
+        Some(h) => format!("worker {h} holds it"),
+        None => "no worker holds it".to_string(),
+    })]
     WrongWorker {
         /// The task.
         task: TaskId,
@@ -95,6 +101,20 @@ pub enum Rejection {
         state: TaskStateKind,
         /// What was attempted.
         reason: String,
+    },
+    /// An idempotency key is reused for a different request body: the same key and the same
+    /// body name the same task, a different body is a client bug, never a silent match.
+    #[error(
+        "idempotency key {key:?} already names task {task}, submitted with a different {field}; \
+         resubmit the same request to get that task, or use a new key"
+    )]
+    KeyConflict {
+        /// The key.
+        key: String,
+        /// The task the key names.
+        task: TaskId,
+        /// The first field found to differ.
+        field: String,
     },
     /// An assignment does not fit the worker (queue, labels, slots or resources).
     #[error("task {task} does not fit worker {worker}: {reason}")]

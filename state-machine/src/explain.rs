@@ -99,6 +99,14 @@ pub enum Blocker {
         /// The largest capacity among eligible workers.
         largest: u64,
     },
+    /// A worker has room, but the planner holds it back for a larger task that goes first
+    /// (a reservation against starvation) and no other worker has room.
+    Reserved {
+        /// The worker held back.
+        worker: WorkerId,
+        /// The task it is held for.
+        for_task: TaskId,
+    },
     /// Eligible workers exist, but none has room now.
     Busy {
         /// Eligible workers.
@@ -120,6 +128,12 @@ impl fmt::Display for Blocker {
             Blocker::TooLarge { resource, need, largest } => write!(
                 f,
                 "needs {need} {resource} but the largest eligible worker offers {largest}"
+            ),
+            Blocker::Reserved { worker, for_task } => write!(
+                f,
+                "worker {worker} has room but is held back for task {for_task}, a larger task \
+                 that goes first (so that large tasks are not starved); this one is placed when \
+                 another worker has room or task {for_task} has started"
             ),
             Blocker::Busy { eligible, short: None } => {
                 write!(f, "all slots of the {eligible} eligible workers are taken")
@@ -143,15 +157,17 @@ impl fmt::Display for Explanation {
                 write!(f, "queued ({ahead} ahead): {b}")
             }
             Explanation::Queued { ahead, blocker: None, .. } => {
-                write!(f, "queued ({ahead} ahead): a worker fits; it will be placed in turn")
+                write!(f, "queued ({ahead} ahead): a worker has room; it will be placed in turn")
             }
-            Explanation::Delayed { until, after_failure: Some(fl) } => write!(
+            // The time itself is a separate field (`until`): only a client knows the reader's
+            // clock and time zone to print it in.
+            Explanation::Delayed { after_failure: Some(fl), .. } => write!(
                 f,
-                "backing off until {until} after attempt {} failed ({}: {})",
+                "backing off after attempt {} failed ({}: {})",
                 fl.attempt, fl.kind, fl.message
             ),
-            Explanation::Delayed { until, after_failure: None } => {
-                write!(f, "not before {until} (submitted with a delay)")
+            Explanation::Delayed { after_failure: None, .. } => {
+                write!(f, "delayed: submitted to run no earlier than a given time")
             }
             Explanation::Assigned { worker, attempt, fence, .. } => write!(
                 f,
@@ -228,11 +244,7 @@ impl SchedulerState {
             TaskState::Cancelled { at, reason } => Explanation::Finished {
                 state: TaskStateKind::Cancelled,
                 at: *at,
-                detail: if reason.is_empty() {
-                    "cancelled".into()
-                } else {
-                    format!("cancelled: {reason}")
-                },
+                detail: if reason.is_empty() { "no reason given".into() } else { reason.clone() },
             },
             TaskState::UpstreamFailed { at, upstream } => Explanation::Finished {
                 state: TaskStateKind::UpstreamFailed,
@@ -277,6 +289,7 @@ impl SchedulerState {
         }
         let mut short = None;
         let mut any_slot = false;
+        let mut roomy: Vec<&WorkerId> = Vec::new();
         for w in &eligible {
             let load = self.idx.loads.get(&w.spec.id);
             let used = load.map_or(0, |l| l.tasks.len() as u64);
@@ -287,7 +300,7 @@ impl SchedulerState {
             let free =
                 load.map_or_else(|| w.spec.capacity.clone(), |l| w.spec.capacity.minus(&l.used));
             match spec.resources.shortfall(&free) {
-                None => return None,
+                None => roomy.push(&w.spec.id),
                 Some(s) => {
                     if short.as_ref().is_none_or(|(_, _, f): &(String, u64, u64)| s.2 > *f) {
                         short = Some(s);
@@ -295,9 +308,28 @@ impl SchedulerState {
                 }
             }
         }
+        if !roomy.is_empty() {
+            return self.reserved_blocker(id, &roomy);
+        }
         Some(Blocker::Busy {
             eligible: eligible.len() as u32,
             short: if any_slot { short } else { None },
         })
+    }
+
+    /// Workers have room for `id`; the planner may still hold every one of them back for
+    /// larger tasks. Asks the planner itself, so explain and placement cannot disagree.
+    fn reserved_blocker(&self, id: TaskId, roomy: &[&WorkerId]) -> Option<Blocker> {
+        let plan = crate::planner::plan(self, &crate::planner::PlanPolicy::default());
+        if plan.assignments.iter().any(|a| a.task == id) {
+            return None;
+        }
+        let held: Vec<_> =
+            plan.reservations.iter().filter(|r| roomy.contains(&&r.worker)).collect();
+        // Held back only if every worker with room is reserved; otherwise it is just its turn.
+        if held.len() < roomy.len() {
+            return None;
+        }
+        held.first().map(|r| Blocker::Reserved { worker: r.worker.clone(), for_task: r.task })
     }
 }

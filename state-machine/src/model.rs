@@ -134,9 +134,12 @@ impl Resources {
 
 /// How a task is retried after a failed attempt.
 ///
-/// Attempt `n` (1-based) that fails with attempts left is retried after
-/// `min(initial_backoff_ms * (multiplier_permille/1000)^(n-1), max_backoff_ms)`.
-/// Integer arithmetic keeps apply deterministic across platforms.
+/// Attempt `n` (1-based) that fails with attempts left is retried after the base delay
+/// `min(initial_backoff_ms * (multiplier_permille/1000)^(n-1), max_backoff_ms)` less a jitter
+/// of up to [`RetryPolicy::JITTER_PERMILLE`] of it. The jitter is a hash of the task id and
+/// the attempt, not a random draw: apply stays a pure function of the log, yet tasks that
+/// failed together (a dependency outage) spread their retries instead of returning in
+/// lockstep. Integer arithmetic keeps apply deterministic across platforms.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RetryPolicy {
     /// Total attempts allowed, including the first (1 = never retry).
@@ -161,8 +164,11 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The delay before attempt `failed_attempt + 1`.
-    pub fn backoff_after(&self, failed_attempt: u32) -> u64 {
+    /// Largest share of a base delay the jitter takes off, in thousandths.
+    pub const JITTER_PERMILLE: u64 = 200;
+
+    /// The base delay before attempt `failed_attempt + 1`, without jitter.
+    pub fn base_backoff_after(&self, failed_attempt: u32) -> u64 {
         let mut delay = self.initial_backoff_ms.min(self.max_backoff_ms);
         for _ in 1..failed_attempt {
             delay = ((delay as u128 * self.multiplier_permille as u128) / 1000)
@@ -173,6 +179,22 @@ impl RetryPolicy {
         }
         delay
     }
+
+    /// The delay before attempt `failed_attempt + 1` of `task`: the base delay less its
+    /// deterministic jitter (between 80% and 100% of the base).
+    pub fn backoff_after(&self, task: TaskId, failed_attempt: u32) -> u64 {
+        let base = self.base_backoff_after(failed_attempt);
+        let share = mix64(task.0 ^ (u64::from(failed_attempt) << 40)) % (Self::JITTER_PERMILLE + 1);
+        base - (base as u128 * share as u128 / 1000) as u64
+    }
+}
+
+/// SplitMix64's finaliser: a fixed, well-spread hash of one integer.
+fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Everything a client says about a task, minus its dependencies (which are resolved to ids at
@@ -596,11 +618,31 @@ mod tests {
             multiplier_permille: 2000,
             max_backoff_ms: 500,
         };
-        assert_eq!(p.backoff_after(1), 100);
-        assert_eq!(p.backoff_after(2), 200);
-        assert_eq!(p.backoff_after(3), 400);
-        assert_eq!(p.backoff_after(4), 500);
-        assert_eq!(p.backoff_after(40), 500);
+        assert_eq!(p.base_backoff_after(1), 100);
+        assert_eq!(p.base_backoff_after(2), 200);
+        assert_eq!(p.base_backoff_after(3), 400);
+        assert_eq!(p.base_backoff_after(4), 500);
+        assert_eq!(p.base_backoff_after(40), 500);
+    }
+
+    #[test]
+    fn jitter_is_deterministic_bounded_and_spread() {
+        let p = RetryPolicy::default();
+        let mut seen = std::collections::BTreeSet::new();
+        for id in 1..200u64 {
+            for attempt in 1..5 {
+                let base = p.base_backoff_after(attempt);
+                let d = p.backoff_after(TaskId(id), attempt);
+                assert_eq!(d, p.backoff_after(TaskId(id), attempt), "same inputs, same delay");
+                assert!(d <= base && d >= base - base / 5, "{d} outside 80-100% of {base}");
+                if attempt == 1 {
+                    seen.insert(d);
+                }
+            }
+        }
+        assert!(seen.len() > 50, "tasks failing together retry at spread times: {seen:?}");
+        let none = RetryPolicy { initial_backoff_ms: 0, ..p };
+        assert_eq!(none.backoff_after(TaskId(7), 1), 0, "no backoff stays no backoff");
     }
 
     #[test]

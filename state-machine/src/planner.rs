@@ -418,6 +418,35 @@ mod tests {
     }
 
     #[test]
+    fn explain_names_the_reservation_that_holds_a_small_task_back() {
+        use crate::explain::{Blocker, Explanation};
+        let mut s = state_with_workers(&[("w1", 4_000, 8)]);
+        submit(&mut s, 0, 1_000);
+        let first = plan(&s, &PlanPolicy::default());
+        s.apply(&Command::new(3, Op::Assign { assignments: first.assignments, planned_at: 0 }))
+            .unwrap();
+        let big = submit(&mut s, 10, 4_000);
+        let small = submit(&mut s, 0, 1_000);
+        let Some(Explanation::Queued { blocker, .. }) = s.explain(small) else { panic!() };
+        assert_eq!(
+            blocker,
+            Some(Blocker::Reserved { worker: WorkerId("w1".into()), for_task: big })
+        );
+        let text = blocker.unwrap().to_string();
+        assert!(text.contains("held back for task") && !text.contains("fits"), "{text}");
+        // With a second worker that has room, the small task is only waiting for its turn.
+        let mut s2 = state_with_workers(&[("w1", 4_000, 8), ("w2", 1_000, 8)]);
+        submit(&mut s2, 0, 1_000);
+        let first = plan(&s2, &PlanPolicy::default());
+        s2.apply(&Command::new(3, Op::Assign { assignments: first.assignments, planned_at: 0 }))
+            .unwrap();
+        submit(&mut s2, 10, 4_000);
+        let small = submit(&mut s2, 0, 1_000);
+        let Some(Explanation::Queued { blocker, .. }) = s2.explain(small) else { panic!() };
+        assert_eq!(blocker, None);
+    }
+
+    #[test]
     fn a_task_too_large_for_every_worker_reserves_nothing() {
         let mut s = state_with_workers(&[("w1", 1_000, 8)]);
         submit(&mut s, 10, 5_000);

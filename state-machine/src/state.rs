@@ -217,6 +217,11 @@ impl SchedulerState {
         self.tasks.range(from..).map(|(_, t)| &**t)
     }
 
+    /// Tasks with ids below `below`, newest (highest id) first.
+    pub fn tasks_before(&self, below: TaskId) -> impl Iterator<Item = &Task> {
+        self.tasks.range(..below).rev().map(|(_, t)| &**t)
+    }
+
     /// Number of task records.
     pub fn task_count(&self) -> usize {
         self.tasks.len()
@@ -367,6 +372,11 @@ impl SchedulerState {
                 }
             }
         }
+        for (i, t) in batch.iter().enumerate() {
+            if !created[i] {
+                self.check_same_body(t, ids[i], &ids)?;
+            }
+        }
         let mut resolved: Vec<Vec<TaskId>> = Vec::with_capacity(batch.len());
         for (i, t) in batch.iter().enumerate() {
             let mut deps = Vec::with_capacity(t.depends_on.len());
@@ -428,6 +438,62 @@ impl SchedulerState {
                 })
                 .collect(),
         ))
+    }
+
+    /// A keyed submit that matches an existing task must carry the body that created it.
+    /// Compared: everything the client sent except the relative `delay_ms` (its absolute
+    /// effect depends on when the first submit was applied, so a retry cannot reproduce it).
+    fn check_same_body(
+        &self,
+        t: &NewTask,
+        existing: TaskId,
+        ids: &[TaskId],
+    ) -> Result<(), Rejection> {
+        let old = &self.tasks[&existing];
+        let (a, b) = (&t.spec, &old.spec);
+        let field = if a.name != b.name {
+            "name"
+        } else if a.payload != b.payload {
+            "payload"
+        } else if a.queue != b.queue {
+            "queue"
+        } else if a.priority != b.priority {
+            "priority"
+        } else if a.resources != b.resources {
+            "resources"
+        } else if a.labels != b.labels {
+            "labels"
+        } else if a.retry != b.retry {
+            "retry policy"
+        } else if a.timeout_ms != b.timeout_ms {
+            "timeout"
+        } else if a.metadata != b.metadata {
+            "metadata"
+        } else if t.delay_ms == 0 && a.not_before != b.not_before {
+            "not_before"
+        } else {
+            let mut deps: Vec<TaskId> = t
+                .depends_on
+                .iter()
+                .map(|d| match d {
+                    DepRef::Id(id) => *id,
+                    DepRef::Batch(p) => ids[*p as usize],
+                })
+                .collect();
+            let mut had = old.deps.clone();
+            deps.sort_unstable();
+            deps.dedup();
+            had.sort_unstable();
+            if deps == had {
+                return Ok(());
+            }
+            "depends_on"
+        };
+        Err(Rejection::KeyConflict {
+            key: b.idempotency_key.clone().unwrap_or_default(),
+            task: existing,
+            field: field.to_string(),
+        })
     }
 
     fn create_task(&mut self, now: Millis, id: TaskId, spec: TaskSpec, deps: Vec<TaskId>) {
@@ -686,7 +752,7 @@ impl SchedulerState {
             let delay = if kind == FailureKind::WorkerLost {
                 0
             } else {
-                task.spec.retry.backoff_after(task.attempt)
+                task.spec.retry.backoff_after(id, task.attempt)
             };
             if delay == 0 {
                 TaskState::Queued { since: now }

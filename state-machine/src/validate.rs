@@ -198,13 +198,39 @@ fn retry(field: &Field, r: &RetryPolicy, limits: &Limits) -> Result<(), Rejectio
         ));
     }
     if r.max_backoff_ms > limits.max_duration_ms {
-        return Err(Rejection::limit(
-            field.child("max_backoff_ms").to_string(),
-            limits.max_duration_ms,
-            r.max_backoff_ms,
-        ));
+        return Err(too_long(field.child("max_backoff_ms"), r.max_backoff_ms, limits));
     }
     Ok(())
+}
+
+/// A duration beyond the longest one accepted is a malformed value (INVALID_ARGUMENT), not
+/// an exhausted resource: no amount of waiting makes it acceptable.
+fn too_long(field: Field<'_>, ms: u64, limits: &Limits) -> Rejection {
+    Rejection::invalid(
+        field.to_string(),
+        format!(
+            "{} is longer than the longest allowed, {}",
+            fmt_ms(ms),
+            fmt_ms(limits.max_duration_ms)
+        ),
+    )
+}
+
+/// `90061000` -> `1d 1h 1m 1s` (whole units, largest first; `0s` for zero).
+pub fn fmt_ms(ms: u64) -> String {
+    let mut left = ms / 1000;
+    let mut parts = Vec::new();
+    for (unit, secs) in [("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1)] {
+        if left >= secs {
+            parts.push(format!("{}{unit}", left / secs));
+            left %= secs;
+        }
+    }
+    match (parts.is_empty(), ms % 1000) {
+        (true, 0) => "0s".into(),
+        (true, rest) => format!("{rest}ms"),
+        (false, _) => parts.join(" "),
+    }
 }
 
 /// One task spec, without its dependencies. `now` bounds `not_before`.
@@ -255,11 +281,7 @@ fn task_spec_at(
             ));
         }
         if t > limits.max_duration_ms {
-            return Err(Rejection::limit(
-                field.child("timeout_ms").to_string(),
-                limits.max_duration_ms,
-                t,
-            ));
+            return Err(too_long(field.child("timeout_ms"), t, limits));
         }
     }
     if let Some(nb) = spec.not_before {
@@ -304,11 +326,7 @@ pub fn submit_batch(tasks: &[NewTask], now: u64, limits: &Limits) -> Result<(), 
         let field = Field::Index(&root, i);
         task_spec_at(&field, &t.spec, now, limits)?;
         if t.delay_ms > limits.max_duration_ms {
-            return Err(Rejection::limit(
-                field.child("delay_ms").to_string(),
-                limits.max_duration_ms,
-                t.delay_ms,
-            ));
+            return Err(too_long(field.child("delay_ms"), t.delay_ms, limits));
         }
         if t.depends_on.len() > limits.max_deps {
             return Err(Rejection::limit(
@@ -436,6 +454,21 @@ pub fn truncate_message(message: &str, max: usize) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn durations_beyond_the_limit_are_invalid_arguments_in_words() {
+        let mut t = NewTask::new(TaskSpec::new("x"));
+        t.delay_ms = 365 * 86_400_000;
+        let e = submit_batch(&[t], 0, &HARD).unwrap_err();
+        assert_eq!(
+            e,
+            Rejection::invalid("tasks[0].delay_ms", "365d is longer than the longest allowed, 7d")
+        );
+        assert_eq!(fmt_ms(90_061_000), "1d 1h 1m 1s");
+        assert_eq!(fmt_ms(250), "250ms");
+        assert_eq!(fmt_ms(0), "0s");
+    }
+
     use super::*;
 
     fn nt(deps: Vec<DepRef>) -> NewTask {

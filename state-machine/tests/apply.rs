@@ -126,6 +126,40 @@ fn idempotency_key_returns_the_existing_task() {
 }
 
 #[test]
+fn idempotency_key_with_a_different_body_is_refused_and_changes_nothing() {
+    let mut h = H::new();
+    let dep = h.submit1(spec("dep"));
+    let mut t = NewTask::new(keyed("a", "k1"));
+    t.depends_on = vec![DepRef::Id(dep)];
+    t.delay_ms = 500;
+    let first = h.submit(vec![t.clone()])[0];
+    // The same body again (its relative delay included) is the same task.
+    h.now += 10_000;
+    assert_eq!(h.submit(vec![t.clone()]), vec![first]);
+    let before = h.s.task_count();
+    let conflict =
+        |field: &str| Rejection::KeyConflict { key: "k1".into(), task: first, field: field.into() };
+    let mut other = t.clone();
+    other.spec.payload = b"something else".to_vec();
+    assert_eq!(h.apply(Op::Submit { tasks: vec![other] }), Err(conflict("payload")));
+    let mut other = t.clone();
+    other.spec.priority = 9;
+    // In a batch, the conflict refuses every task of it.
+    let r = h.apply(Op::Submit { tasks: vec![NewTask::new(spec("new")), other] });
+    assert_eq!(r, Err(conflict("priority")));
+    let mut other = t.clone();
+    other.depends_on = vec![];
+    assert_eq!(h.apply(Op::Submit { tasks: vec![other] }), Err(conflict("depends_on")));
+    let mut other = t.clone();
+    other.spec.name = "b".into();
+    let e = h.apply(Op::Submit { tasks: vec![other] }).unwrap_err();
+    assert_eq!(e, conflict("name"));
+    let text = e.to_string();
+    assert!(text.contains("\"k1\"") && text.contains(&format!("task {first}")), "{text}");
+    assert_eq!(h.s.task_count(), before, "nothing was created");
+}
+
+#[test]
 fn not_before_delays_until_log_time_passes() {
     let mut h = H::new();
     let mut s = spec("later");
@@ -324,13 +358,19 @@ fn retryable_failure_backs_off_then_gets_a_new_fence() {
     let a = h.submit1(spec("a"));
     let f1 = h.assign(a, "w1").unwrap();
     assert_eq!(h.fail("w1", a, f1, true), Ok(ReportOutcome::Accepted(TaskStateKind::Delayed)));
-    assert!(matches!(h.task(a).state, TaskState::Delayed { until: 2_000 }));
+    // The default policy: 1 s less its deterministic jitter (at most 20%).
+    let until = 1_000 + RetryPolicy::default().backoff_after(a, 1);
+    assert!((1_800..=2_000).contains(&until), "{until}");
+    assert!(matches!(h.task(a).state, TaskState::Delayed { until: u } if u == until));
     assert_eq!(h.fail("w1", a, f1, true), Ok(ReportOutcome::Duplicate(TaskStateKind::Delayed)));
     assert!(matches!(
         h.s.explain(a),
-        Some(Explanation::Delayed { until: 2_000, after_failure: Some(_) })
+        Some(Explanation::Delayed { until: u, after_failure: Some(_) }) if u == until
     ));
-    h.now = 2_000;
+    h.now = until - 1;
+    h.apply(Op::AdvanceTime).unwrap();
+    assert_eq!(h.kind(a), TaskStateKind::Delayed, "not before the backoff ends");
+    h.now = until;
     h.apply(Op::AdvanceTime).unwrap();
     assert_eq!(h.kind(a), TaskStateKind::Queued);
     let f2 = h.assign(a, "w1").unwrap();

@@ -134,7 +134,7 @@ impl Model {
         t.fail_fence = Some((t.fence, w));
         t.deadline = None;
         if !fatal && t.attempt < t.spec.retry.max_attempts {
-            let delay = if lost { 0 } else { t.spec.retry.backoff_after(t.attempt) };
+            let delay = if lost { 0 } else { t.spec.retry.backoff_after(TaskId(id), t.attempt) };
             if delay == 0 {
                 t.kind = TaskStateKind::Queued;
             } else {
@@ -255,6 +255,34 @@ impl Model {
                     ids.push((next, true));
                     next += 1;
                 }
+            }
+        }
+        // A matched key must carry the body that created its task (the relative delay
+        // aside); anything else rejects the whole batch.
+        for (i, t) in batch.iter().enumerate() {
+            if ids[i].1 {
+                continue;
+            }
+            let old = &self.tasks[&ids[i].0];
+            let (mut a, mut b) = (t.spec.clone(), old.spec.clone());
+            if t.delay_ms > 0 {
+                a.not_before = None;
+                b.not_before = None;
+            }
+            let mut deps: Vec<u64> = t
+                .depends_on
+                .iter()
+                .map(|d| match d {
+                    DepRef::Id(id) => id.0,
+                    DepRef::Batch(p) => ids[*p as usize].0,
+                })
+                .collect();
+            deps.sort_unstable();
+            deps.dedup();
+            let mut had = old.deps.clone();
+            had.sort_unstable();
+            if a != b || deps != had {
+                return Shape::Rejected;
             }
         }
         let mut resolved = Vec::new();

@@ -30,6 +30,7 @@ use client::{pb, Client, ClientConfig};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
+use super::output::outln;
 use super::{Ctx, Format};
 
 /// Which measurement to run.
@@ -558,10 +559,10 @@ fn print_table(name: &str, v: &Value) {
     }
     let mut rows = Vec::new();
     walk("", v, &mut rows);
-    println!("{name}");
+    outln!("{name}");
     let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (k, v) in rows {
-        println!("  {k:w$}  {v}");
+        outln!("  {k:w$}  {v}");
     }
 }
 

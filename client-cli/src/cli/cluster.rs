@@ -7,7 +7,7 @@ use clap::Subcommand;
 use client::pb;
 use serde_json::json;
 
-use super::output::{self, print_json, Format};
+use super::output::{self, out, outln, print_json, Format};
 use super::{parse_duration, Ctx};
 
 /// Cluster commands.
@@ -88,7 +88,7 @@ pub async fn run(ctx: &Ctx, cmd: ClusterCmd) -> Result<u8> {
             let s = client.cluster_status().await?;
             match ctx.format {
                 Format::Json => print_json(&output::status_json(&s)),
-                Format::Table => print!("{}", output::status_text(&s)),
+                Format::Table => out!("{}", output::status_text(&s)),
             }
         }
         ClusterCmd::AddLearner { id, addr, wait } => {
@@ -127,7 +127,7 @@ pub async fn run(ctx: &Ctx, cmd: ClusterCmd) -> Result<u8> {
 fn done(ctx: &Ctx, json: serde_json::Value, text: &str) {
     match ctx.format {
         Format::Json => print_json(&json),
-        Format::Table => println!("{text}"),
+        Format::Table => outln!("{text}"),
     }
 }
 

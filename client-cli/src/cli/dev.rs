@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, SignalKind};
 
-use super::output::{print_json, Format};
+use super::output::{outln, print_json, Format};
 use super::{Ctx, UsageError};
 
 /// How long a node may take to answer health checks, and the cluster to elect a leader.
@@ -370,20 +370,17 @@ async fn up(ctx: &Ctx, a: UpArgs) -> Result<u8> {
             "workers": workers.iter().map(|w| w.name.clone()).collect::<Vec<_>>(),
         })),
         Format::Table => {
-            println!("raftsched dev cluster is up (data and logs in {})", dir.display());
+            outln!("raftsched dev cluster is up (data and logs in {})", dir.display());
             for n in &layout.nodes {
                 let mark = if n.id == leader { " (leader)" } else { "" };
-                println!(
-                    "  node {}  grpc {}  metrics http://{}/metrics{mark}",
-                    n.id, n.grpc, n.http
-                );
+                outln!("  node {}  grpc {}  metrics http://{}/metrics{mark}", n.id, n.grpc, n.http);
             }
-            println!("  workers: {} (sh -c \"$SCHED_PAYLOAD\")", workers.len());
-            println!();
-            println!("  export SCHED_ENDPOINTS={endpoints}");
-            println!("  schedctl --endpoints {endpoints} task submit --name hello --payload 'echo hello' --wait");
-            println!();
-            println!("Ctrl-C stops everything.");
+            outln!("  workers: {} (sh -c \"$SCHED_PAYLOAD\")", workers.len());
+            outln!();
+            outln!("  export SCHED_ENDPOINTS={endpoints}");
+            outln!("  schedctl --endpoints {endpoints} task submit --name hello --payload 'echo hello' --wait");
+            outln!();
+            outln!("Ctrl-C stops everything.");
         }
     }
 

@@ -225,18 +225,26 @@ fn describe(ctx: &Ctx, e: &anyhow::Error) -> (u8, String, serde_json::Value) {
                 innermost_message(ce)
             )
         };
-        if ctx.writes && ce.is_indeterminate() {
-            text.push_str(
-                "\nthe outcome is unknown: the request may have been applied; repeating the same \
-                 command is safe (submits carry an idempotency key)",
-            );
-        }
+    }
+    let retry_with = e.downcast_ref::<task::RetryWith>();
+    if ctx.writes && ce.is_indeterminate() {
+        text.push_str(&match retry_with {
+            Some(r) => format!(
+                "\nthe outcome is unknown: the request may have been applied; repeating it is \
+                 safe with the same key: run the same command with {}",
+                r.flag()
+            ),
+            None => "\nthe outcome is unknown: the request may have been applied; repeating the \
+                     same command is safe"
+                .to_string(),
+        });
     }
     let json = serde_json::json!({
         "code": client::error::code_name(ce.code()),
         "reason": ce.reason().map(|r| r.as_str().to_string()),
         "message": ce.message(),
         "unknown_outcome": ctx.writes && ce.is_indeterminate(),
+        "retry_with": retry_with.filter(|_| ctx.writes && ce.is_indeterminate()).map(|r| r.flag()),
         "exit_code": code,
     });
     (code, text, json)

@@ -12,6 +12,39 @@ use client::pb;
 use proto::convert::state_name;
 use serde_json::{json, Map, Value};
 
+/// Exit status when standard output is closed under us (`schedctl ... | head -1`): what a
+/// shell reports for a tool ended by SIGPIPE (128 + 13), without a word on stderr.
+pub const EXIT_BROKEN_PIPE: i32 = 141;
+
+/// Writes to standard output. A closed pipe ends the process quietly, like any Unix tool;
+/// any other write error is reported and ends it with exit code 1. (`println!` would panic.)
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(EXIT_BROKEN_PIPE);
+        }
+        let _ = writeln!(std::io::stderr(), "error: cannot write the output: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `print!` that survives a closed standard output (see [`write_stdout`]).
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::cli::output::write_stdout(format_args!($($arg)*)) };
+}
+
+/// `println!` that survives a closed standard output (see [`write_stdout`]).
+macro_rules! outln {
+    () => { $crate::cli::output::write_stdout(format_args!("\n")) };
+    ($($arg:tt)*) => {
+        $crate::cli::output::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+pub(crate) use {out, outln};
+
 /// Output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -24,7 +57,7 @@ pub enum Format {
 /// Prints one JSON document on stdout.
 pub fn print_json(v: &Value) {
     match serde_json::to_string_pretty(v) {
-        Ok(s) => println!("{s}"),
+        Ok(s) => outln!("{s}"),
         Err(e) => eprintln!("error: cannot encode the output: {e}"),
     }
 }

@@ -14,12 +14,13 @@ use clap::{Args, Subcommand};
 use client::client::is_terminal;
 use client::error::EXIT_FAILED;
 use client::pb;
-use client::workflow::Workflow;
+use client::quantity::{parse_cpu_milli, parse_mem_mib};
+use client::workflow::{multiplier_permille, retry_policy, Workflow};
 use futures::StreamExt;
 use proto::convert::state_name;
 use serde_json::json;
 
-use super::output::{self, print_json, Format};
+use super::output::{self, out, outln, print_json, Format};
 use super::{parse_duration, parse_key_count, parse_key_value, Ctx, UsageError};
 
 /// Task commands.
@@ -32,7 +33,7 @@ pub enum TaskCmd {
         /// Task id.
         id: u64,
     },
-    /// List tasks in id order (oldest first).
+    /// List tasks, newest first (--oldest-first for submit order).
     List(ListArgs),
     /// Cancel tasks; dependents that can no longer run become upstream_failed.
     Cancel {
@@ -76,11 +77,11 @@ pub struct SubmitArgs {
     /// Queue.
     #[arg(long)]
     pub queue: Option<String>,
-    /// CPU needed, in millicores.
-    #[arg(long, default_value_t = 0, value_name = "MILLI")]
+    /// CPU needed: cores (2, 0.5) or millicores (500m).
+    #[arg(long, default_value = "0", value_parser = parse_cpu_milli, value_name = "CPU")]
     pub cpu: u64,
-    /// Memory needed, in MiB.
-    #[arg(long, default_value_t = 0, value_name = "MIB")]
+    /// Memory needed: MiB (512) or with a unit (2GiB, 512Mi, 1G).
+    #[arg(long, default_value = "0", value_parser = parse_mem_mib, value_name = "SIZE")]
     pub mem: u64,
     /// A named resource needed (repeatable), e.g. gpu=1.
     #[arg(long = "resource", value_parser = parse_key_count, value_name = "NAME=N")]
@@ -88,12 +89,15 @@ pub struct SubmitArgs {
     /// A worker label required (repeatable), e.g. zone=eu.
     #[arg(long = "label", value_parser = parse_key_value, value_name = "K=V")]
     pub labels: Vec<(String, String)>,
-    /// Free-form metadata (repeatable), passed to the worker.
+    /// Free-form metadata (repeatable), passed to the worker (a shell task sees
+    /// SCHED_META_<K>).
     #[arg(long = "meta", value_parser = parse_key_value, value_name = "K=V")]
     pub metadata: Vec<(String, String)>,
     /// Attempts allowed in total (default: the server's, 3).
     #[arg(long, value_name = "N")]
     pub max_attempts: Option<u32>,
+    #[command(flatten)]
+    pub backoff: BackoffArgs,
     /// Per-attempt time limit, e.g. 30s.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub timeout: Option<Duration>,
@@ -106,6 +110,20 @@ pub struct SubmitArgs {
     /// Wait until the task ends; exit 1 unless it succeeded.
     #[arg(long)]
     pub wait: bool,
+}
+
+/// Retry backoff flags (unset = the server's default: 1s, doubling, capped at 1m).
+#[derive(Debug, Args, Default)]
+pub struct BackoffArgs {
+    /// Delay before the first retry, e.g. 1s (0s retries at once).
+    #[arg(long = "backoff", value_parser = parse_duration, value_name = "DURATION")]
+    pub initial: Option<Duration>,
+    /// Longest delay between retries, e.g. 5m.
+    #[arg(long = "backoff-max", value_parser = parse_duration, value_name = "DURATION")]
+    pub max: Option<Duration>,
+    /// Growth of the delay per retry, e.g. 2 (doubling); between 1 and 10.
+    #[arg(long = "backoff-multiplier", value_parser = multiplier_permille, value_name = "X")]
+    pub multiplier: Option<u32>,
 }
 
 /// `task list` options.
@@ -124,6 +142,15 @@ pub struct ListArgs {
     /// At most this many tasks.
     #[arg(long, default_value_t = 100)]
     pub limit: usize,
+    /// Continue a previous listing (the token its hint or `next_page_token` gave).
+    #[arg(long, value_name = "TOKEN")]
+    pub page_token: Option<u64>,
+    /// Only tasks submitted within this long, e.g. 10m.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub since: Option<Duration>,
+    /// Oldest first (submit order) instead of newest first.
+    #[arg(long)]
+    pub oldest_first: bool,
 }
 
 /// Workflow commands.
@@ -145,6 +172,35 @@ pub enum WorkflowCmd {
         #[arg(long)]
         wait: bool,
     },
+}
+
+/// How to repeat a submit safely: attached to a failed submit, and used by the error report
+/// only when the outcome is unknown (a rejection is final; repeating it cannot help).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetryWith {
+    /// `task submit --key KEY`.
+    Key(String),
+    /// `workflow submit --key-prefix PREFIX`.
+    KeyPrefix(String),
+}
+
+impl RetryWith {
+    /// The flag to add to the same command.
+    pub fn flag(&self) -> String {
+        match self {
+            RetryWith::Key(k) => format!("--key {k}"),
+            RetryWith::KeyPrefix(p) => format!("--key-prefix {p}"),
+        }
+    }
+}
+
+impl std::fmt::Display for RetryWith {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RetryWith::Key(k) => write!(f, "submitting with idempotency key {k}"),
+            RetryWith::KeyPrefix(p) => write!(f, "submitting the workflow with key prefix {p}"),
+        }
+    }
 }
 
 /// Parses a state name (`running`, `upstream_failed`, also `TASK_STATE_RUNNING`).
@@ -170,7 +226,7 @@ pub async fn run(ctx: &Ctx, cmd: TaskCmd) -> Result<u8> {
             let t = ctx.client()?.get_task(id).await?;
             match ctx.format {
                 Format::Json => print_json(&output::task_json(&t)),
-                Format::Table => print!("{}", output::task_text(&t)),
+                Format::Table => out!("{}", output::task_text(&t)),
             }
             Ok(0)
         }
@@ -181,7 +237,7 @@ pub async fn run(ctx: &Ctx, cmd: TaskCmd) -> Result<u8> {
             let e = ctx.client()?.explain_task(id).await?;
             match ctx.format {
                 Format::Json => print_json(&output::explain_json(&e)),
-                Format::Table => print!("{}", output::explain_text(&e)),
+                Format::Table => out!("{}", output::explain_text(&e)),
             }
             Ok(0)
         }
@@ -215,7 +271,12 @@ pub fn spec_from_args(a: &SubmitArgs) -> Result<pb::TaskSpec> {
             named: a.resources.iter().cloned().collect(),
         }),
         labels: a.labels.iter().cloned().collect(),
-        retry: a.max_attempts.map(|n| pb::RetryPolicy { max_attempts: n, ..Default::default() }),
+        retry: retry_policy(
+            a.max_attempts,
+            a.backoff.initial.map(|d| d.as_millis() as u64),
+            a.backoff.max.map(|d| d.as_millis() as u64),
+            a.backoff.multiplier,
+        ),
         timeout_ms: a.timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
         not_before_ms: 0,
         delay_ms: a.delay.map(|d| d.as_millis() as u64).unwrap_or(0),
@@ -228,30 +289,26 @@ async fn submit(ctx: &Ctx, a: SubmitArgs) -> Result<u8> {
     let spec = spec_from_args(&a)?;
     let key = spec.idempotency_key.clone();
     let client = ctx.client()?;
-    let resp =
-        client.submit_tasks(pb::SubmitTasksRequest { tasks: vec![spec] }).await.with_context(
-            || format!("submitting with idempotency key {key} (repeat with --key {key})"),
-        )?;
+    let resp = client
+        .submit_tasks(pb::SubmitTasksRequest { tasks: vec![spec] })
+        .await
+        .map_err(|e| anyhow::Error::new(e).context(RetryWith::Key(key.clone())))?;
     let s = resp.tasks.first().cloned().unwrap_or_default();
     if !a.wait {
         match ctx.format {
             Format::Json => print_json(&output::submitted_json(&resp, &[key], None)),
             Format::Table => {
                 if s.created {
-                    println!("submitted task {} ({})", s.id, state_name(s.state));
+                    outln!("submitted task {} ({})", s.id, state_name(s.state));
                 } else {
-                    println!(
-                        "task {} already exists for key {key} ({})",
-                        s.id,
-                        state_name(s.state)
-                    );
+                    outln!("task {} already exists for key {key} ({})", s.id, state_name(s.state));
                 }
             }
         }
         return Ok(0);
     }
     if ctx.format == Format::Table {
-        println!("submitted task {} ({}); waiting for it to end", s.id, state_name(s.state));
+        outln!("submitted task {} ({}); waiting for it to end", s.id, state_name(s.state));
     }
     let t = follow(&client, s.id, ctx.format == Format::Table).await?;
     finish_watch(ctx, &t.0, &t.1)
@@ -286,7 +343,7 @@ async fn follow(
                     }
                     line.push(')');
                 }
-                println!("{line}");
+                outln!("{line}");
             }
             updates.push(json!({
                 "state": state_name(t.state),
@@ -320,16 +377,16 @@ fn finish_watch(ctx: &Ctx, t: &pb::Task, updates: &[serde_json::Value]) -> Resul
         }
         Format::Table => {
             if !t.result.is_empty() {
-                println!("result:\n{}", output::text(&t.result, 64 << 10));
+                outln!("result:\n{}", output::text(&t.result, 64 << 10));
             }
             if let Some(f) = t.last_failure.as_ref().filter(|_| !ok) {
-                println!("last failure (attempt {}, {}): {}", f.attempt, f.kind, f.message);
+                outln!("last failure (attempt {}, {}): {}", f.attempt, f.kind, f.message);
             }
             if !t.cancel_reason.is_empty() {
-                println!("cancelled: {}", t.cancel_reason);
+                outln!("cancelled: {}", t.cancel_reason);
             }
             if t.upstream != 0 {
-                println!("dependency {} did not succeed", t.upstream);
+                outln!("dependency {} did not succeed", t.upstream);
             }
         }
     }
@@ -343,30 +400,60 @@ async fn watch(ctx: &Ctx, id: u64) -> Result<u8> {
 }
 
 async fn list(ctx: &Ctx, a: ListArgs) -> Result<u8> {
+    let since_ms = match a.since {
+        Some(d) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            now.saturating_sub(d).as_millis() as u64
+        }
+        None => 0,
+    };
     let req = pb::ListTasksRequest {
         states: a.states.iter().map(|s| *s as i32).collect(),
         queue: a.queue.unwrap_or_default(),
         name: a.name.unwrap_or_default(),
-        page_token: 0,
+        page_token: a.page_token.unwrap_or(0),
         limit: 0,
         stale_ok: false,
         include_payload: false,
+        newest_first: !a.oldest_first,
+        created_since_ms: since_ms,
     };
-    let tasks = ctx.client()?.list_all_tasks(req, a.limit).await?;
+    let page = ctx.client()?.list_tasks_upto(req, a.limit).await?;
     match ctx.format {
         Format::Json => {
-            let v: Vec<_> = tasks.iter().map(output::task_json).collect();
-            print_json(&json!({ "tasks": v }));
+            let v: Vec<_> = page.tasks.iter().map(output::task_json).collect();
+            print_json(&json!({
+                "tasks": v,
+                "next_page_token": page.next_page_token,
+                "remaining": page.remaining,
+                "remaining_is_lower_bound": page.remaining_is_lower_bound,
+            }));
         }
         Format::Table => {
-            if tasks.is_empty() {
-                println!("no tasks");
+            if page.tasks.is_empty() {
+                outln!("no tasks");
             } else {
-                print!("{}", output::task_table(&tasks));
+                out!("{}", output::task_table(&page.tasks));
+            }
+            if page.next_page_token != 0 {
+                // On stderr, so that the table on stdout stays whole for pipes.
+                eprintln!("{}", more_hint(&page));
             }
         }
     }
     Ok(0)
+}
+
+/// "N more, use --page-token X" under a listing that stopped at its limit.
+fn more_hint(page: &pb::ListTasksResponse) -> String {
+    let count = match (page.remaining, page.remaining_is_lower_bound) {
+        (0, true) => "more tasks may match".to_string(),
+        (n, true) => format!("at least {n} more"),
+        (n, false) => format!("{n} more"),
+    };
+    format!("{count}: use --page-token {} (same filters) to continue", page.next_page_token)
 }
 
 async fn cancel(ctx: &Ctx, ids: Vec<u64>, reason: String) -> Result<u8> {
@@ -392,7 +479,7 @@ async fn cancel(ctx: &Ctx, ids: Vec<u64>, reason: String) -> Result<u8> {
         Format::Table => {
             for r in &resp.results {
                 if !r.ok {
-                    println!("task {}: not cancelled: {}", r.id, r.error);
+                    outln!("task {}: not cancelled: {}", r.id, r.error);
                     continue;
                 }
                 let mut line = if r.already_cancelled {
@@ -404,7 +491,7 @@ async fn cancel(ctx: &Ctx, ids: Vec<u64>, reason: String) -> Result<u8> {
                     let ids: Vec<String> = r.upstream_failed.iter().map(u64::to_string).collect();
                     line.push_str(&format!("; dependents that will not run: {}", ids.join(",")));
                 }
-                println!("{line}");
+                outln!("{line}");
             }
         }
     }
@@ -418,14 +505,17 @@ pub async fn run_workflow(ctx: &Ctx, cmd: WorkflowCmd) -> Result<u8> {
     if key_prefix.is_some() {
         wf.key_prefix = key_prefix;
     }
+    // Without a prefix, pick one now: a submit whose outcome is unknown can then be repeated
+    // with it (the error says how) without creating the workflow twice.
+    let prefix = wf.key_prefix.get_or_insert_with(client::client::new_idempotency_key).clone();
     let prepared = wf.to_request()?;
     let keys: Vec<String> =
         prepared.request.tasks.iter().map(|t| t.idempotency_key.clone()).collect();
     let client = ctx.client()?;
-    let resp = client.submit_tasks(prepared.request).await.context(
-        "submitting the workflow (if the outcome is unknown, submit again with --key-prefix to \
-         make the retry idempotent)",
-    )?;
+    let resp = client
+        .submit_tasks(prepared.request)
+        .await
+        .map_err(|e| anyhow::Error::new(e).context(RetryWith::KeyPrefix(prefix)))?;
     if !wait {
         match ctx.format {
             Format::Json => {
@@ -441,7 +531,7 @@ pub async fn run_workflow(ctx: &Ctx, cmd: WorkflowCmd) -> Result<u8> {
                         if s.created { "yes".into() } else { "no (existing key)".into() },
                     ]);
                 }
-                print!("{}", t.render());
+                out!("{}", t.render());
             }
         }
         return Ok(0);
@@ -476,7 +566,7 @@ pub async fn run_workflow(ctx: &Ctx, cmd: WorkflowCmd) -> Result<u8> {
                     output::time(task.finished_at_ms),
                 ]);
             }
-            print!("{}", t.render());
+            out!("{}", t.render());
         }
     }
     Ok(if all_ok { 0 } else { EXIT_FAILED })
@@ -512,9 +602,9 @@ mod tests {
             "--queue",
             "q",
             "--cpu",
-            "1500",
+            "1.5",
             "--mem",
-            "256",
+            "256Mi",
             "--resource",
             "gpu=1",
             "--label",
@@ -540,11 +630,51 @@ mod tests {
         assert_eq!((r.cpu_milli, r.memory_mib, r.named["gpu"]), (1500, 256, 1));
         assert_eq!(s.labels["zone"], "eu");
         assert_eq!(s.metadata["owner"], "me");
-        assert_eq!(s.retry.unwrap().max_attempts, 5);
+        let retry = s.retry.unwrap();
+        assert_eq!(retry.max_attempts, 5);
+        assert_eq!(
+            (retry.initial_backoff_ms, retry.multiplier_permille, retry.max_backoff_ms),
+            (None, None, None),
+            "--max-attempts alone leaves the backoff at the server's default"
+        );
         assert_eq!(s.timeout_ms, 30_000);
         assert_eq!(s.delay_ms, 60_000);
         assert_eq!(s.idempotency_key, "k1");
         assert!(!a.wait);
+    }
+
+    #[test]
+    fn backoff_flags_set_the_policy() {
+        let a = submit_args(&[
+            "--name",
+            "x",
+            "--backoff",
+            "2s",
+            "--backoff-max",
+            "5m",
+            "--backoff-multiplier",
+            "3",
+            "--cpu",
+            "250m",
+            "--mem",
+            "2GiB",
+        ]);
+        let s = spec_from_args(&a).unwrap();
+        let r = s.retry.unwrap();
+        assert_eq!(r.max_attempts, 0, "the server's default count");
+        assert_eq!(r.initial_backoff_ms, Some(2_000));
+        assert_eq!(r.max_backoff_ms, Some(300_000));
+        assert_eq!(r.multiplier_permille, Some(3_000));
+        let res = s.resources.unwrap();
+        assert_eq!((res.cpu_milli, res.memory_mib), (250, 2048));
+        let bad = |args: &[&str]| {
+            let mut v = vec!["schedctl", "task", "submit", "--name", "x"];
+            v.extend_from_slice(args);
+            Cli::try_parse_from(v).unwrap_err().to_string()
+        };
+        assert!(bad(&["--cpu", "1500"]).contains("1500m"));
+        assert!(bad(&["--mem", "2 parsecs"]).contains("memory size"));
+        assert!(bad(&["--backoff-multiplier", "0.5"]).contains("1..10"));
     }
 
     #[test]

@@ -11,10 +11,11 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use client::exec::ShellHandler;
 use client::pb;
+use client::quantity::{parse_cpu_milli, parse_mem_mib};
 use client::worker::{default_worker_id, Worker, WorkerConfig};
 use tokio::signal::unix::{signal, SignalKind};
 
-use super::output::{self, print_json, Format};
+use super::output::{self, out, outln, print_json, Format};
 use super::{parse_duration, parse_key_count, parse_key_value, Ctx};
 
 /// Worker commands.
@@ -47,11 +48,11 @@ pub struct RunArgs {
     /// Tasks run at the same time (default: the number of CPUs).
     #[arg(long, value_name = "N")]
     pub slots: Option<u32>,
-    /// CPU offered, in millicores (default: 1000 per CPU).
-    #[arg(long, value_name = "MILLI")]
+    /// CPU offered: cores (2, 0.5) or millicores (500m) (default: one core per CPU).
+    #[arg(long, value_parser = parse_cpu_milli, value_name = "CPU")]
     pub cpu: Option<u64>,
-    /// Memory offered, in MiB (default: the machine's memory).
-    #[arg(long, value_name = "MIB")]
+    /// Memory offered: MiB (512) or with a unit (2GiB, 512Mi, 1G) (default: the machine's).
+    #[arg(long, value_parser = parse_mem_mib, value_name = "SIZE")]
     pub mem: Option<u64>,
     /// A named resource offered (repeatable), e.g. gpu=2.
     #[arg(long = "resource", value_parser = parse_key_count, value_name = "NAME=N")]
@@ -109,8 +110,8 @@ pub async fn run(ctx: &Ctx, cmd: WorkerCmd) -> Result<u8> {
             let w = ctx.client()?.list_workers(false).await?;
             match ctx.format {
                 Format::Json => print_json(&output::workers_json(&w)),
-                Format::Table if w.workers.is_empty() => println!("no workers"),
-                Format::Table => print!("{}", output::workers_text(&w)),
+                Format::Table if w.workers.is_empty() => outln!("no workers"),
+                Format::Table => out!("{}", output::workers_text(&w)),
             }
             Ok(0)
         }
@@ -118,7 +119,7 @@ pub async fn run(ctx: &Ctx, cmd: WorkerCmd) -> Result<u8> {
             ctx.client()?.drain_worker(&id).await?;
             match ctx.format {
                 Format::Json => print_json(&serde_json::json!({ "id": id, "draining": true })),
-                Format::Table => println!("worker {id} is draining: it gets no new tasks"),
+                Format::Table => outln!("worker {id} is draining: it gets no new tasks"),
             }
             Ok(0)
         }
@@ -210,7 +211,7 @@ mod tests {
             "--slots",
             "3",
             "--cpu",
-            "500",
+            "500m",
             "--mem",
             "64",
             "--label",

@@ -70,6 +70,10 @@ impl TasksApi {
             .ok_or_else(|| Rejection::TaskNotFound { task: id }.into())
     }
 
+    /// One page of tasks, oldest or newest first. A page scans at most `MAX_SCAN` records
+    /// (filters may skip most of them), so a page can be short yet not the last; the token is
+    /// the last id scanned and the next page continues after it in the same order. The count
+    /// of matching tasks beyond the page is bounded the same way.
     async fn list(&self, req: pb::ListTasksRequest) -> NodeResult<pb::ListTasksResponse> {
         const MAX_SCAN: usize = 100_000;
         let states = req
@@ -82,30 +86,52 @@ impl TasksApi {
             0 => 100,
             n => n.min(1_000) as usize,
         };
+        let since = req.created_since_ms;
         self.node
             .read(req.stale_ok, |s| {
+                let matches = |t: &state_machine::Task| {
+                    (states.is_empty() || states.contains(&t.state.kind()))
+                        && (req.queue.is_empty() || t.spec.queue == req.queue)
+                        && (req.name.is_empty() || t.spec.name == req.name)
+                        && t.submitted_at >= since
+                };
+                let scan: Box<dyn Iterator<Item = &state_machine::Task>> = if req.newest_first {
+                    let below = match req.page_token {
+                        0 => TaskId(u64::MAX),
+                        t => TaskId(t),
+                    };
+                    // Ids grow with log time, so nothing older than `since` follows.
+                    Box::new(s.tasks_before(below).take_while(|t| t.submitted_at >= since))
+                } else {
+                    Box::new(s.tasks_from(TaskId(req.page_token.saturating_add(1))))
+                };
                 let mut tasks = Vec::new();
                 let mut last = None;
-                let mut more = false;
-                for (scanned, t) in
-                    s.tasks_from(TaskId(req.page_token.saturating_add(1))).enumerate()
-                {
-                    if tasks.len() == limit || scanned == MAX_SCAN {
-                        more = true;
+                let mut remaining = 0u64;
+                let mut scanned = 0usize;
+                let mut capped = false;
+                for t in scan {
+                    if scanned == MAX_SCAN {
+                        capped = true;
                         break;
                     }
-                    last = Some(t.id.0);
-                    if (!states.is_empty() && !states.contains(&t.state.kind()))
-                        || (!req.queue.is_empty() && t.spec.queue != req.queue)
-                        || (!req.name.is_empty() && t.spec.name != req.name)
-                    {
-                        continue;
+                    scanned += 1;
+                    if tasks.len() < limit {
+                        last = Some(t.id.0);
+                        if matches(t) {
+                            tasks.push(convert::task_to_pb(t, req.include_payload));
+                        }
+                    } else if matches(t) {
+                        remaining += 1;
                     }
-                    tasks.push(convert::task_to_pb(t, req.include_payload));
                 }
+                // Beyond the scan bound nobody looked, so a capped scan always has a next page.
+                let more = remaining > 0 || capped;
                 pb::ListTasksResponse {
                     tasks,
                     next_page_token: if more { last.unwrap_or(0) } else { 0 },
+                    remaining,
+                    remaining_is_lower_bound: capped,
                 }
             })
             .await
