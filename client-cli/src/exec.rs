@@ -13,6 +13,10 @@
 //! | `SCHED_PAYLOAD` | the payload as UTF-8 (invalid sequences replaced), when it is at most [`MAX_ENV_PAYLOAD`] bytes |
 //! | `SCHED_PAYLOAD_SIZE` | the payload's size in bytes |
 //! | `SCHED_WORKER_ID` | the worker's id |
+//! | `SCHED_META_<K>` | the value of each metadata entry `K=V` (`task submit --meta K=V`); `K` upper-cased, every character other than `[A-Za-z0-9_]` replaced by `_` (`build-id` -> `SCHED_META_BUILD_ID`); when two keys give one name, the key that sorts last wins |
+//!
+//! `SCHED_META_*` variables of the worker's own environment are not passed on: a command
+//! sees its task's metadata and nothing else under that prefix.
 //!
 //! The raw payload is also written to the command's standard input.
 //!
@@ -21,6 +25,19 @@
 //! is a retryable failure carrying the tail of standard error. When told to stop, the handler
 //! sends SIGTERM to the group, then SIGKILL after `kill_grace`. When the command exits, the
 //! rest of its group is killed too: a task leaves nothing running behind it.
+//!
+//! # Nothing outlives the worker
+//!
+//! The group also dies with the worker, even when the worker is SIGKILLed and so cannot do it
+//! itself: otherwise the attempt, requeued by the server, would run a second time alongside
+//! the first one's processes. Each worker process has a *guard* (module `guard`): a small
+//! process forked from the worker the first time it runs a command, which holds the read end
+//! of a pipe whose write end only the worker holds. Every command registers its process group
+//! with the guard before it runs (from `pre_exec`), and the worker unregisters the group once
+//! it killed its remains; when the pipe reports end of file — the worker is gone, whatever
+//! killed it — the guard SIGKILLs every group still registered. A command that cannot be
+//! registered is not started (a retryable failure). The command's shell also has
+//! `PR_SET_PDEATHSIG` = SIGKILL, a second line for the shell alone.
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
@@ -30,6 +47,24 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
 use crate::worker::{BoxFuture, Handler, Job, Outcome, StopSignal};
+
+#[cfg(target_os = "linux")]
+mod guard;
+
+/// Elsewhere there is no guard: the group is killed on every path but the worker's own death.
+#[cfg(not(target_os = "linux"))]
+mod guard {
+    pub(super) fn spawn(
+        cmd: &mut tokio::process::Command,
+    ) -> std::io::Result<(tokio::process::Child, i32)> {
+        let child = cmd.spawn()?;
+        let pid =
+            child.id().ok_or_else(|| std::io::Error::other("the command vanished at start"))?;
+        Ok((child, pid as i32))
+    }
+
+    pub(super) fn release(_pgid: i32) {}
+}
 
 /// Largest payload also passed in `SCHED_PAYLOAD` (Linux refuses a single environment string
 /// above 128 KiB; larger payloads are on standard input only).
@@ -90,6 +125,17 @@ impl ShellHandler {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
+        for (key, _) in std::env::vars_os() {
+            if key.as_encoded_bytes().starts_with(META_PREFIX.as_bytes()) {
+                cmd.env_remove(key);
+            }
+        }
+        // Sorted: which of two colliding keys wins must not depend on hash order.
+        let mut metadata: Vec<_> = job.metadata.iter().collect();
+        metadata.sort();
+        for (key, value) in metadata {
+            cmd.env(meta_var(key), env_safe(value));
+        }
         if job.payload.len() <= MAX_ENV_PAYLOAD {
             cmd.env("SCHED_PAYLOAD", env_safe(&String::from_utf8_lossy(&job.payload)));
         } else {
@@ -98,30 +144,31 @@ impl ShellHandler {
         #[cfg(target_os = "linux")]
         // SAFETY: prctl is async-signal-safe; the closure allocates nothing.
         unsafe {
-            // If the worker dies, the command's shell dies with it instead of running on
-            // unsupervised (its attempt will be requeued and run elsewhere).
+            // Besides the guard: if the worker dies, the shell dies at once. (The signal
+            // follows the death of the spawning *thread*; tokio's runtime threads live as
+            // long as the worker.)
             cmd.pre_exec(|| {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 Ok(())
             });
         }
-        let mut child = match cmd.spawn() {
+        let (mut child, pgid) = match guard::spawn(&mut cmd) {
             Ok(c) => c,
             Err(e) => {
-                // E2BIG and friends do not go away with a retry.
+                // A stalled or dying guard, or a fork at the process limit, is transient (as
+                // are the guard's own errors, which carry no errno); E2BIG (environment too
+                // large), ENOENT and friends do not go away.
+                let transient = matches!(
+                    e.raw_os_error(),
+                    None | Some(libc::EAGAIN | libc::EPIPE | libc::ENOMEM | libc::EINTR)
+                );
                 return Outcome::Failed {
                     message: format!("cannot start sh: {e}"),
-                    retryable: false,
+                    retryable: transient,
                 };
             }
         };
-        let Some(pid) = child.id() else {
-            return Outcome::Failed {
-                message: "the command vanished at start".into(),
-                retryable: true,
-            };
-        };
-        let group = GroupGuard { pgid: pid as i32 };
+        let group = GroupGuard { pgid };
 
         let stdin = child.stdin.take();
         let payload = job.payload;
@@ -201,8 +248,26 @@ fn env_safe(s: &str) -> String {
     s.replace('\0', "\u{FFFD}")
 }
 
+/// Prefix of the metadata variables.
+const META_PREFIX: &str = "SCHED_META_";
+
+/// The variable carrying metadata key `key`: a portable shell name whatever the key.
+fn meta_var(key: &str) -> String {
+    let mut name = String::with_capacity(META_PREFIX.len() + key.len());
+    name.push_str(META_PREFIX);
+    name.extend(key.chars().map(|c| {
+        if c.is_ascii_alphanumeric() {
+            c.to_ascii_uppercase()
+        } else {
+            '_'
+        }
+    }));
+    name
+}
+
 /// Signals a process group; on drop (the job ended, or its future was cancelled), kills
-/// whatever is left in it.
+/// whatever is left in it, then unregisters it from the worker's guard (in that order: a
+/// worker dying in between still has the remains killed).
 struct GroupGuard {
     pgid: i32,
 }
@@ -219,6 +284,7 @@ impl GroupGuard {
 impl Drop for GroupGuard {
     fn drop(&mut self) {
         self.signal(libc::SIGKILL);
+        guard::release(self.pgid);
     }
 }
 
@@ -351,6 +417,111 @@ mod tests {
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
             .unwrap_or(true)
+    }
+
+    #[tokio::test]
+    async fn metadata_arrives_as_sched_meta_variables() {
+        let mut j = job("");
+        j.metadata.insert("owner".into(), "alice".into());
+        j.metadata.insert("build-id".into(), "42".into());
+        j.metadata.insert("zone.ü".into(), "eu\0x".into());
+        let (_tx, stop) = StopSignal::new();
+        let out = ShellHandler::new(
+            r#"printf '%s|%s|%s' "$SCHED_META_OWNER" "$SCHED_META_BUILD_ID" "$SCHED_META_ZONE__""#,
+        )
+        .run(j, stop)
+        .await;
+        assert_eq!(out, Outcome::Succeeded("alice|42|eu\u{FFFD}x".as_bytes().to_vec()));
+    }
+
+    #[tokio::test]
+    async fn a_single_metadata_entry_reaches_the_shell() {
+        let mut j = job("");
+        j.metadata.insert("owner".into(), "me".into());
+        let (_tx, stop) = StopSignal::new();
+        let out = ShellHandler::new(r#"sh -c 'printf %s "$SCHED_META_OWNER"'"#).run(j, stop).await;
+        assert_eq!(out, Outcome::Succeeded(b"me".to_vec()));
+    }
+
+    #[test]
+    fn metadata_variable_names() {
+        assert_eq!(meta_var("owner"), "SCHED_META_OWNER");
+        assert_eq!(meta_var("Build-ID_2"), "SCHED_META_BUILD_ID_2");
+        assert_eq!(meta_var("a.b c=d"), "SCHED_META_A_B_C_D");
+        assert_eq!(meta_var("é"), "SCHED_META__");
+        assert_eq!(meta_var(""), "SCHED_META_");
+    }
+
+    /// Set (to a directory) in the environment of [`worker_process`] when it runs for
+    /// [`a_sigkilled_worker_takes_its_commands_with_it`].
+    const WORKER_DIR: &str = "RAFTSCHED_TEST_WORKER_DIR";
+
+    /// Not a test of its own: the "worker" that the test below SIGKILLs. Runs one command
+    /// (a background sleep, and a nested shell that execs a sleep) on a multithreaded
+    /// runtime, as `schedctl worker run` does, and never finishes.
+    #[test]
+    #[ignore = "run by a_sigkilled_worker_takes_its_commands_with_it"]
+    fn worker_process() {
+        let Some(dir) = std::env::var_os(WORKER_DIR) else { return };
+        let dir = std::path::PathBuf::from(dir);
+        let d = dir.display();
+        // Files appear complete (written aside, then renamed).
+        let cmd = format!(
+            "sleep 300 & echo $! > {d}/bg.tmp && mv {d}/bg.tmp {d}/bg.pid; \
+             sh -c 'echo $$ > {d}/inner.tmp && mv {d}/inner.tmp {d}/inner.pid; exec sleep 300'"
+        );
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let (_tx, stop) = StopSignal::new();
+            let out = ShellHandler::new(cmd).run(job(""), stop).await;
+            panic!("the command ended: {out:?}");
+        });
+    }
+
+    #[test]
+    fn a_sigkilled_worker_takes_its_commands_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("worker.log")).unwrap();
+        let mut worker = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["exec::tests::worker_process", "--exact", "--ignored", "--nocapture"])
+            .env(WORKER_DIR, dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let logs = || std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut pids = Vec::new();
+        for name in ["bg.pid", "inner.pid"] {
+            let pid: i32 = loop {
+                if let Some(pid) = std::fs::read_to_string(dir.path().join(name))
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                {
+                    break pid;
+                }
+                assert!(std::time::Instant::now() < deadline, "no {name}: {}", logs());
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            assert!(!is_zombie(pid), "{name} {pid} is not running");
+            pids.push(pid);
+        }
+
+        worker.kill().unwrap();
+        worker.wait().unwrap();
+
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        for pid in pids {
+            while !is_zombie(pid) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "process {pid} outlived its worker: {}",
+                    logs()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
     }
 
     #[tokio::test]
