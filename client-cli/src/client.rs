@@ -24,6 +24,10 @@
 //! says whether the outcome is unknown ([`Error::is_indeterminate`]); resolve it by sending the
 //! same request again.
 //!
+//! With [`ClientConfig::fail_fast_when_refused`] (what `schedctl`'s one-shot commands use), a
+//! call whose every attempt so far was a refused connection stops as soon as every known node
+//! has refused: nothing was sent, so there is no unknown outcome to wait out.
+//!
 //! # Deadlines
 //!
 //! Every unary attempt has a deadline (`call_timeout`, default 10 s), sent to the server as
@@ -74,6 +78,11 @@ pub struct ClientConfig {
     pub keepalive_timeout: Duration,
     /// Backoff between attempts.
     pub backoff: BackoffConfig,
+    /// Give up at once, without spending the retry budget, when every known node refused
+    /// the connection in this call: nothing was sent, so the outcome is known (not applied),
+    /// and waiting rarely helps a one-shot command. Off by default: a long-lived client
+    /// (a worker, a load generator) rides through a whole-cluster restart instead.
+    pub fail_fast_when_refused: bool,
 }
 
 impl Default for ClientConfig {
@@ -86,6 +95,7 @@ impl Default for ClientConfig {
             keepalive_interval: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(5),
             backoff: BackoffConfig::default(),
+            fail_fast_when_refused: false,
         }
     }
 }
@@ -254,6 +264,7 @@ pub struct Client {
     call_timeout: Duration,
     retry_budget: Duration,
     backoff: BackoffConfig,
+    fail_fast_when_refused: bool,
 }
 
 impl std::fmt::Debug for Client {
@@ -298,6 +309,7 @@ impl Client {
             call_timeout: config.call_timeout,
             retry_budget: config.retry_budget,
             backoff: config.backoff,
+            fail_fast_when_refused: config.fail_fast_when_refused,
         })
     }
 
@@ -367,6 +379,8 @@ impl Client {
         let mut attempts = 0u32;
         let mut maybe_applied = false;
         let mut tried: Vec<String> = Vec::new();
+        let mut refused: Vec<String> = Vec::new();
+        let mut any_answer = false;
         let mut warned = false;
         loop {
             let (addr, channel) = self.pool.pick();
@@ -392,7 +406,28 @@ impl Client {
                 return Err(err);
             }
             maybe_applied |= err.is_indeterminate();
+            match &err {
+                Error::Transport { maybe_sent: false, .. } => {
+                    if !refused.contains(&addr) {
+                        refused.push(addr.clone());
+                    }
+                }
+                _ => any_answer = true,
+            }
             self.pool.on_failure(&addr, err.leader_hint());
+            if self.fail_fast_when_refused
+                && !any_answer
+                && self.endpoints().iter().all(|a| refused.contains(a))
+            {
+                tracing::debug!(op, attempts, "every node refused the connection");
+                return Err(Error::Exhausted {
+                    attempts,
+                    elapsed: start.elapsed(),
+                    maybe_applied,
+                    endpoints: tried,
+                    last: Box::new(err),
+                });
+            }
             let delay = backoff.next_delay();
             let elapsed = start.elapsed();
             if elapsed + delay >= self.retry_budget {

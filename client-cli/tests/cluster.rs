@@ -12,7 +12,7 @@ use serde_json::Value;
 fn submit_get_and_idempotent_resubmit() {
     let _serial = serial();
     let c = Cluster::start(3);
-    let r = c.ok(&[
+    let submit = [
         "task",
         "submit",
         "--name",
@@ -27,7 +27,8 @@ fn submit_get_and_idempotent_resubmit() {
         "250m",
         "--key",
         "greet-1",
-    ]);
+    ];
+    let r = c.ok(&submit);
     let v = r;
     let id = v["tasks"][0]["id"].as_u64().unwrap();
     assert_eq!(v["tasks"][0]["created"], true);
@@ -41,8 +42,9 @@ fn submit_get_and_idempotent_resubmit() {
     assert_eq!(t["resources"]["cpu_milli"], 250);
     assert_eq!(t["state"], "queued", "no worker is attached");
 
-    // The same key names the same task.
-    let again = c.ok(&["task", "submit", "--name", "greet", "--key", "greet-1"]);
+    // The same key with the same request names the same task (a different request with
+    // that key is refused: see tests/newcomer.rs).
+    let again = c.ok(&submit);
     assert_eq!(again["tasks"][0]["id"].as_u64(), Some(id));
     assert_eq!(again["tasks"][0]["created"], false);
 

@@ -116,6 +116,15 @@ pub enum Blocker {
     },
 }
 
+/// An amount in the unit users write it in: millicores for cpu, MiB for memory.
+fn amount(resource: &str, n: u64) -> String {
+    match resource {
+        "cpu" => format!("{n}m"),
+        "memory" => format!("{n}MiB"),
+        _ => n.to_string(),
+    }
+}
+
 impl fmt::Display for Blocker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -127,7 +136,9 @@ impl fmt::Display for Blocker {
             }
             Blocker::TooLarge { resource, need, largest } => write!(
                 f,
-                "needs {need} {resource} but the largest eligible worker offers {largest}"
+                "needs {} {resource} but the largest eligible worker offers {}",
+                amount(resource, *need),
+                amount(resource, *largest)
             ),
             Blocker::Reserved { worker, for_task } => write!(
                 f,
@@ -140,7 +151,9 @@ impl fmt::Display for Blocker {
             }
             Blocker::Busy { eligible, short: Some((r, need, free)) } => write!(
                 f,
-                "the {eligible} eligible workers are busy: needs {need} {r}, at most {free} free"
+                "the {eligible} eligible workers are busy: needs {} {r}, at most {} free",
+                amount(r, *need),
+                amount(r, *free)
             ),
         }
     }

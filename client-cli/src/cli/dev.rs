@@ -10,7 +10,11 @@
 //!    for a leader.
 //! 4. Start the workers: `schedctl worker run --exec 'sh -c "$SCHED_PAYLOAD"'`, so a task's
 //!    payload is the shell script it runs.
-//! 5. On Ctrl-C / SIGTERM: stop the workers first (they drain and deregister while the
+//! 5. Print every child's PID, and record them in `DIR/cluster.json` (`pid` of each node,
+//!    `workers` with theirs). A child that exits while the cluster is up is restarted after
+//!    [`RESTART_DELAY`] (long enough to watch a failover), with the same arguments; the file
+//!    is updated with the new PID.
+//! 6. On Ctrl-C / SIGTERM: stop the workers first (they drain and deregister while the
 //!    cluster is still up), then the nodes; SIGTERM, then SIGKILL after a grace.
 //!
 //! Every child runs in its own process group, so a Ctrl-C in the terminal reaches only this
@@ -38,6 +42,8 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 const WORKER_STOP_GRACE: Duration = Duration::from_secs(15);
 /// Nodes get this long to exit after SIGTERM (then SIGKILL).
 const NODE_STOP_GRACE: Duration = Duration::from_secs(5);
+/// A child that exited unexpectedly is started again after this long.
+const RESTART_DELAY: Duration = Duration::from_secs(5);
 
 /// Development commands.
 #[derive(Debug, Subcommand)]
@@ -63,10 +69,13 @@ pub struct UpArgs {
     pub base_port: u16,
 }
 
-/// The saved layout of a dev cluster.
+/// The saved layout of a dev cluster (and, while it runs, the PIDs of its processes).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 struct Layout {
     nodes: Vec<NodeAddrs>,
+    /// The running workers: name and PID.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    workers: Vec<WorkerPid>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -74,6 +83,15 @@ struct NodeAddrs {
     id: u64,
     grpc: String,
     http: String,
+    /// PID of the running node process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pid: Option<u32>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+struct WorkerPid {
+    name: String,
+    pid: u32,
 }
 
 impl Layout {
@@ -133,8 +151,10 @@ fn pick_layout(nodes: u32, base: u16) -> Result<Layout> {
                     id: i as u64 + 1,
                     grpc: format!("127.0.0.1:{g}"),
                     http: format!("127.0.0.1:{h}"),
+                    pid: None,
                 })
                 .collect(),
+            workers: Vec::new(),
         });
     }
     let ports: Vec<u16> = (0..nodes * 2)
@@ -147,8 +167,10 @@ fn pick_layout(nodes: u32, base: u16) -> Result<Layout> {
                 id: i as u64 + 1,
                 grpc: format!("127.0.0.1:{}", ports[2 * i]),
                 http: format!("127.0.0.1:{}", ports[2 * i + 1]),
+                pid: None,
             })
             .collect(),
+        workers: Vec::new(),
     })
 }
 
@@ -162,13 +184,43 @@ fn load_layout(path: &Path) -> Result<Option<Layout>> {
     }
 }
 
-/// A started child process.
+/// A started child process, with what it takes to start it again.
 struct Proc {
     name: String,
     log: PathBuf,
     child: Child,
-    /// Its unexpected exit was already reported.
-    reported: bool,
+    program: PathBuf,
+    args: Vec<String>,
+    dir: PathBuf,
+    /// It exited unexpectedly and is started again at this time.
+    restart_at: Option<Instant>,
+}
+
+impl Proc {
+    fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Starts the same command again (appending to the same log).
+    fn respawn(&mut self) -> Result<()> {
+        let fresh = spawn(&self.name, &self.program, &self.args, &self.dir)?;
+        self.child = fresh.child;
+        self.restart_at = None;
+        Ok(())
+    }
+}
+
+/// Records the current PIDs in `cluster.json`.
+fn save_pids(path: &Path, layout: &mut Layout, nodes: &[Proc], workers: &[Proc]) -> Result<()> {
+    for (n, p) in layout.nodes.iter_mut().zip(nodes) {
+        n.pid = p.pid();
+    }
+    layout.workers = workers
+        .iter()
+        .filter_map(|w| w.pid().map(|pid| WorkerPid { name: w.name.clone(), pid }))
+        .collect();
+    std::fs::write(path, serde_json::to_string_pretty(layout)?)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn spawn(name: &str, program: &Path, args: &[String], dir: &Path) -> Result<Proc> {
@@ -190,7 +242,15 @@ fn spawn(name: &str, program: &Path, args: &[String], dir: &Path) -> Result<Proc
         });
     }
     let child = cmd.spawn().with_context(|| format!("starting {}", program.display()))?;
-    Ok(Proc { name: name.to_string(), log, child, reported: false })
+    Ok(Proc {
+        name: name.to_string(),
+        log,
+        child,
+        program: program.to_path_buf(),
+        args: args.to_vec(),
+        dir: dir.to_path_buf(),
+        restart_at: None,
+    })
 }
 
 fn log_tail(path: &Path) -> String {
@@ -313,7 +373,7 @@ async fn up(ctx: &Ctx, a: UpArgs) -> Result<u8> {
     std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
     let dir = a.dir.canonicalize()?;
     let layout_path = dir.join("cluster.json");
-    let layout = match load_layout(&layout_path)? {
+    let mut layout = match load_layout(&layout_path)? {
         Some(l) if l.nodes.len() == a.nodes as usize => l,
         Some(l) => {
             return Err(UsageError(format!(
@@ -355,6 +415,7 @@ async fn up(ctx: &Ctx, a: UpArgs) -> Result<u8> {
         }
     };
 
+    save_pids(&layout_path, &mut layout, &nodes, &workers)?;
     let endpoints = layout.endpoints().join(",");
     match ctx.format {
         Format::Json => print_json(&serde_json::json!({
@@ -363,19 +424,39 @@ async fn up(ctx: &Ctx, a: UpArgs) -> Result<u8> {
             "leader_id": leader,
             "nodes": layout.nodes.iter().map(|n| serde_json::json!({
                 "id": n.id,
+                "pid": n.pid,
                 "grpc": n.grpc,
                 "http": format!("http://{}", n.http),
                 "log": dir.join(format!("node-{}.log", n.id)).display().to_string(),
             })).collect::<Vec<_>>(),
-            "workers": workers.iter().map(|w| w.name.clone()).collect::<Vec<_>>(),
+            "workers": workers.iter().map(|w| serde_json::json!({
+                "name": w.name,
+                "pid": w.pid(),
+            })).collect::<Vec<_>>(),
         })),
         Format::Table => {
             outln!("raftsched dev cluster is up (data and logs in {})", dir.display());
             for n in &layout.nodes {
                 let mark = if n.id == leader { " (leader)" } else { "" };
-                outln!("  node {}  grpc {}  metrics http://{}/metrics{mark}", n.id, n.grpc, n.http);
+                outln!(
+                    "  node {}  pid {:<7} grpc {}  metrics http://{}/metrics{mark}",
+                    n.id,
+                    n.pid.map(|p| p.to_string()).unwrap_or_default(),
+                    n.grpc,
+                    n.http
+                );
             }
-            outln!("  workers: {} (sh -c \"$SCHED_PAYLOAD\")", workers.len());
+            for w in &workers {
+                outln!(
+                    "  {}  pid {}  (sh -c \"$SCHED_PAYLOAD\")",
+                    w.name,
+                    w.pid().map(|p| p.to_string()).unwrap_or_default()
+                );
+            }
+            outln!(
+                "  PIDs are also in {}; a process that exits is restarted",
+                layout_path.display()
+            );
             outln!();
             outln!("  export SCHED_ENDPOINTS={endpoints}");
             outln!("  schedctl --endpoints {endpoints} task submit --name hello --payload 'echo hello' --wait");
@@ -392,13 +473,40 @@ async fn up(ctx: &Ctx, a: UpArgs) -> Result<u8> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = tick.tick() => {
+                let mut changed = false;
                 for p in nodes.iter_mut().chain(workers.iter_mut()) {
-                    if p.reported {
-                        continue;
+                    match p.restart_at {
+                        None => {
+                            if let Ok(Some(status)) = p.child.try_wait() {
+                                eprintln!(
+                                    "{} exited ({status}); restarting it in {} (log: {})",
+                                    p.name,
+                                    humantime::format_duration(RESTART_DELAY),
+                                    p.log.display()
+                                );
+                                p.restart_at = Some(Instant::now() + RESTART_DELAY);
+                            }
+                        }
+                        Some(at) if Instant::now() >= at => match p.respawn() {
+                            Ok(()) => {
+                                eprintln!(
+                                    "{} restarted (pid {})",
+                                    p.name,
+                                    p.pid().map(|p| p.to_string()).unwrap_or_default()
+                                );
+                                changed = true;
+                            }
+                            Err(e) => {
+                                eprintln!("cannot restart {}: {e:#}; trying again", p.name);
+                                p.restart_at = Some(Instant::now() + RESTART_DELAY);
+                            }
+                        },
+                        Some(_) => {}
                     }
-                    if let Ok(Some(status)) = p.child.try_wait() {
-                        eprintln!("{} exited ({status}); see {}", p.name, p.log.display());
-                        p.reported = true;
+                }
+                if changed {
+                    if let Err(e) = save_pids(&layout_path, &mut layout, &nodes, &workers) {
+                        eprintln!("{e:#}");
                     }
                 }
             }
@@ -407,6 +515,11 @@ async fn up(ctx: &Ctx, a: UpArgs) -> Result<u8> {
     eprintln!("stopping workers and nodes");
     stop_all(&mut workers, WORKER_STOP_GRACE).await;
     stop_all(&mut nodes, NODE_STOP_GRACE).await;
+    layout.workers.clear();
+    for n in &mut layout.nodes {
+        n.pid = None;
+    }
+    let _ = std::fs::write(&layout_path, serde_json::to_string_pretty(&layout)?);
     Ok(0)
 }
 
@@ -492,7 +605,9 @@ mod tests {
                 id: 1,
                 grpc: "127.0.0.1:1".into(),
                 http: "127.0.0.1:2".into(),
+                pid: Some(42),
             }],
+            workers: vec![WorkerPid { name: "worker-1".into(), pid: 43 }],
         };
         std::fs::write(&path, serde_json::to_string(&l).unwrap()).unwrap();
         assert_eq!(load_layout(&path).unwrap(), Some(l));

@@ -157,6 +157,12 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Worker(w) => matches!(w, worker::WorkerCmd::Drain { .. }),
         Command::Dev(_) | Command::Bench(_) => false,
     };
+    // One-shot commands fail at once when no node accepts a connection; a worker or a dev
+    // cluster waits for nodes that are (re)starting.
+    let one_shot = !matches!(
+        &cli.command,
+        Command::Worker(worker::WorkerCmd::Run(_)) | Command::Dev(_) | Command::Bench(_)
+    );
     let ctx = Ctx {
         writes,
         format: cli.output,
@@ -164,6 +170,7 @@ pub async fn run(cli: Cli) -> u8 {
             endpoints,
             call_timeout: cli.rpc_timeout,
             retry_budget: cli.retry_budget,
+            fail_fast_when_refused: one_shot,
             ..Default::default()
         },
     };

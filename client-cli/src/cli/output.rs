@@ -119,6 +119,22 @@ pub fn time(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
+/// A time and how far it is from now: `2026-12-02T12:00:05.000Z (in 4s)`, `... (3m 2s ago)`.
+pub fn time_from_now(ms: u64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let rel =
+        |d: u64| humantime::format_duration(Duration::from_secs(d.div_ceil(1000))).to_string();
+    let when =
+        if ms >= now { format!("in {}", rel(ms - now)) } else { format!("{} ago", rel(now - ms)) };
+    format!("{} ({when})", time(ms))
+}
+
 /// `1.234s`, `2m 3s`: a short duration between two unix-ms stamps.
 pub fn elapsed(from_ms: u64, to_ms: u64) -> String {
     if from_ms == 0 || to_ms < from_ms {
@@ -432,7 +448,7 @@ pub fn explain_text(e: &pb::ExplainTaskResponse) -> String {
         lines.push(("blocked by", e.blocker.clone()));
     }
     if e.until_ms > 0 {
-        lines.push(("until", time(e.until_ms)));
+        lines.push(("until", time_from_now(e.until_ms)));
     }
     if !e.worker.is_empty() {
         lines.push(("worker", e.worker.clone()));

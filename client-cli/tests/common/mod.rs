@@ -146,7 +146,12 @@ impl Cluster {
             init.push("--member");
             init.push(m);
         }
-        // The first node may not listen yet: schedctl retries within its budget.
+        // schedctl fails at once when nothing listens, so wait for the nodes to listen.
+        for n in &c.nodes {
+            wait_for(&format!("node {} to listen", n.id), || {
+                std::net::TcpStream::connect(&n.addr).ok().map(|_| ())
+            });
+        }
         let first = c.nodes[0].addr.clone();
         let mut args = vec!["--endpoints", first.as_str(), "--retry-budget", "60s"];
         args.extend(init);
