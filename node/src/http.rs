@@ -1,6 +1,17 @@
-//! A minimal HTTP/1.1 server for `GET /metrics` (Prometheus text) and `GET /healthz`
-//! (200 when Raft runs and a leader is known, 503 otherwise, JSON body). One request per
-//! connection; request heads are bounded; anything else is 404/405.
+//! A minimal HTTP/1.1 server for probes and scraping. One request per connection; request
+//! heads are bounded; anything else is 404/405.
+//!
+//! * `GET /metrics`: Prometheus text ([`metrics::render`]).
+//! * `GET /healthz`: liveness. 200 while the process is up and serving HTTP, even on a leader
+//!   cut off from its majority or with no leader known; 503 only after a fatal Raft error,
+//!   while the process shuts down. JSON body with role, leader, term and applied index. Restart
+//!   the process when this fails; do not route on it.
+//! * `GET /readyz`: readiness. 200 only when this node can serve a linearizable read now: it is
+//!   the leader and a quorum acknowledged it within an election timeout, or a follower that
+//!   heard from its leader within an election timeout. Otherwise 503. Plain-text body, e.g.
+//!   `ready: leader, quorum ack 12 ms ago` or `not ready: leader without a quorum ack for
+//!   1234 ms`. Route requests on this; the gRPC health service reports the same
+//!   (see [`crate::server`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,8 +67,13 @@ async fn handle(mut stream: TcpStream, node: Arc<Node>) -> std::io::Result<()> {
             let (ok, body) = metrics::health(&node);
             respond(&mut stream, if ok { 200 } else { 503 }, "application/json", &body).await
         }
+        ("GET", "/readyz") => {
+            let (ok, body) = metrics::readiness(&node).await;
+            respond(&mut stream, if ok { 200 } else { 503 }, "text/plain", &body).await
+        }
         ("GET", _) => {
-            respond(&mut stream, 404, "text/plain", "not found: try /metrics or /healthz\n").await
+            let body = "not found: try /metrics, /healthz or /readyz\n";
+            respond(&mut stream, 404, "text/plain", body).await
         }
         _ => respond(&mut stream, 405, "text/plain", "only GET is supported\n").await,
     }

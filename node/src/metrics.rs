@@ -1,6 +1,7 @@
 //! Prometheus metrics. Counters kept by the node live here as atomics; gauges (role, term,
 //! indexes, tasks per state, queue depth, workers) are read from Raft and the state when
-//! `/metrics` is scraped.
+//! `/metrics` is scraped. Also the bodies of `/healthz` (liveness: [`health`]) and `/readyz`
+//! (readiness: [`readiness`]).
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -256,13 +257,15 @@ pub fn render(node: &Node) -> String {
     out
 }
 
-/// The `/healthz` answer: (healthy, JSON body). Healthy = Raft running and a leader known.
+/// The `/healthz` answer: (alive, JSON body). Liveness only: 200 while the process runs and
+/// serves HTTP, whatever the cluster looks like; 503 only once Raft has stopped with a fatal
+/// error (the process is on its way out). Whether this node can serve requests is `/readyz`.
 pub fn health(node: &Node) -> (bool, String) {
     let m = node.raft.raft().metrics().borrow().clone();
     let fatal = node.raft.fatal();
-    let ok = fatal.is_none() && m.current_leader.is_some();
+    let ok = fatal.is_none();
     let body = serde_json::json!({
-        "status": if ok { "ok" } else { "unavailable" },
+        "status": if ok { "ok" } else { "stopped" },
         "node_id": node.raft.id(),
         "role": raft::raft_node::role_name(m.state),
         "leader_id": m.current_leader,
@@ -271,4 +274,13 @@ pub fn health(node: &Node) -> (bool, String) {
         "error": fatal,
     });
     (ok, body.to_string())
+}
+
+/// The `/readyz` answer: (ready, plain-text reason). Ready = this node can serve a
+/// linearizable read now ([`raft::raft_node::RaftNode::readiness`]).
+pub async fn readiness(node: &Node) -> (bool, String) {
+    match node.raft.readiness().await {
+        Ok(r) => (true, format!("ready: {r}\n")),
+        Err(e) => (false, format!("not ready: {e}\n")),
+    }
 }

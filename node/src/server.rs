@@ -1,6 +1,14 @@
 //! Assembles and runs a node: Raft, the gRPC server (public API, internal service, health,
 //! reflection), the HTTP metrics server and the leader loops; stops them in order.
 //!
+//! gRPC health (`grpc.health.v1`) follows readiness, the same answer as `/readyz`
+//! ([`raft::raft_node::RaftNode::readiness`]): `Tasks`, `Workers`, `Cluster` and the overall
+//! service `""` are SERVING only while this node can serve a linearizable read (a leader with a
+//! recent quorum ack, or a follower hearing from its leader), NOT_SERVING otherwise, from start
+//! until the first leader is known, and from shutdown on. A background task re-evaluates on
+//! every role or leader change and at least every [`READINESS_INTERVAL`], and updates the
+//! reporter only when the answer changes.
+//!
 //! Shutdown (SIGTERM/SIGINT, or the `shutdown` future): streams are told to end, the gRPC
 //! server stops accepting and drains for a bounded time, then Raft shuts down and the state
 //! machine is flushed. A fatal Raft error (e.g. a storage failure) stops the node the same way
@@ -19,6 +27,9 @@ use raft::raft_node::{RaftNode, StartError};
 use raft::service::InternalService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tonic::server::NamedService;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
 
 use crate::api::cluster::ClusterApi;
@@ -119,9 +130,8 @@ pub async fn run(
     }
 
     let (health, health_svc) = tonic_health::server::health_reporter();
-    health.set_serving::<TasksServer<TasksApi>>().await;
-    health.set_serving::<WorkersServer<WorkersApi>>().await;
-    health.set_serving::<ClusterServer<ClusterApi>>().await;
+    set_health(&health, ServingStatus::NotServing).await;
+    let readiness = tokio::spawn(follow_readiness(node.clone(), health.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -197,7 +207,8 @@ pub async fn run(
             outcome = Err(ServerError::Grpc(msg));
         }
     }
-    health.set_not_serving::<TasksServer<TasksApi>>().await;
+    readiness.abort();
+    set_health(&health, ServingStatus::NotServing).await;
     let _ = stop_tx.send(true);
     let _ = drain_tx.send(());
     if !server.is_finished()
@@ -210,4 +221,51 @@ pub async fn run(
     raft.shutdown().await;
     info!("stopped");
     outcome
+}
+
+/// The longest a change of readiness that no role or leader change announces (a leader losing
+/// its quorum, a follower whose leader went quiet) waits before gRPC health reports it.
+pub const READINESS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The services whose gRPC health follows readiness; `""` is the server as a whole.
+const HEALTH_SERVICES: [&str; 4] = [
+    "",
+    <TasksServer<TasksApi> as NamedService>::NAME,
+    <WorkersServer<WorkersApi> as NamedService>::NAME,
+    <ClusterServer<ClusterApi> as NamedService>::NAME,
+];
+
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    for service in HEALTH_SERVICES {
+        health.set_service_status(service, status).await;
+    }
+}
+
+/// Keep gRPC health in step with readiness until Raft stops (see the module docs).
+async fn follow_readiness(node: Arc<Node>, health: HealthReporter) {
+    let mut changes = node.raft.raft().server_metrics();
+    let mut serving = false;
+    loop {
+        let r = node.raft.readiness().await;
+        if r.is_ok() != serving {
+            serving = r.is_ok();
+            let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+            set_health(&health, status).await;
+            match r {
+                Ok(why) => info!(node_id = node.raft.id(), %why, "ready: grpc health serving"),
+                Err(why) => {
+                    info!(node_id = node.raft.id(), %why, "not ready: grpc health not serving")
+                }
+            }
+        }
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    set_health(&health, ServingStatus::NotServing).await;
+                    return;
+                }
+            }
+            _ = tokio::time::sleep(READINESS_INTERVAL) => {}
+        }
+    }
 }

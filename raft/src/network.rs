@@ -8,12 +8,20 @@
 //!   only a prefix is sent and success is reported as `PartialSuccess`, so one huge batch can
 //!   never exceed message limits or the heartbeat-sized RPC timeout.
 //! * Errors map to what makes openraft back off correctly: a refused connection or
-//!   `UNAVAILABLE` is `Unreachable` (retried after [`PeerClient::backoff`]), a deadline is a
-//!   `Network` error (retried at once), a Raft error from the peer is `RemoteError`.
+//!   `UNAVAILABLE` is `Unreachable` (retried after [`PeerClient::backoff`], which doubles from
+//!   `unreachable_backoff` up to `unreachable_backoff_max` while the peer stays down), a deadline
+//!   is a `Network` error (retried at once), a Raft error from the peer is `RemoteError`.
+//! * Each peer's reachability is tracked ([`PeerHealth`], shared by replication and votes): the
+//!   change is logged once — WARN when a peer becomes unreachable (after
+//!   [`FAILURES_BEFORE_UNREACHABLE`] failures in a row), INFO when it answers again — and while
+//!   it stays down one WARN per [`REPEAT_EVERY`] says how many failures were not logged.
+//!   Individual failures are DEBUG. (openraft logs each failed RPC itself, under
+//!   `openraft::replication` and `openraft::engine::handler::replication_handler`; fewer
+//!   attempts to a dead peer mean fewer of those lines, the log filter decides the rest.)
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -26,6 +34,7 @@ use openraft::raft::{
 use proto::internal::v1 as ipb;
 use proto::internal::v1::raft_service_client::RaftServiceClient;
 use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, info, warn};
 
 use crate::{NodeId, NodeInfo, TypeConfig};
 
@@ -38,8 +47,12 @@ pub struct NetOptions {
     pub max_message_bytes: usize,
     /// Upper bound on the encoded entries of one AppendEntries request.
     pub append_budget_bytes: usize,
-    /// Delay before retrying an unreachable peer.
+    /// Delay before retrying an unreachable peer the first time; it doubles on each further
+    /// failure up to `unreachable_backoff_max`.
     pub unreachable_backoff: Duration,
+    /// Longest delay between attempts to reach a peer that stays down (how late a restarted
+    /// peer may hear from the leader).
+    pub unreachable_backoff_max: Duration,
     /// Source address of connections to peers (multi-homed hosts; fault-injection proxies use
     /// it to tell peers apart). `None`: chosen by the OS.
     pub source_ip: Option<std::net::IpAddr>,
@@ -52,8 +65,96 @@ impl Default for NetOptions {
             max_message_bytes: 64 << 20,
             append_budget_bytes: 2 << 20,
             unreachable_backoff: Duration::from_millis(100),
+            unreachable_backoff_max: Duration::from_secs(1),
             source_ip: None,
         }
+    }
+}
+
+/// Consecutive failed RPCs after which a peer counts as unreachable (and that is logged).
+pub const FAILURES_BEFORE_UNREACHABLE: u64 = 3;
+/// While a peer stays unreachable, at most one log line per this interval.
+pub const REPEAT_EVERY: Duration = Duration::from_secs(30);
+
+/// What one peer's RPC outcomes mean for the log. Pure: time is passed in.
+#[derive(Debug, Default)]
+pub struct PeerHealth {
+    /// Failed RPCs since the last answer.
+    failures: u64,
+    /// Set while the peer counts as unreachable.
+    down: Option<Down>,
+}
+
+#[derive(Debug)]
+struct Down {
+    since: Instant,
+    last_logged: Instant,
+    /// Failures since the last line about this peer.
+    suppressed: u64,
+}
+
+/// A line worth logging about a peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerEvent {
+    /// The peer just became unreachable after this many failures in a row.
+    Unreachable {
+        /// Failures in a row.
+        failures: u64,
+    },
+    /// Still unreachable; `suppressed` failures were not logged since the last line.
+    StillUnreachable {
+        /// Failures since the last line.
+        suppressed: u64,
+        /// How long it has been down.
+        down_for: Duration,
+    },
+    /// It answered again after `failures` failures in a row.
+    Reachable {
+        /// Failures in a row before this answer.
+        failures: u64,
+        /// How long it was down.
+        down_for: Duration,
+    },
+}
+
+impl PeerHealth {
+    /// A failed RPC at `now`: the line to log, if any.
+    pub fn failure(&mut self, now: Instant) -> Option<PeerEvent> {
+        self.failures += 1;
+        match &mut self.down {
+            None if self.failures >= FAILURES_BEFORE_UNREACHABLE => {
+                self.down = Some(Down { since: now, last_logged: now, suppressed: 0 });
+                Some(PeerEvent::Unreachable { failures: self.failures })
+            }
+            None => None,
+            Some(d) if now.saturating_duration_since(d.last_logged) >= REPEAT_EVERY => {
+                let suppressed = d.suppressed + 1;
+                d.suppressed = 0;
+                d.last_logged = now;
+                Some(PeerEvent::StillUnreachable {
+                    suppressed,
+                    down_for: now.saturating_duration_since(d.since),
+                })
+            }
+            Some(d) => {
+                d.suppressed += 1;
+                None
+            }
+        }
+    }
+
+    /// An answer from the peer at `now`: the line to log, if any.
+    pub fn success(&mut self, now: Instant) -> Option<PeerEvent> {
+        let failures = std::mem::take(&mut self.failures);
+        self.down.take().map(|d| PeerEvent::Reachable {
+            failures,
+            down_for: now.saturating_duration_since(d.since),
+        })
+    }
+
+    /// Whether the peer counts as unreachable.
+    pub fn is_unreachable(&self) -> bool {
+        self.down.is_some()
     }
 }
 
@@ -61,13 +162,58 @@ impl Default for NetOptions {
 #[derive(Clone)]
 pub struct Peers {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    health: Arc<Mutex<HashMap<NodeId, PeerHealth>>>,
     opts: NetOptions,
 }
 
 impl Peers {
     /// An empty pool.
     pub fn new(opts: NetOptions) -> Self {
-        Peers { channels: Arc::new(Mutex::new(HashMap::new())), opts }
+        Peers {
+            channels: Arc::new(Mutex::new(HashMap::new())),
+            health: Arc::new(Mutex::new(HashMap::new())),
+            opts,
+        }
+    }
+
+    /// Record the outcome of one RPC from `node_id` to `peer` and log a change of its
+    /// reachability (rate-limited; see the module docs).
+    fn record(&self, node_id: NodeId, peer: NodeId, addr: &str, outcome: Result<(), &str>) {
+        let now = Instant::now();
+        let event = {
+            let mut map = self.health.lock().unwrap_or_else(|e| e.into_inner());
+            let h = map.entry(peer).or_default();
+            match outcome {
+                Ok(()) => h.success(now),
+                Err(_) => h.failure(now),
+            }
+        };
+        let error = outcome.err().unwrap_or("");
+        match event {
+            Some(PeerEvent::Unreachable { failures }) => {
+                warn!(node_id, peer, addr, error, failures, "peer {peer} unreachable: {error}")
+            }
+            Some(PeerEvent::StillUnreachable { suppressed, down_for }) => warn!(
+                node_id,
+                peer,
+                addr,
+                error,
+                suppressed,
+                down_ms = down_for.as_millis() as u64,
+                "peer {peer} still unreachable after {} s: {error} ({suppressed} failures since the last report)",
+                down_for.as_secs()
+            ),
+            Some(PeerEvent::Reachable { failures, down_for }) => info!(
+                node_id,
+                peer,
+                addr,
+                failures,
+                down_ms = down_for.as_millis() as u64,
+                "peer {peer} reachable again after {failures} failures"
+            ),
+            None if outcome.is_err() => debug!(node_id, peer, addr, error, "rpc to peer failed"),
+            None => {}
+        }
     }
 
     /// The transport settings.
@@ -146,13 +292,14 @@ pub mod codec {
 /// Creates [`PeerClient`]s for openraft.
 #[derive(Clone)]
 pub struct NetworkFactory {
+    node_id: NodeId,
     peers: Peers,
 }
 
 impl NetworkFactory {
-    /// A factory over a shared channel pool.
-    pub fn new(peers: Peers) -> Self {
-        NetworkFactory { peers }
+    /// A factory for node `node_id` over a shared channel pool.
+    pub fn new(node_id: NodeId, peers: Peers) -> Self {
+        NetworkFactory { node_id, peers }
     }
 }
 
@@ -160,15 +307,64 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> PeerClient {
-        PeerClient { target, addr: node.addr.clone(), peers: self.peers.clone() }
+        PeerClient {
+            node_id: self.node_id,
+            target,
+            addr: node.addr.clone(),
+            peers: self.peers.clone(),
+        }
     }
 }
 
 /// The connection to one peer.
 pub struct PeerClient {
+    node_id: NodeId,
     target: NodeId,
     addr: String,
     peers: Peers,
+}
+
+/// Whether a failed call means the peer did not answer (as opposed to answering with an error).
+fn is_transport_failure(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+    )
+}
+
+/// Records one RPC's outcome for [`PeerHealth`]; a call dropped before it finished (openraft's
+/// own deadline fired first) counts as a failure.
+struct Attempt<'a> {
+    client: &'a PeerClient,
+    ttl: Duration,
+    done: bool,
+}
+
+impl Attempt<'_> {
+    fn finish<T>(mut self, r: &Result<T, tonic::Status>) {
+        self.done = true;
+        let c = self.client;
+        match r {
+            Err(s) if is_transport_failure(s) => {
+                let error = format!("{:?}: {}", s.code(), s.message());
+                c.peers.record(c.node_id, c.target, &c.addr, Err(&error));
+            }
+            _ => c.peers.record(c.node_id, c.target, &c.addr, Ok(())),
+        }
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let c = self.client;
+            let error = format!("no reply within {} ms", self.ttl.as_millis());
+            c.peers.record(c.node_id, c.target, &c.addr, Err(&error));
+        }
+    }
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>;
@@ -187,6 +383,18 @@ fn status_to_rpc<E: std::error::Error>(s: tonic::Status) -> RPCError<NodeId, Nod
 
 impl PeerClient {
     async fn call(
+        &self,
+        method: Method,
+        data: Vec<u8>,
+        option: &RPCOption,
+    ) -> Result<ipb::raft_reply::Result, tonic::Status> {
+        let attempt = Attempt { client: self, ttl: option.hard_ttl(), done: false };
+        let r = self.call_once(method, data, option).await;
+        attempt.finish(&r);
+        r
+    }
+
+    async fn call_once(
         &self,
         method: Method,
         data: Vec<u8>,
@@ -300,7 +508,118 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         self.decode_reply(reply)
     }
 
+    /// Called by openraft when a peer turns out unreachable; the iterator lives until the next
+    /// successful RPC, so the delay grows while the peer stays down.
     fn backoff(&self) -> Backoff {
-        Backoff::new(std::iter::repeat(self.peers.options().unreachable_backoff))
+        let o = self.peers.options();
+        Backoff::new(backoff_delays(o.unreachable_backoff, o.unreachable_backoff_max))
+    }
+}
+
+/// `first`, doubling, capped at `max`.
+fn backoff_delays(first: Duration, max: Duration) -> impl Iterator<Item = Duration> + Send {
+    let first = first.min(max);
+    std::iter::successors(Some(first), move |d| Some((*d * 2).min(max)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    #[test]
+    fn a_peer_becomes_unreachable_once_after_failures_in_a_row() {
+        let t0 = Instant::now();
+        let mut h = PeerHealth::default();
+        for i in 1..FAILURES_BEFORE_UNREACHABLE {
+            assert_eq!(h.failure(t0 + Duration::from_millis(i)), None);
+            assert!(!h.is_unreachable());
+        }
+        assert_eq!(
+            h.failure(t0 + secs(1)),
+            Some(PeerEvent::Unreachable { failures: FAILURES_BEFORE_UNREACHABLE })
+        );
+        assert!(h.is_unreachable());
+        // Repeats within the interval are counted, not logged.
+        for i in 0..100 {
+            assert_eq!(h.failure(t0 + secs(1) + Duration::from_millis(100 * i)), None);
+        }
+        // One line per interval, with the count of what was not logged.
+        assert_eq!(
+            h.failure(t0 + secs(1) + REPEAT_EVERY),
+            Some(PeerEvent::StillUnreachable { suppressed: 101, down_for: REPEAT_EVERY })
+        );
+        assert_eq!(h.failure(t0 + secs(2) + REPEAT_EVERY), None);
+        assert_eq!(
+            h.failure(t0 + secs(1) + 2 * REPEAT_EVERY),
+            Some(PeerEvent::StillUnreachable { suppressed: 2, down_for: 2 * REPEAT_EVERY })
+        );
+        // Recovery is logged once, with every failure of the outage.
+        assert_eq!(
+            h.success(t0 + secs(1) + 2 * REPEAT_EVERY + secs(5)),
+            Some(PeerEvent::Reachable {
+                failures: FAILURES_BEFORE_UNREACHABLE + 100 + 1 + 1 + 1,
+                down_for: 2 * REPEAT_EVERY + secs(5),
+            })
+        );
+        assert!(!h.is_unreachable());
+        assert_eq!(h.success(t0 + secs(100)), None);
+    }
+
+    #[test]
+    fn sporadic_failures_are_not_an_outage() {
+        let t0 = Instant::now();
+        let mut h = PeerHealth::default();
+        for i in 0..50 {
+            for _ in 1..FAILURES_BEFORE_UNREACHABLE {
+                assert_eq!(h.failure(t0 + secs(i)), None);
+            }
+            assert_eq!(h.success(t0 + secs(i)), None);
+        }
+        assert!(!h.is_unreachable());
+    }
+
+    #[test]
+    fn an_outage_after_recovery_is_reported_again() {
+        let t0 = Instant::now();
+        let mut h = PeerHealth::default();
+        for _ in 0..FAILURES_BEFORE_UNREACHABLE {
+            h.failure(t0);
+        }
+        assert!(h.success(t0 + secs(1)).is_some());
+        for _ in 1..FAILURES_BEFORE_UNREACHABLE {
+            assert_eq!(h.failure(t0 + secs(2)), None);
+        }
+        assert_eq!(
+            h.failure(t0 + secs(2)),
+            Some(PeerEvent::Unreachable { failures: FAILURES_BEFORE_UNREACHABLE })
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let d: Vec<u64> = backoff_delays(Duration::from_millis(100), secs(1))
+            .take(7)
+            .map(|d| d.as_millis() as u64)
+            .collect();
+        assert_eq!(d, [100, 200, 400, 800, 1000, 1000, 1000]);
+        let d: Vec<Duration> = backoff_delays(secs(5), secs(1)).take(2).collect();
+        assert_eq!(d, [secs(1), secs(1)]);
+    }
+
+    #[test]
+    fn shared_pool_tracks_peers_separately() {
+        let peers = Peers::new(NetOptions::default());
+        for _ in 0..FAILURES_BEFORE_UNREACHABLE {
+            peers.record(1, 3, "127.0.0.1:1", Err("Unavailable: tcp connect error"));
+        }
+        let down = |id| peers.health.lock().unwrap().get(&id).is_some_and(|h| h.is_unreachable());
+        assert!(down(3));
+        assert!(!down(2));
+        peers.record(1, 3, "127.0.0.1:1", Ok(()));
+        assert!(!down(3));
     }
 }

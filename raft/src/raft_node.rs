@@ -14,6 +14,11 @@
 //! [`RaftNode::read_barrier`] makes the next local read linearizable: on the leader via
 //! openraft's read-index (`ensure_linearizable`), on a follower by asking the leader for its
 //! read index and waiting until the local state has applied it.
+//!
+//! # Readiness
+//! [`RaftNode::readiness`] says whether such a read can be served now: on a leader whose last
+//! quorum ack is within an election timeout (the same test that makes a cut-off leader refuse
+//! requests at once), or on a follower that heard from its leader within an election timeout.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -179,7 +184,7 @@ impl RaftNode {
             .map_err(|e| StartError::Raft(e.to_string()))??;
         let handle = sm.handle();
         let peers = Peers::new(settings.net.clone());
-        let raft = Raft::new(id, config, NetworkFactory::new(peers.clone()), log, sm)
+        let raft = Raft::new(id, config, NetworkFactory::new(id, peers.clone()), log, sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
         info!(node_id = id, %addr, "raft started");
@@ -316,18 +321,53 @@ impl RaftNode {
             let m = m.borrow();
             (m.state, m.millis_since_quorum_ack)
         };
-        let limit = self.settings.election_max_ms.max(3 * self.settings.heartbeat_ms);
-        match since_ack {
-            Some(ms) if state == ServerState::Leader && ms > limit => {
-                Err(WriteError::Unavailable {
-                    reason: format!(
-                        "this leader has not reached a majority for {ms} ms; retry on another node"
-                    ),
-                    leader: None,
-                })
-            }
-            _ => Ok(()),
+        match quorum_lost(state, since_ack, self.contact_limit_ms()) {
+            Some(ms) => Err(WriteError::Unavailable {
+                reason: format!(
+                    "this leader has not reached a majority for {ms} ms; retry on another node"
+                ),
+                leader: None,
+            }),
+            None => Ok(()),
         }
+    }
+
+    /// How long a leader may go without a quorum ack, or a follower without word from its
+    /// leader, before it counts as cut off: an election timeout (at least three heartbeats).
+    fn contact_limit_ms(&self) -> u64 {
+        self.settings.election_max_ms.max(3 * self.settings.heartbeat_ms)
+    }
+
+    /// Whether this node can serve a linearizable read now (the `/readyz` and gRPC health
+    /// answer): a leader whose last quorum ack is recent (the same decision that makes a cut-off
+    /// leader refuse requests), or a follower or learner that heard from its leader within an
+    /// election timeout. Cheap: one round trip to the Raft core on a follower, none on a leader.
+    pub async fn readiness(&self) -> Result<Ready, NotReady> {
+        if let Some(e) = self.fatal() {
+            return Err(NotReady::Stopped(e));
+        }
+        let (state, leader, since_ack) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            (m.state, m.current_leader, m.millis_since_quorum_ack)
+        };
+        let limit = self.contact_limit_ms();
+        let heard_ms = match (state, leader) {
+            (ServerState::Follower | ServerState::Learner, Some(l)) if l != self.id => {
+                // openraft 0.9 has no follower-side metric for this: the vote's last-modified
+                // time is refreshed by every AppendEntries accepted from the leader.
+                let asked = self.raft.with_raft_state(|st| {
+                    st.vote_last_modified().map(|t| t.elapsed().as_millis() as u64)
+                });
+                match tokio::time::timeout(Duration::from_secs(1), asked).await {
+                    Ok(Ok(ms)) => ms,
+                    Ok(Err(e)) => return Err(NotReady::Stopped(e.to_string())),
+                    Err(_) => return Err(NotReady::Busy),
+                }
+            }
+            _ => None,
+        };
+        decide_readiness(self.id, state, leader, since_ack, heard_ms, limit)
     }
 
     /// Propose `op` as an entry of its own (leader loops: their entries stay attributable).
@@ -758,6 +798,102 @@ impl RaftNode {
     }
 }
 
+/// The one decision about a leader's contact with its majority: `Some(ms)` when this node is a
+/// leader whose last quorum ack is more than `limit_ms` old. Used to refuse requests at once
+/// and for readiness.
+fn quorum_lost(state: ServerState, since_ack: Option<u64>, limit_ms: u64) -> Option<u64> {
+    since_ack.filter(|ms| state == ServerState::Leader && *ms > limit_ms)
+}
+
+/// Why a node can serve linearizable reads now ([`RaftNode::readiness`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ready {
+    /// The leader, acknowledged by a quorum this long ago.
+    Leader {
+        /// Milliseconds since the last quorum ack.
+        quorum_ack_ms: u64,
+    },
+    /// A follower or learner that heard from its leader this long ago.
+    Follower {
+        /// The leader.
+        leader: NodeId,
+        /// Milliseconds since the last AppendEntries accepted from it.
+        heard_ms: u64,
+    },
+}
+
+impl std::fmt::Display for Ready {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ready::Leader { quorum_ack_ms } => {
+                write!(f, "leader, quorum ack {quorum_ack_ms} ms ago")
+            }
+            Ready::Follower { leader, heard_ms } => {
+                write!(f, "following leader {leader}, heard {heard_ms} ms ago")
+            }
+        }
+    }
+}
+
+/// Why a node cannot serve linearizable reads now ([`RaftNode::readiness`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    /// Raft stopped (fatal error or shutdown).
+    #[error("raft stopped: {0}")]
+    Stopped(String),
+    /// A leader cut off from its majority.
+    #[error("leader without a quorum ack for {0} ms")]
+    NoQuorum(u64),
+    /// A leader not yet acknowledged by a quorum in its term (just elected).
+    #[error("leader not yet acknowledged by a quorum")]
+    Unconfirmed,
+    /// No leader known (e.g. an election is under way).
+    #[error("no leader known ({role})")]
+    NoLeader {
+        /// This node's role.
+        role: &'static str,
+    },
+    /// A follower whose leader went quiet.
+    #[error("no word from leader {leader} for {ms} ms")]
+    LeaderSilent {
+        /// The leader it last knew.
+        leader: NodeId,
+        /// Milliseconds since it last heard from it.
+        ms: u64,
+    },
+    /// The Raft core did not answer the question in time.
+    #[error("raft core did not answer within 1 s")]
+    Busy,
+}
+
+/// Readiness from what this node knows: its role, the leader, the leader's last quorum ack and
+/// (on a follower) when it last heard from the leader.
+fn decide_readiness(
+    id: NodeId,
+    state: ServerState,
+    leader: Option<NodeId>,
+    since_ack: Option<u64>,
+    heard_ms: Option<u64>,
+    limit_ms: u64,
+) -> Result<Ready, NotReady> {
+    match state {
+        ServerState::Leader => match (since_ack, quorum_lost(state, since_ack, limit_ms)) {
+            (_, Some(ms)) => Err(NotReady::NoQuorum(ms)),
+            (Some(ms), None) => Ok(Ready::Leader { quorum_ack_ms: ms }),
+            (None, None) => Err(NotReady::Unconfirmed),
+        },
+        ServerState::Shutdown => Err(NotReady::Stopped("shut down".into())),
+        ServerState::Follower | ServerState::Learner => match (leader, heard_ms) {
+            (Some(l), Some(ms)) if l != id && ms <= limit_ms => {
+                Ok(Ready::Follower { leader: l, heard_ms: ms })
+            }
+            (Some(l), Some(ms)) if l != id => Err(NotReady::LeaderSilent { leader: l, ms }),
+            _ => Err(NotReady::NoLeader { role: role_name(state) }),
+        },
+        ServerState::Candidate => Err(NotReady::NoLeader { role: role_name(state) }),
+    }
+}
+
 /// The leader `raft` knows of, with its address.
 fn leader_hint(raft: &Raft) -> LeaderHint {
     let m = raft.metrics().borrow().clone();
@@ -861,5 +997,56 @@ pub fn role_name(s: ServerState) -> &'static str {
         ServerState::Candidate => "candidate",
         ServerState::Learner => "learner",
         ServerState::Shutdown => "shutdown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: u64 = 150;
+
+    #[test]
+    fn a_leader_is_ready_only_with_a_recent_quorum_ack() {
+        let leader = |ack| decide_readiness(1, ServerState::Leader, Some(1), ack, None, LIMIT);
+        assert_eq!(leader(Some(20)), Ok(Ready::Leader { quorum_ack_ms: 20 }));
+        assert_eq!(leader(Some(LIMIT)), Ok(Ready::Leader { quorum_ack_ms: LIMIT }));
+        assert_eq!(leader(Some(1234)), Err(NotReady::NoQuorum(1234)));
+        assert_eq!(leader(None), Err(NotReady::Unconfirmed));
+        // The same limit makes a leader refuse writes.
+        assert_eq!(quorum_lost(ServerState::Leader, Some(1234), LIMIT), Some(1234));
+        assert_eq!(quorum_lost(ServerState::Follower, Some(1234), LIMIT), None);
+    }
+
+    #[test]
+    fn a_follower_is_ready_only_while_it_hears_from_its_leader() {
+        let f = |state, leader, heard| decide_readiness(2, state, leader, None, heard, LIMIT);
+        assert_eq!(
+            f(ServerState::Follower, Some(1), Some(10)),
+            Ok(Ready::Follower { leader: 1, heard_ms: 10 })
+        );
+        assert!(f(ServerState::Learner, Some(1), Some(10)).is_ok());
+        assert_eq!(
+            f(ServerState::Follower, Some(1), Some(900)),
+            Err(NotReady::LeaderSilent { leader: 1, ms: 900 })
+        );
+        assert_eq!(
+            f(ServerState::Follower, None, None),
+            Err(NotReady::NoLeader { role: "follower" })
+        );
+        assert_eq!(
+            f(ServerState::Candidate, Some(1), Some(10)),
+            Err(NotReady::NoLeader { role: "candidate" })
+        );
+        assert!(f(ServerState::Shutdown, Some(1), Some(10)).is_err());
+    }
+
+    #[test]
+    fn reasons_read_as_plain_text() {
+        assert_eq!(NotReady::NoQuorum(1234).to_string(), "leader without a quorum ack for 1234 ms");
+        assert_eq!(
+            NotReady::NoLeader { role: "candidate" }.to_string(),
+            "no leader known (candidate)"
+        );
     }
 }
