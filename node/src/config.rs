@@ -31,7 +31,8 @@ pub struct Args {
     /// Directory for the Raft log, the state machine and snapshots.
     #[arg(long, env = "SCHED_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Address of the HTTP server for /metrics (Prometheus) and /healthz.
+    /// Address of the HTTP server for /metrics (Prometheus), /healthz (liveness) and /readyz
+    /// (readiness).
     #[arg(long, env = "SCHED_HTTP")]
     pub http: Option<SocketAddr>,
     /// TOML configuration file (see schedulerd.example.toml).
@@ -160,7 +161,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             http: None,
             bootstrap: false,
-            log: "info,openraft=warn,sled=warn".into(),
+            log: "info,openraft=warn,openraft::replication=off,openraft::engine::handler::replication_handler=error,sled=warn".into(),
             workers: WorkerSettings {
                 heartbeat_ttl: Duration::from_secs(5),
                 heartbeat_interval: Duration::from_secs(1),

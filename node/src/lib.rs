@@ -2,7 +2,7 @@
 //!
 //! One gRPC port serves the public API (`scheduler.v1`: [`api::tasks`], [`api::workers`],
 //! [`api::cluster`]), the internal Raft service, the gRPC health service and reflection; an
-//! optional HTTP port serves `/metrics` and `/healthz` ([`http`]).
+//! optional HTTP port serves `/metrics`, `/healthz` (liveness) and `/readyz` (readiness) ([`http`]).
 //!
 //! * Any node serves any request. Writes go through [`Node::write`]: stamped with the
 //!   leader's clock and proposed on the leader, or forwarded one hop to it. Reads are

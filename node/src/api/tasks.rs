@@ -108,14 +108,12 @@ impl TasksApi {
                 let mut tasks = Vec::new();
                 let mut last = None;
                 let mut remaining = 0u64;
-                let mut scanned = 0usize;
                 let mut capped = false;
-                for t in scan {
+                for (scanned, t) in scan.enumerate() {
                     if scanned == MAX_SCAN {
                         capped = true;
                         break;
                     }
-                    scanned += 1;
                     if tasks.len() < limit {
                         last = Some(t.id.0);
                         if matches(t) {
