@@ -44,8 +44,13 @@ use serde::Deserialize;
 /// Parses a backoff multiplier (`2`, `1.5`) into thousandths.
 pub fn multiplier_permille(s: &str) -> Result<u32, String> {
     let x: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number like 2 or 1.5"))?;
+    multiplier_to_permille(x)
+}
+
+/// A backoff multiplier (between 1 and 10) in thousandths.
+pub fn multiplier_to_permille(x: f64) -> Result<u32, String> {
     if !(1.0..=10.0).contains(&x) {
-        return Err(format!("{s:?} is outside 1..10 (2 doubles the delay on every retry)"));
+        return Err(format!("{x} is outside 1..10 (2 doubles the delay on every retry)"));
     }
     Ok((x * 1000.0).round() as u32)
 }
@@ -360,7 +365,7 @@ impl Workflow {
         };
         let multiplier = t
             .backoff_multiplier
-            .map(|x| multiplier_permille(&x.to_string()))
+            .map(multiplier_to_permille)
             .transpose()
             .map_err(|e| invalid(format!("backoff_multiplier: {e}")))?;
         let retry = retry_policy(
