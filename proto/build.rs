@@ -12,7 +12,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out.join("descriptors.bin"))
         .compile_with_config(
             config,
-            &["proto/scheduler/v1/scheduler.proto", "proto/internal/v1/raft.proto"],
+            &[
+                "proto/scheduler/v1/scheduler.proto",
+                "proto/internal/v1/raft.proto",
+                "proto/internal/v1/peer.proto",
+            ],
             &["proto"],
         )?;
     println!("cargo:rerun-if-changed=proto");

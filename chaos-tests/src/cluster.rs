@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use proto::internal::v1 as ipb;
-use proto::internal::v1::raft_service_client::RaftServiceClient;
+use proto::internal::v1::peer_service_client::PeerServiceClient;
 use proto::pb;
 use proto::pb::cluster_client::ClusterClient;
 use tonic::transport::Channel;
@@ -297,7 +297,7 @@ impl ChaosCluster {
     /// Node status (with the state digest) straight from node `id`.
     pub async fn node_status(&self, id: u64, digest: bool) -> Result<ipb::NodeStatusReply> {
         let n = self.nodes.get(&id).ok_or_else(|| anyhow!("no node {id}"))?;
-        let mut c = RaftServiceClient::new(channel(&n.addr, Duration::from_secs(30))?);
+        let mut c = PeerServiceClient::new(channel(&n.addr, Duration::from_secs(30))?);
         Ok(c.node_status(ipb::NodeStatusRequest { digest }).await?.into_inner())
     }
 

@@ -14,115 +14,11 @@
 //! key answers with the task it created; a report with the same fencing token answers
 //! `duplicate`). [`Client`](crate::Client) does exactly that within its retry budget.
 
-use std::fmt;
 use std::time::Duration;
 
 use tonic::Code;
 
-/// Metadata key of the machine-readable error reason set by the server.
-pub const REASON_KEY: &str = "x-raftsched-reason";
-
-/// The reason code a node attaches to an error status (`x-raftsched-reason`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum Reason {
-    /// A field is malformed; the message names it.
-    InvalidArgument,
-    /// A size or count limit is exceeded.
-    LimitExceeded,
-    /// A dependency id does not exist.
-    UnknownDependency,
-    /// Dependencies inside a batch form a cycle.
-    DependencyCycle,
-    /// No such task or worker.
-    NotFound,
-    /// A report quoted a fencing token that is not the current attempt's.
-    StaleFence,
-    /// A report came from a worker that does not hold the task.
-    WrongWorker,
-    /// The task's state does not allow the operation.
-    InvalidState,
-    /// An assignment does not fit the worker.
-    DoesNotFit,
-    /// An idempotency key was reused with a different request body.
-    IdempotencyConflict,
-    /// The worker is dead, draining, or the session is not current.
-    WorkerUnavailable,
-    /// The node is not the leader and knows no leader to forward to.
-    NotLeader,
-    /// The node cannot serve right now.
-    Unavailable,
-    /// A reason this client does not know (a newer server).
-    Other(String),
-}
-
-impl Reason {
-    /// Parses the metadata value; unknown values are kept as [`Reason::Other`].
-    pub fn parse(s: &str) -> Reason {
-        match s {
-            "invalid_argument" => Reason::InvalidArgument,
-            "limit_exceeded" => Reason::LimitExceeded,
-            "unknown_dependency" => Reason::UnknownDependency,
-            "dependency_cycle" => Reason::DependencyCycle,
-            "not_found" => Reason::NotFound,
-            "stale_fence" => Reason::StaleFence,
-            "wrong_worker" => Reason::WrongWorker,
-            "invalid_state" => Reason::InvalidState,
-            "does_not_fit" => Reason::DoesNotFit,
-            "idempotency_conflict" => Reason::IdempotencyConflict,
-            "worker_unavailable" => Reason::WorkerUnavailable,
-            "not_leader" => Reason::NotLeader,
-            "unavailable" => Reason::Unavailable,
-            other => Reason::Other(other.to_string()),
-        }
-    }
-
-    /// The wire spelling.
-    pub fn as_str(&self) -> &str {
-        match self {
-            Reason::InvalidArgument => "invalid_argument",
-            Reason::LimitExceeded => "limit_exceeded",
-            Reason::UnknownDependency => "unknown_dependency",
-            Reason::DependencyCycle => "dependency_cycle",
-            Reason::NotFound => "not_found",
-            Reason::StaleFence => "stale_fence",
-            Reason::WrongWorker => "wrong_worker",
-            Reason::InvalidState => "invalid_state",
-            Reason::DoesNotFit => "does_not_fit",
-            Reason::IdempotencyConflict => "idempotency_conflict",
-            Reason::WorkerUnavailable => "worker_unavailable",
-            Reason::NotLeader => "not_leader",
-            Reason::Unavailable => "unavailable",
-            Reason::Other(s) => s,
-        }
-    }
-}
-
-impl fmt::Display for Reason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The leader hint of an UNAVAILABLE answer: `<id>@<host:port>`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LeaderHint {
-    /// The leader's node id.
-    pub id: u64,
-    /// The leader's gRPC address (`host:port`); may be absent from the configured endpoints.
-    pub addr: String,
-}
-
-impl LeaderHint {
-    /// Parses `<id>@<host:port>`; `None` for anything else.
-    pub fn parse(s: &str) -> Option<LeaderHint> {
-        let (id, addr) = s.trim().split_once('@')?;
-        let id = id.parse().ok()?;
-        if addr.is_empty() || !addr.contains(':') {
-            return None;
-        }
-        Some(LeaderHint { id, addr: addr.to_string() })
-    }
-}
+pub use proto::status::{LeaderHint, Reason, REASON_KEY};
 
 /// Exit code of `schedctl`: the operation failed (rejected, not found, task failed).
 pub const EXIT_FAILED: u8 = 1;
@@ -237,12 +133,8 @@ impl Error {
             }
             return Error::Transport { endpoint, message: transport_message(&status), maybe_sent };
         }
-        let meta = status.metadata();
-        let reason = meta.get(REASON_KEY).and_then(|v| v.to_str().ok()).map(Reason::parse);
-        let leader = meta
-            .get(proto::LEADER_HINT_KEY)
-            .and_then(|v| v.to_str().ok())
-            .and_then(LeaderHint::parse);
+        let reason = proto::status::reason_of(&status);
+        let leader = proto::status::leader_of(&status);
         Error::Status {
             code: status.code(),
             message: status.message().to_string(),
@@ -395,7 +287,7 @@ mod tests {
             s.metadata_mut().insert(REASON_KEY, r.parse().unwrap());
         }
         if let Some(l) = leader {
-            s.metadata_mut().insert(proto::LEADER_HINT_KEY, l.parse().unwrap());
+            s.metadata_mut().insert(proto::status::LEADER_HINT_KEY, l.parse().unwrap());
         }
         s
     }

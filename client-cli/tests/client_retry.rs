@@ -71,7 +71,7 @@ fn unavailable(hint: Option<&str>) -> Status {
     let mut s = Status::unavailable("not the leader");
     s.metadata_mut().insert(REASON_KEY, "not_leader".parse().unwrap());
     if let Some(h) = hint {
-        s.metadata_mut().insert(proto::LEADER_HINT_KEY, h.parse().unwrap());
+        s.metadata_mut().insert(proto::status::LEADER_HINT_KEY, h.parse().unwrap());
     }
     s
 }

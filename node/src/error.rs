@@ -14,14 +14,24 @@
 //! | idempotency key reused with a different body | FAILED_PRECONDITION | idempotency_conflict |
 //! | task in the wrong state, does not fit, worker dead/draining | FAILED_PRECONDITION | invalid_state / does_not_fit / worker_unavailable |
 //! | no leader, forward failed, write not committed in time, node stopping | UNAVAILABLE | unavailable / not_leader |
+//! | an undecodable peer message | INVALID_ARGUMENT | invalid_argument |
+//! | a peer speaking another internal encoding | FAILED_PRECONDITION | invalid_state |
+//! | a followed task was purged | NOT_FOUND | not_found |
+//! | a watch resumes before the retained events | OUT_OF_RANGE | out_of_range |
 //! | a bug | INTERNAL | internal |
+//!
+//! The reason codes, the metadata keys and the hint format are the wire contract in
+//! [`proto::status`], shared with the client. The one exception to "built here" is
+//! [`NodeError::Relayed`]: the leader's own answer to a request this node passed on, returned
+//! unchanged so the caller sees exactly what the leader said.
 
-use raft::raft_node::{AdminError, LeaderHint, WriteError};
+use proto::status::{status, LeaderHint, Reason};
+use raft::node::{AdminError, WriteError};
+use raft::service::RpcError;
 use state_machine::Rejection;
 use tonic::{Code, Status};
 
-/// Metadata key with the machine-readable reason.
-pub const REASON_KEY: &str = "x-raftsched-reason";
+pub use proto::status::REASON_KEY;
 
 /// Everything a handler can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +45,21 @@ pub enum NodeError {
     /// A cluster administration request failed.
     #[error(transparent)]
     Admin(#[from] AdminError),
+    /// A Raft RPC from a peer could not be handled.
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    /// A peer sent a message that does not decode or lacks a required part.
+    #[error("{0}")]
+    Malformed(String),
+    /// The leader's answer to a request this node passed on, relayed unchanged.
+    #[error("{}", .0.message())]
+    Relayed(Status),
+    /// A task a stream follows is gone (purged by retention).
+    #[error("{0}")]
+    Gone(String),
+    /// A watch asked for events this node no longer retains.
+    #[error("{0}")]
+    OutOfRange(String),
     /// A resource limit outside the state machine (pending tasks).
     #[error("{0}")]
     Exhausted(String),
@@ -43,17 +68,8 @@ pub enum NodeError {
     Internal(String),
 }
 
-fn with_meta(code: Code, message: String, reason: &str, leader: Option<&LeaderHint>) -> Status {
-    let mut s = Status::new(code, message);
-    if let Ok(v) = reason.parse() {
-        s.metadata_mut().insert(REASON_KEY, v);
-    }
-    if let Some(Some((id, addr))) = leader {
-        if let Ok(v) = format!("{id}@{addr}").parse() {
-            s.metadata_mut().insert(proto::LEADER_HINT_KEY, v);
-        }
-    }
-    s
+fn with_meta(code: Code, message: String, reason: Reason, leader: Option<&LeaderHint>) -> Status {
+    status(code, message, &reason, leader)
 }
 
 impl From<NodeError> for Status {
@@ -63,53 +79,80 @@ impl From<NodeError> for Status {
             NodeError::Rejected(r) => {
                 let (code, reason) = match r {
                     Rejection::InvalidArgument { .. } => {
-                        (Code::InvalidArgument, "invalid_argument")
+                        (Code::InvalidArgument, Reason::InvalidArgument)
                     }
                     Rejection::UnknownDependency { .. } => {
-                        (Code::InvalidArgument, "unknown_dependency")
+                        (Code::InvalidArgument, Reason::UnknownDependency)
                     }
                     Rejection::DependencyCycle { .. } => {
-                        (Code::InvalidArgument, "dependency_cycle")
+                        (Code::InvalidArgument, Reason::DependencyCycle)
                     }
-                    Rejection::LimitExceeded { .. } => (Code::ResourceExhausted, "limit_exceeded"),
+                    Rejection::LimitExceeded { .. } => {
+                        (Code::ResourceExhausted, Reason::LimitExceeded)
+                    }
                     Rejection::TaskNotFound { .. } | Rejection::WorkerNotFound { .. } => {
-                        (Code::NotFound, "not_found")
+                        (Code::NotFound, Reason::NotFound)
                     }
-                    Rejection::StaleFence { .. } => (Code::FailedPrecondition, "stale_fence"),
-                    Rejection::WrongWorker { .. } => (Code::FailedPrecondition, "wrong_worker"),
-                    Rejection::InvalidState { .. } => (Code::FailedPrecondition, "invalid_state"),
-                    Rejection::DoesNotFit { .. } => (Code::FailedPrecondition, "does_not_fit"),
+                    Rejection::StaleFence { .. } => (Code::FailedPrecondition, Reason::StaleFence),
+                    Rejection::WrongWorker { .. } => {
+                        (Code::FailedPrecondition, Reason::WrongWorker)
+                    }
+                    Rejection::InvalidState { .. } => {
+                        (Code::FailedPrecondition, Reason::InvalidState)
+                    }
+                    Rejection::DoesNotFit { .. } => (Code::FailedPrecondition, Reason::DoesNotFit),
                     Rejection::KeyConflict { .. } => {
-                        (Code::FailedPrecondition, "idempotency_conflict")
+                        (Code::FailedPrecondition, Reason::IdempotencyConflict)
                     }
                     Rejection::WorkerUnavailable { .. } => {
-                        (Code::FailedPrecondition, "worker_unavailable")
+                        (Code::FailedPrecondition, Reason::WorkerUnavailable)
                     }
                 };
                 with_meta(code, msg, reason, None)
             }
             NodeError::Write(WriteError::Unavailable { leader, .. }) => {
-                with_meta(Code::Unavailable, msg, "unavailable", Some(&leader))
+                with_meta(Code::Unavailable, msg, Reason::Unavailable, leader.as_ref())
             }
+            NodeError::Write(WriteError::NotLeader { leader }) => with_meta(
+                Code::Unavailable,
+                match &leader {
+                    Some(l) => format!("this node is not the leader; node {} leads", l.id),
+                    None => "no leader is known yet (an election may be under way)".into(),
+                },
+                Reason::NotLeader,
+                leader.as_ref(),
+            ),
             NodeError::Write(WriteError::Fatal(_)) => {
-                with_meta(Code::Unavailable, msg, "unavailable", None)
+                with_meta(Code::Unavailable, msg, Reason::Unavailable, None)
             }
             NodeError::Admin(AdminError::NotLeader { leader }) => with_meta(
                 Code::Unavailable,
                 "this node is not the leader; retry on the leader".into(),
-                "not_leader",
-                Some(&leader),
+                Reason::NotLeader,
+                leader.as_ref(),
             ),
             NodeError::Admin(AdminError::Invalid(_)) => {
-                with_meta(Code::FailedPrecondition, msg, "invalid_state", None)
+                with_meta(Code::FailedPrecondition, msg, Reason::InvalidState, None)
             }
             NodeError::Admin(AdminError::Unavailable(_) | AdminError::Fatal(_)) => {
-                with_meta(Code::Unavailable, msg, "unavailable", None)
+                with_meta(Code::Unavailable, msg, Reason::Unavailable, None)
             }
             NodeError::Exhausted(_) => {
-                with_meta(Code::ResourceExhausted, msg, "limit_exceeded", None)
+                with_meta(Code::ResourceExhausted, msg, Reason::LimitExceeded, None)
             }
-            NodeError::Internal(_) => with_meta(Code::Internal, msg, "internal", None),
+            NodeError::Rpc(RpcError::Undecodable { .. }) | NodeError::Malformed(_) => {
+                with_meta(Code::InvalidArgument, msg, Reason::InvalidArgument, None)
+            }
+            NodeError::Rpc(RpcError::Version { .. }) => {
+                with_meta(Code::FailedPrecondition, msg, Reason::InvalidState, None)
+            }
+            NodeError::Rpc(RpcError::Stopped) => {
+                with_meta(Code::Unavailable, msg, Reason::Unavailable, None)
+            }
+            NodeError::Relayed(status) => status,
+            NodeError::Gone(_) => with_meta(Code::NotFound, msg, Reason::NotFound, None),
+            NodeError::OutOfRange(_) => with_meta(Code::OutOfRange, msg, Reason::OutOfRange, None),
+            NodeError::Internal(_) => with_meta(Code::Internal, msg, Reason::Internal, None),
         }
     }
 }
@@ -151,10 +194,10 @@ mod tests {
 
         let s: Status = NodeError::from(WriteError::Unavailable {
             reason: "no leader".into(),
-            leader: Some((2, "127.0.0.1:7002".into())),
+            leader: Some(LeaderHint::new(2, "127.0.0.1:7002")),
         })
         .into();
         assert_eq!(s.code(), Code::Unavailable);
-        assert_eq!(s.metadata().get(proto::LEADER_HINT_KEY).unwrap(), "2@127.0.0.1:7002");
+        assert_eq!(s.metadata().get(proto::status::LEADER_HINT_KEY).unwrap(), "2@127.0.0.1:7002");
     }
 }

@@ -267,7 +267,7 @@ pub fn health(node: &Node) -> (bool, String) {
     let body = serde_json::json!({
         "status": if ok { "ok" } else { "stopped" },
         "node_id": node.raft.id(),
-        "role": raft::raft_node::role_name(m.state),
+        "role": raft::node::role_name(m.state),
         "leader_id": m.current_leader,
         "term": m.current_term,
         "applied_index": m.last_applied.map_or(0, |l| l.index),
@@ -277,7 +277,7 @@ pub fn health(node: &Node) -> (bool, String) {
 }
 
 /// The `/readyz` answer: (ready, plain-text reason). Ready = this node can serve a
-/// linearizable read now ([`raft::raft_node::RaftNode::readiness`]).
+/// linearizable read now ([`raft::node::RaftNode::readiness`]).
 pub async fn readiness(node: &Node) -> (bool, String) {
     match node.raft.readiness().await {
         Ok(r) => (true, format!("ready: {r}\n")),

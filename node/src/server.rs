@@ -1,8 +1,8 @@
-//! Assembles and runs a node: Raft, the gRPC server (public API, internal service, health,
+//! Assembles and runs a node: Raft, the gRPC server (public API, Raft and peer services, health,
 //! reflection), the HTTP metrics server and the leader loops; stops them in order.
 //!
 //! gRPC health (`grpc.health.v1`) follows readiness, the same answer as `/readyz`
-//! ([`raft::raft_node::RaftNode::readiness`]): `Tasks`, `Workers`, `Cluster` and the overall
+//! ([`raft::node::RaftNode::readiness`]): `Tasks`, `Workers`, `Cluster` and the overall
 //! service `""` are SERVING only while this node can serve a linearizable read (a leader with a
 //! recent quorum ack, or a follower hearing from its leader), NOT_SERVING otherwise, from start
 //! until the first leader is known, and from shutdown on. A background task re-evaluates on
@@ -19,12 +19,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use proto::internal::v1::peer_service_server::PeerServiceServer;
 use proto::internal::v1::raft_service_server::RaftServiceServer;
 use proto::pb::cluster_server::ClusterServer;
 use proto::pb::tasks_server::TasksServer;
 use proto::pb::workers_server::WorkersServer;
-use raft::raft_node::{RaftNode, StartError};
-use raft::service::InternalService;
+use raft::node::{RaftNode, StartError};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::server::NamedService;
@@ -33,10 +33,11 @@ use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
 
 use crate::api::cluster::ClusterApi;
+use crate::api::peer::{PeerApi, RaftApi};
 use crate::api::tasks::TasksApi;
 use crate::api::workers::WorkersApi;
 use crate::config::Config;
-use crate::liveness::Liveness;
+use crate::leader::liveness::Liveness;
 use crate::metrics::Metrics;
 use crate::Node;
 
@@ -101,15 +102,6 @@ pub async fn run(
         raft: raft.clone(),
         cfg,
     });
-    let weak = Arc::downgrade(&node);
-    if node.cfg.planner.plan_ahead {
-        raft.set_companion_hook(Arc::new(crate::leader::PlanAhead(weak.clone())));
-    }
-    raft.set_heartbeat_hook(Arc::new(move |worker: &str, session: u64| {
-        let node =
-            weak.upgrade().ok_or_else(|| tonic::Status::unavailable("node is shutting down"))?;
-        node.local(|s| node.liveness.heartbeat(s, worker, session)).map_err(tonic::Status::from)
-    }));
     if node.cfg.bootstrap {
         let members = BTreeMap::from([(node.cfg.id, node.cfg.advertise.clone())]);
         let initialized = raft
@@ -151,7 +143,12 @@ pub async fn run(
             ClusterServer::new(ClusterApi::new(node.clone())).max_decoding_message_size(max),
         )
         .add_service(
-            RaftServiceServer::new(InternalService::new(&raft))
+            RaftServiceServer::new(RaftApi::new(&node))
+                .max_decoding_message_size(peer_max)
+                .max_encoding_message_size(peer_max),
+        )
+        .add_service(
+            PeerServiceServer::new(PeerApi::new(node.clone()))
                 .max_decoding_message_size(peer_max)
                 .max_encoding_message_size(peer_max),
         )

@@ -1,7 +1,12 @@
 //! # proto: raftsched on the wire
 //!
 //! * [`scheduler::v1`]: the public API (`Tasks`, `Workers`, `Cluster` services);
-//! * [`internal::v1`]: the node-to-node service (Raft RPCs, write forwarding, read index);
+//! * [`internal::v1`]: node to node — `RaftService` (Raft's own RPCs, served by the `raft`
+//!   crate's handlers) and `PeerService` (forwarded writes and heartbeats, read index, status,
+//!   leader-transfer steps; served by `node`);
+//! * [`status`]: the error contract shared by server and client — reason codes
+//!   (`x-raftsched-reason`), the leader hint (`x-raftsched-leader`, `<id>@<host:port>`) and the
+//!   one-hop forwarding mark;
 //! * [`convert`]: conversions between wire messages and the domain types of the
 //!   `state-machine` crate (they live here because of the orphan rule);
 //! * [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
@@ -11,6 +16,7 @@
 //! is validated by `state_machine::validate`.
 
 pub mod convert;
+pub mod status;
 
 /// Generated code of package `scheduler.v1`.
 pub mod scheduler {
@@ -23,7 +29,7 @@ pub mod scheduler {
 
 /// Generated code of package `raftsched.internal.v1`.
 pub mod internal {
-    /// Version 1 of the internal service.
+    /// Version 1 of the node-to-node services.
     pub mod v1 {
         #![allow(missing_docs, clippy::all)]
         tonic::include_proto!("raftsched.internal.v1");
@@ -34,6 +40,3 @@ pub use scheduler::v1 as pb;
 
 /// Encoded `FileDescriptorSet` of every service, for `tonic-reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptors");
-
-/// Metadata key of the leader hint (`<id>@<host:port>`) on UNAVAILABLE answers.
-pub const LEADER_HINT_KEY: &str = "x-raftsched-leader";

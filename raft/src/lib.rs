@@ -9,9 +9,15 @@
 //! * [`sm_store`]: the state machine — the pure scheduler state in memory, its changed records
 //!   written to sled atomically with `last_applied`; copy-on-write snapshots streamed to files;
 //! * [`snapshot`]: the snapshot file format; [`events`]: applied changes for watchers;
-//! * [`network`] and [`service`]: openraft's RPCs over the internal gRPC service;
-//! * [`raft_node`]: one cluster member with the operations the server needs (writes with
-//!   one-hop forwarding, linearizable reads, membership, leader transfer, status);
+//! * [`network`]: openraft's RPCs to peers over `RaftService` (the channel pool is shared
+//!   with the `node` crate's peer service); [`service`]: the handlers that answer them;
+//! * [`node`]: one cluster member and what the server asks of consensus — propose (batched),
+//!   confirm a linearizable read, readiness, membership, snapshots, status.
+//!
+//! This crate answers "is it durable and agreed?" and nothing else. Where a request goes
+//! (forwarding a follower's write, worker heartbeats, follower reads), leader-side planning and
+//! gRPC statuses belong to the `node` crate: here a follower only says `NotLeader` with the
+//! best leader hint it has.
 //! * [`config`]: settings with fast-failover defaults.
 //!
 //! Storage failures are fatal: the stores report them to openraft, which stops the node, and
@@ -24,8 +30,8 @@ pub mod config;
 pub mod events;
 pub mod log_store;
 pub mod network;
+pub mod node;
 mod persister;
-pub mod raft_node;
 pub mod service;
 pub mod sm_store;
 pub mod snapshot;
@@ -33,7 +39,7 @@ pub mod snapshot;
 /// What the cluster knows about a member: where to reach it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
-    /// `host:port` of the node's gRPC endpoint (public API and the internal Raft service).
+    /// `host:port` of the node's gRPC endpoint (public API and the node-to-node services).
     pub addr: String,
 }
 

@@ -1,7 +1,7 @@
 //! The peer network: openraft's RPCs over the internal gRPC service.
 //!
-//! * One lazily-connected tonic channel per peer address, shared by Raft replication and write
-//!   forwarding ([`Peers`]); HTTP/2 keepalive detects dead connections; every RPC carries a
+//! * One lazily-connected tonic channel per peer address, shared by Raft replication and the
+//!   `node` crate's peer service (forwarding, heartbeats, read index) ([`Peers`]); HTTP/2 keepalive detects dead connections; every RPC carries a
 //!   deadline (openraft's `RPCOption::hard_ttl`).
 //! * Payloads are postcard-encoded openraft messages inside `bytes` (see [`codec`]). An
 //!   AppendEntries request is cut to a byte budget: if the leader offers more entries than fit,
@@ -239,8 +239,8 @@ impl Peers {
         Ok(ch)
     }
 
-    /// A client of the internal service at `addr`.
-    pub fn internal_client(
+    /// A client of the Raft service at `addr`.
+    fn raft_client(
         &self,
         addr: &str,
     ) -> Result<RaftServiceClient<Channel>, tonic::transport::Error> {
@@ -324,15 +324,46 @@ pub struct PeerClient {
     peers: Peers,
 }
 
-/// Whether a failed call means the peer did not answer (as opposed to answering with an error).
-fn is_transport_failure(s: &tonic::Status) -> bool {
-    matches!(
-        s.code(),
-        tonic::Code::Unavailable
-            | tonic::Code::Unknown
-            | tonic::Code::DeadlineExceeded
-            | tonic::Code::Cancelled
-    )
+/// Why one call to a peer failed.
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    /// The peer (or tonic on its behalf) answered with an error status.
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(tonic::Status),
+    /// The peer's address is not a valid endpoint.
+    #[error("bad peer address {addr}: {error}")]
+    BadAddress {
+        /// The address.
+        addr: String,
+        /// Why it is bad.
+        error: String,
+    },
+    /// The peer answered something this node cannot use (another encoding, an empty reply).
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl From<tonic::Status> for CallError {
+    fn from(s: tonic::Status) -> Self {
+        CallError::Status(s)
+    }
+}
+
+impl CallError {
+    /// Whether the peer did not answer (as opposed to answering with an error).
+    fn is_transport_failure(&self) -> bool {
+        match self {
+            CallError::Status(s) => matches!(
+                s.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::Unknown
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Cancelled
+            ),
+            CallError::BadAddress { .. } => true,
+            CallError::Protocol(_) => false,
+        }
+    }
 }
 
 /// Records one RPC's outcome for [`PeerHealth`]; a call dropped before it finished (openraft's
@@ -344,12 +375,12 @@ struct Attempt<'a> {
 }
 
 impl Attempt<'_> {
-    fn finish<T>(mut self, r: &Result<T, tonic::Status>) {
+    fn finish<T>(mut self, r: &Result<T, CallError>) {
         self.done = true;
         let c = self.client;
         match r {
-            Err(s) if is_transport_failure(s) => {
-                let error = format!("{:?}: {}", s.code(), s.message());
+            Err(e) if e.is_transport_failure() => {
+                let error = e.to_string();
                 c.peers.record(c.node_id, c.target, &c.addr, Err(&error));
             }
             _ => c.peers.record(c.node_id, c.target, &c.addr, Ok(())),
@@ -372,12 +403,15 @@ type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, NodeInfo, RaftEr
 /// A peer that refused or dropped the connection is `Unreachable`: openraft backs off before
 /// trying again. A deadline (tonic reports its own as `Cancelled: Timeout expired`) is only a
 /// `Network` error and is retried at once: a slow AppendEntries must not pause replication.
-fn status_to_rpc<E: std::error::Error>(s: tonic::Status) -> RPCError<NodeId, NodeInfo, E> {
-    match s.code() {
-        tonic::Code::Unavailable | tonic::Code::Unknown => {
-            RPCError::Unreachable(Unreachable::new(&s))
+fn call_to_rpc<E: std::error::Error>(e: CallError) -> RPCError<NodeId, NodeInfo, E> {
+    match &e {
+        CallError::Status(s)
+            if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) =>
+        {
+            RPCError::Unreachable(Unreachable::new(&e))
         }
-        _ => RPCError::Network(NetworkError::new(&s)),
+        CallError::BadAddress { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+        _ => RPCError::Network(NetworkError::new(&e)),
     }
 }
 
@@ -387,7 +421,7 @@ impl PeerClient {
         method: Method,
         data: Vec<u8>,
         option: &RPCOption,
-    ) -> Result<ipb::raft_reply::Result, tonic::Status> {
+    ) -> Result<ipb::raft_reply::Result, CallError> {
         let attempt = Attempt { client: self, ttl: option.hard_ttl(), done: false };
         let r = self.call_once(method, data, option).await;
         attempt.finish(&r);
@@ -399,10 +433,11 @@ impl PeerClient {
         method: Method,
         data: Vec<u8>,
         option: &RPCOption,
-    ) -> Result<ipb::raft_reply::Result, tonic::Status> {
-        let mut client = self.peers.internal_client(&self.addr).map_err(|e| {
-            tonic::Status::unavailable(format!("bad peer address {}: {e}", self.addr))
-        })?;
+    ) -> Result<ipb::raft_reply::Result, CallError> {
+        let mut client = self
+            .peers
+            .raft_client(&self.addr)
+            .map_err(|e| CallError::BadAddress { addr: self.addr.clone(), error: e.to_string() })?;
         let mut req = tonic::Request::new(ipb::RaftRequest { version: codec::VERSION, data });
         req.set_timeout(option.hard_ttl());
         let reply = match method {
@@ -412,13 +447,13 @@ impl PeerClient {
         }
         .into_inner();
         if reply.version != codec::VERSION {
-            return Err(tonic::Status::failed_precondition(format!(
+            return Err(CallError::Protocol(format!(
                 "peer speaks raft encoding {}, this node {}",
                 reply.version,
                 codec::VERSION
             )));
         }
-        reply.result.ok_or_else(|| tonic::Status::internal("empty reply from peer"))
+        reply.result.ok_or_else(|| CallError::Protocol("empty reply from peer".into()))
     }
 
     fn decode_reply<T, E>(&self, r: ipb::raft_reply::Result) -> Result<T, RpcErr<E>>
@@ -473,10 +508,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             leader_commit: rpc.leader_commit,
             entries,
         };
-        let reply = self
-            .call(Method::Append, codec::encode(&wire), &option)
-            .await
-            .map_err(status_to_rpc)?;
+        let reply =
+            self.call(Method::Append, codec::encode(&wire), &option).await.map_err(call_to_rpc)?;
         let resp: AppendEntriesResponse<NodeId> = self.decode_reply(reply)?;
         Ok(match resp {
             AppendEntriesResponse::Success if truncated => {
@@ -491,10 +524,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
-        let reply = self
-            .call(Method::Snapshot, codec::encode(&rpc), &option)
-            .await
-            .map_err(status_to_rpc)?;
+        let reply =
+            self.call(Method::Snapshot, codec::encode(&rpc), &option).await.map_err(call_to_rpc)?;
         self.decode_reply(reply)
     }
 
@@ -504,7 +535,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RpcErr> {
         let reply =
-            self.call(Method::Vote, codec::encode(&rpc), &option).await.map_err(status_to_rpc)?;
+            self.call(Method::Vote, codec::encode(&rpc), &option).await.map_err(call_to_rpc)?;
         self.decode_reply(reply)
     }
 

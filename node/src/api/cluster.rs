@@ -1,6 +1,7 @@
 //! The `Cluster` service: initialization, status of every member, membership changes, leader
 //! transfer and snapshots. Membership changes and transfers run on the leader; a follower
-//! forwards them one hop (marked with `x-raftsched-forwarded`, so they never travel twice).
+//! passes them on one hop ([`crate::route`]; marked with `x-raftsched-forwarded`, so they never
+//! travel twice).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,25 +10,17 @@ use std::time::Duration;
 use proto::internal::v1 as ipb;
 use proto::pb;
 use proto::pb::cluster_client::ClusterClient;
-use raft::raft_node::AdminError;
 use state_machine::Rejection;
 use tonic::{Request, Response, Status};
 
 use super::answer;
 use crate::error::{NodeError, NodeResult};
+use crate::route::AdminRoute as Route;
 use crate::Node;
-
-const FORWARDED: &str = "x-raftsched-forwarded";
 
 /// Implements `scheduler.v1.Cluster`.
 pub struct ClusterApi {
     node: Arc<Node>,
-}
-
-/// Where a leader-only request must go.
-enum Route {
-    Here,
-    Leader(String),
 }
 
 impl ClusterApi {
@@ -37,33 +30,16 @@ impl ClusterApi {
     }
 
     fn route<T>(&self, req: &Request<T>) -> NodeResult<Route> {
-        if self.node.raft.is_leader() {
-            return Ok(Route::Here);
-        }
-        let leader = self.node.raft.leader();
-        match &leader {
-            Some((id, addr))
-                if *id != self.node.raft.id() && req.metadata().get(FORWARDED).is_none() =>
-            {
-                Ok(Route::Leader(addr.clone()))
-            }
-            _ => Err(AdminError::NotLeader { leader }.into()),
-        }
+        self.node.admin_route(proto::status::is_forwarded(req))
     }
 
     fn client(&self, addr: &str) -> Result<ClusterClient<tonic::transport::Channel>, Status> {
-        let ch = self
-            .node
-            .raft
-            .peers()
-            .channel(addr)
-            .map_err(|e| Status::unavailable(format!("leader at {addr}: {e}")))?;
-        Ok(ClusterClient::new(ch))
+        Ok(ClusterClient::new(self.node.channel(addr)?))
     }
 
     fn forwarded<T>(msg: T, timeout: Duration) -> Request<T> {
         let mut r = Request::new(msg);
-        r.metadata_mut().insert(FORWARDED, "1".parse().expect("static ascii"));
+        proto::status::mark_forwarded(&mut r);
         r.set_timeout(timeout);
         r
     }
@@ -75,12 +51,12 @@ impl ClusterApi {
         let matched = raft.replication();
         let mut calls = Vec::new();
         for (id, (addr, voter)) in members {
-            let raft = raft.clone();
+            let node = self.node.clone();
             calls.push(tokio::spawn(async move {
-                let reply: Result<ipb::NodeStatusReply, String> = if id == raft.id() {
-                    Ok(raft.local_status(false))
+                let reply: Result<ipb::NodeStatusReply, String> = if id == node.raft.id() {
+                    Ok(node.raft.local_status(false))
                 } else {
-                    match raft.peers().internal_client(&addr) {
+                    match node.peer(&addr) {
                         Err(e) => Err(e.to_string()),
                         Ok(mut c) => {
                             let mut req = Request::new(ipb::NodeStatusRequest { digest: false });
@@ -250,7 +226,7 @@ impl pb::cluster_server::Cluster for ClusterApi {
                 .transfer_leader(Self::forwarded(req.into_inner(), Duration::from_secs(30)))
                 .await;
         }
-        let out = self.node.raft.transfer_leader(req.into_inner().to).await;
+        let out = crate::leader::transfer::transfer_leader(&self.node, req.into_inner().to).await;
         answer(
             &self.node,
             out.map(|leader_id| pb::TransferLeaderResponse { leader_id }).map_err(NodeError::from),

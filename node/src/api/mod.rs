@@ -4,6 +4,7 @@
 //! table in [`crate::error`].
 
 pub mod cluster;
+pub mod peer;
 pub mod tasks;
 pub mod workers;
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use proto::convert;
 use proto::pb;
 use raft::events::ReadError;
-use raft::raft_node::now_ms;
+use raft::node::now_ms;
 use state_machine::{
     validate, CancelOutcome, NewTask, Op, Output, Rejection, TaskId, TaskStateKind,
 };
@@ -257,8 +257,9 @@ impl pb::tasks_server::Tasks for TasksApi {
                     let Some(now) =
                         node.local(|s| s.task(id).map(|t| convert::task_to_pb(t, true)))
                     else {
-                        let _ =
-                            tx.send(Err(Status::not_found(format!("task {id} was purged")))).await;
+                        let _ = tx
+                            .send(Err(NodeError::Gone(format!("task {id} was purged")).into()))
+                            .await;
                         return;
                     };
                     if now != last {
@@ -329,13 +330,14 @@ fn is_terminal(t: &pb::Task) -> bool {
 }
 
 fn resume_error(e: ReadError) -> Status {
-    match e {
-        ReadError::Compacted { first, .. } => Status::out_of_range(format!(
+    let message = match e {
+        ReadError::Compacted { first, .. } => format!(
             "events before index {first} are no longer retained on this node; list the tasks, then watch from index {first}"
-        )),
-        ReadError::Reset(at) => Status::out_of_range(format!(
+        ),
+        ReadError::Reset(at) => format!(
             "this node's state was replaced by a snapshot at index {at}; list the tasks, then watch from index {}",
             at + 1
-        )),
-    }
+        ),
+    };
+    NodeError::OutOfRange(message).into()
 }

@@ -324,9 +324,8 @@ impl pb::workers_server::Workers for WorkersApi {
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let r = req.into_inner();
-        let result = self.node.raft.heartbeat(&r.worker_id, r.session).await;
-        self.node.metrics.record_request(result.is_err());
-        result.map(|draining| Response::new(pb::HeartbeatResponse { draining }))
+        let result = self.node.heartbeat(&r.worker_id, r.session).await;
+        answer(&self.node, result.map(|draining| pb::HeartbeatResponse { draining }))
     }
 
     async fn report(

@@ -6,16 +6,22 @@
 //! period to reach it — a leader change by itself expires nobody, and a worker that really died
 //! during the failover is still noticed within `grace` (not minutes).
 //!
+//! Heartbeats reach the leader directly or passed on by a follower ([`crate::route`]); the
+//! [`run`] loop proposes the expiries.
+//!
 //! [`Op::ExpireWorker`]: state_machine::Op::ExpireWorker
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use state_machine::{Op, Output};
 use state_machine::{Rejection, SchedulerState, WorkerId, WorkerStatus};
 use tokio::time::Instant;
+use tracing::info;
 
 use crate::error::NodeError;
+use crate::Node;
 
 /// Deadlines per worker session.
 pub struct Liveness {
@@ -86,6 +92,26 @@ impl Liveness {
     pub fn extend(&self, worker: &WorkerId, by: Duration) {
         if let Some(e) = self.lock().get_mut(worker) {
             e.1 = Instant::now() + by;
+        }
+    }
+}
+
+/// The expiry loop: proposes `ExpireWorker` for every session whose deadline passed.
+pub async fn run(node: Arc<Node>) {
+    let tick = (node.cfg.workers.heartbeat_interval / 2).max(Duration::from_millis(50));
+    loop {
+        tokio::time::sleep(tick).await;
+        let expired = node.local(|s| node.liveness.expired(s, tokio::time::Instant::now()));
+        for (worker, session) in expired {
+            info!(node_id = node.raft.id(), worker_id = %worker, session, "worker missed its heartbeats; expiring it");
+            match super::propose(&node, Op::ExpireWorker { worker: worker.clone(), session }).await
+            {
+                Ok(Some(Output::WorkerUpdated { requeued })) => {
+                    node.metrics.record_expiry(requeued.len() as u64);
+                }
+                Ok(_) => node.liveness.extend(&worker, tick),
+                Err(()) => return,
+            }
         }
     }
 }
