@@ -4,7 +4,7 @@
 //!
 //! * [`TypeConfig`]: log payload = [`state_machine::Command`], response =
 //!   [`state_machine::Response`], `u64` node ids, [`NodeInfo`] (the node's gRPC address);
-//! * [`log_store`]: the durable Raft log — append-only segment files with a CRC per record and
+//! * [`log`]: the durable Raft log — append-only segment files with a CRC per record and
 //!   `fdatasync` before openraft hears that entries are durable (group commit);
 //! * [`sm_store`]: the state machine — the pure scheduler state in memory, its changed records
 //!   written to sled atomically with `last_applied`; copy-on-write snapshots streamed to files;
@@ -22,13 +22,16 @@ use serde::{Deserialize, Serialize};
 
 pub mod config;
 pub mod events;
-pub mod log_store;
+pub mod log;
 pub mod network;
 mod persister;
 pub mod raft_node;
 pub mod service;
 pub mod sm_store;
 pub mod snapshot;
+
+/// The log's former path, kept so code written against `raft::log_store` still builds.
+pub use self::log as log_store;
 
 /// What the cluster knows about a member: where to reach it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

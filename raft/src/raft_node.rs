@@ -34,7 +34,7 @@ use tokio::time::error::Elapsed;
 use tracing::{info, warn};
 
 use crate::config::{ConfigError, RaftSettings};
-use crate::log_store::{LogError, LogReader, LogStats, LogStore};
+use crate::log::{LogError, LogReader, LogStats, LogStore};
 use crate::network::{codec, NetworkFactory, Peers};
 use crate::sm_store::{SmHandle, SmOpenError, StateMachineStore};
 use crate::{NodeId, NodeInfo, Raft};
