@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Result};
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
 use openraft::{CommittedLeaderId, EntryPayload, LogId};
-use raft::log_store::{LogOptions, LogStats, LogStore};
+use raft::log::{LogOptions, LogStats, LogStore};
 use raft::Entry;
 use state_machine::{Command, Op};
 

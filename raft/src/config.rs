@@ -14,7 +14,7 @@
 
 use openraft::SnapshotPolicy;
 
-use crate::log_store::LogOptions;
+use crate::log::LogOptions;
 use crate::network::NetOptions;
 use crate::sm_store::SmConfig;
 

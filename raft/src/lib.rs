@@ -4,7 +4,7 @@
 //!
 //! * [`TypeConfig`]: log payload = [`state_machine::Command`], response =
 //!   [`state_machine::Response`], `u64` node ids, [`NodeInfo`] (the node's gRPC address);
-//! * [`log_store`]: the durable Raft log — append-only segment files with a CRC per record and
+//! * [`log`]: the durable Raft log — append-only segment files with a CRC per record and
 //!   `fdatasync` before openraft hears that entries are durable (group commit);
 //! * [`sm_store`]: the state machine — the pure scheduler state in memory, its changed records
 //!   written to sled atomically with `last_applied`; copy-on-write snapshots streamed to files;
@@ -12,13 +12,13 @@
 //! * [`network`]: openraft's RPCs to peers over `RaftService` (the channel pool is shared
 //!   with the `node` crate's peer service); [`service`]: the handlers that answer them;
 //! * [`node`]: one cluster member and what the server asks of consensus — propose (batched),
-//!   confirm a linearizable read, readiness, membership, snapshots, status.
+//!   confirm a linearizable read, readiness, membership, snapshots, status;
+//! * [`config`]: settings with fast-failover defaults.
 //!
 //! This crate answers "is it durable and agreed?" and nothing else. Where a request goes
 //! (forwarding a follower's write, worker heartbeats, follower reads), leader-side planning and
 //! gRPC statuses belong to the `node` crate: here a follower only says `NotLeader` with the
 //! best leader hint it has.
-//! * [`config`]: settings with fast-failover defaults.
 //!
 //! Storage failures are fatal: the stores report them to openraft, which stops the node, and
 //! nothing is acknowledged afterwards.
@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod config;
 pub mod events;
-pub mod log_store;
+pub mod log;
 pub mod network;
 pub mod node;
 mod persister;

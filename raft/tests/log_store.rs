@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, ensure, Context, Result};
 use openraft::storage::{RaftLogReaderExt, RaftLogStorage, RaftLogStorageExt};
 use openraft::{CommittedLeaderId, EntryPayload, LogId, RaftLogReader, Vote};
-use raft::log_store::{LogError, LogOptions, LogStore};
+use raft::log::{LogError, LogOptions, LogStore};
 use raft::Entry;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

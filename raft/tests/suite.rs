@@ -1,7 +1,7 @@
 //! openraft's storage conformance suite against our durable log and sled state machine.
 
 use openraft::testing::{StoreBuilder, Suite};
-use raft::log_store::{LogOptions, LogStore};
+use raft::log::{LogOptions, LogStore};
 use raft::sm_store::{SmConfig, StateMachineStore};
 use raft::{StorageError, TypeConfig};
 

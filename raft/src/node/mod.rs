@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::config::{ConfigError, RaftSettings};
-use crate::log_store::{LogError, LogReader, LogStats, LogStore};
+use crate::log::{LogError, LogReader, LogStats, LogStore};
 use crate::network::{NetworkFactory, Peers};
 use crate::sm_store::{SmHandle, SmOpenError, StateMachineStore};
 use crate::{NodeId, Raft};

@@ -1,0 +1,88 @@
+//! Calls of the `Cluster` service: init, status, membership, leader transfer and snapshots.
+//!
+//! Membership changes and leader transfer are writes, so the node that answers becomes the
+//! preferred one; status is a read any node answers.
+
+use proto::pb;
+
+use super::retry::Kind;
+use super::{cluster, Client};
+use crate::error::Error;
+
+impl Client {
+    /// Initialises a new cluster with these voters (idempotent for the same members).
+    pub async fn init_cluster(&self, members: Vec<pb::Member>) -> Result<(), Error> {
+        let req = pb::InitClusterRequest { members };
+        self.call("init_cluster", Kind::Write, req, |ch, r| async move {
+            cluster(ch).init_cluster(r).await
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Members, leader, term and per-node indexes.
+    pub async fn cluster_status(&self) -> Result<pb::ClusterStatusResponse, Error> {
+        self.call("cluster_status", Kind::Read, pb::ClusterStatusRequest {}, |ch, r| async move {
+            cluster(ch).status(r).await
+        })
+        .await
+    }
+
+    /// Adds a non-voting member; with `wait_ms > 0` waits until it caught up.
+    pub async fn add_learner(
+        &self,
+        id: u64,
+        addr: &str,
+        wait_ms: u64,
+    ) -> Result<pb::AddLearnerResponse, Error> {
+        let req = pb::AddLearnerRequest { id, addr: addr.to_string(), wait_ms };
+        self.call("add_learner", Kind::Write, req, |ch, r| async move {
+            cluster(ch).add_learner(r).await
+        })
+        .await
+    }
+
+    /// Makes a learner a voter.
+    pub async fn promote(&self, id: u64) -> Result<(), Error> {
+        self.call("promote", Kind::Write, pb::PromoteRequest { id }, |ch, r| async move {
+            cluster(ch).promote(r).await
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Removes a member.
+    pub async fn remove_node(&self, id: u64) -> Result<(), Error> {
+        self.call("remove_node", Kind::Write, pb::RemoveNodeRequest { id }, |ch, r| async move {
+            cluster(ch).remove_node(r).await
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Hands leadership to node `to`; returns the leader afterwards.
+    pub async fn transfer_leader(&self, to: u64) -> Result<u64, Error> {
+        let r = self
+            .call(
+                "transfer_leader",
+                Kind::Write,
+                pb::TransferLeaderRequest { to },
+                |ch, r| async move { cluster(ch).transfer_leader(r).await },
+            )
+            .await?;
+        Ok(r.leader_id)
+    }
+
+    /// Makes the node that answers build a snapshot; returns its index.
+    pub async fn trigger_snapshot(&self) -> Result<u64, Error> {
+        let r = self
+            .call(
+                "trigger_snapshot",
+                Kind::Write,
+                pb::TriggerSnapshotRequest {},
+                |ch, r| async move { cluster(ch).trigger_snapshot(r).await },
+            )
+            .await?;
+        Ok(r.snapshot_index)
+    }
+}
