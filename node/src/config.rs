@@ -555,6 +555,44 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schedulerd.example.toml");
         let c = Config::load(&Args { config: Some(path), ..Default::default() }).unwrap();
         assert_eq!(c.id, 1);
+        // Apart from where this node lives, the example states exactly the defaults.
+        let mut d = Config::default();
+        d.id = c.id;
+        d.listen = c.listen;
+        d.advertise = c.advertise.clone();
+        d.data_dir = c.data_dir.clone();
+        assert_eq!(
+            format!("{c:#?}"),
+            format!("{d:#?}"),
+            "the example file drifted from the defaults"
+        );
+    }
+
+    #[test]
+    fn help_texts_state_the_real_defaults() {
+        use clap::CommandFactory;
+        let d = Config::default();
+        let cmd = Args::command();
+        let help = |flag: &str| {
+            let arg = cmd.get_arguments().find(|a| a.get_long() == Some(flag)).unwrap();
+            arg.get_help().map(|h| h.to_string()).unwrap_or_default()
+        };
+        let ms = |v: u64| format!("(default {v}ms)");
+        assert!(
+            help("raft-heartbeat").contains(&ms(d.raft.heartbeat_ms)),
+            "{}",
+            help("raft-heartbeat")
+        );
+        assert!(
+            help("election-min").contains(&ms(d.raft.election_min_ms)),
+            "{}",
+            help("election-min")
+        );
+        assert!(
+            help("election-max").contains(&ms(d.raft.election_max_ms)),
+            "{}",
+            help("election-max")
+        );
     }
 
     #[test]
