@@ -3,31 +3,44 @@
 //! A [`Worker`] turns a [`Handler`] (what to do with one task: [`crate::exec::ShellHandler`]
 //! runs a shell command; tests and benchmarks pass closures) into a cluster worker:
 //!
+//! The protocol is decided by a pure state machine (`core`: inputs in, effects out, no I/O,
+//! no clock reads) and carried out by a thin async actor (`runtime`). Each point below names
+//! the core input that triggers it and the effect that carries it out.
+//!
 //! 1. **Session.** RegisterWorker with the worker id and a random `instance` chosen once per
 //!    process, then Heartbeat every `heartbeat_interval_ms` from the answer, and open the
-//!    assignment stream.
+//!    assignment stream. (Effect `Register` → the runtime's register loop → input
+//!    `Registered` → effects `StartHeartbeat` and `OpenStream`.)
 //! 2. **Assignments.** Each [`pb::Assignment`] is deduplicated by `(task, fence)`: the server
 //!    resends what the worker holds whenever the stream reopens, and an attempt must run at most
 //!    once per process. A new attempt runs at once and reports `Started` if it is still
 //!    running 10 ms later (unless the assignment says it was already confirmed); a job that
-//!    ends sooner sends only its final report.
+//!    ends sooner sends only its final report. (Input `Assignment` → effects `StartJob` and
+//!    `ScheduleStartReport`; input `StartDue` → a queued Started report.)
 //! 3. **Reports.** Started/Succeeded/Failed reports go through one queue: while a Report RPC is
 //!    in flight, new reports accumulate and leave together in the next one. A report that could
 //!    not be delivered is sent again with the same fencing token, which the server answers with
 //!    `duplicate` if the first one was applied: nothing is lost and nothing counts twice. A
-//!    report refused as stale (the attempt was taken away) is dropped, never retried.
+//!    report refused as stale (the attempt was taken away) is dropped, never retried. (Input
+//!    `JobEnded` → effect `SendReports`; input `ReportAnswered` with a verdict per report, or
+//!    unreachable → effect `RetryReportsLater` → input `ReportRetry`.)
 //! 4. **Stopping.** A job is told to stop (see [`StopReason`]) on a Revoke, on a Resync that no
 //!    longer lists it, at its deadline (then reported as a retryable "timed out" failure), when
 //!    the session is lost, and at shutdown. A stopped job's outcome is not reported, except for
-//!    the deadline.
+//!    the deadline. (Inputs `Revoke`, `Resync`, `DeadlinePassed`, `HeartbeatFailed` /
+//!    `StreamEnded` with a lost session, `Tick` / `StopNow` → effect `StopJob`; a Resync
+//!    listing an attempt the worker never received → effect `FetchTask` → input `Recovered`.)
 //! 5. **Failover.** When the stream ends or a call fails with UNAVAILABLE, the worker reopens
 //!    the stream (the client routes it to the new leader or any live node) with the same
 //!    session and keeps running what it holds. When the server says the session is gone
 //!    (NOT_FOUND / FAILED_PRECONDITION: the leader expired it and requeued its tasks), the
-//!    worker stops everything it holds, drops pending reports, and registers again.
+//!    worker stops everything it holds, drops pending reports, and registers again. (Input
+//!    `StreamEnded` → effect `ReopenStreamLater` → input `Reopen` → effect `OpenStream`; a
+//!    lost session → effects `StopNetwork`, `StopJob`..., `Register`.)
 //! 6. **Shutdown.** [`WorkerHandle::shutdown`] drains: DrainWorker (no new work), finish what it
 //!    holds within the drain grace, stop the rest, DeregisterWorker (the server requeues what
-//!    is left), return.
+//!    is left), return. (Input `Drain` → effect `DrainWorker`; input `Tick` at the end of the
+//!    drain grace → `StopJob`s; the runtime leaves when the core says it should exit.)
 //!
 //! # Invariants
 //!
@@ -36,9 +49,10 @@
 //!   stopped on a server's say-so and the server then hands back (same fence): it runs again.
 //! * A job entry lives until its handler returned, so a job's process is never orphaned by
 //!   forgetting it; dropping the worker (or aborting it) stops every job.
-//! * All state is owned by one task (the actor); network calls run in spawned tasks and report
-//!   back through its channel, tagged with the session or stream generation they belong to, so
-//!   a late answer about an old session changes nothing.
+//! * All state is owned by one task (the actor) and decided by the core; network calls run in
+//!   spawned tasks and report back through its channel as core inputs, tagged with the session
+//!   or stream generation they belong to, so a late answer about an old session changes
+//!   nothing.
 
 use std::collections::HashMap;
 use std::future::Future;
