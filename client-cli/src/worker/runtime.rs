@@ -459,9 +459,10 @@ impl Actor {
             let now = unix_ms();
             Instant::now() + Duration::from_millis(job.deadline_ms.saturating_sub(now))
         });
-        let run = self.handler.run(job, StopSignal(stop));
+        let handler = self.handler.clone();
         let tx = self.tx.clone();
         tokio::spawn(async move {
+            let run = handler.run(job, StopSignal(stop));
             tokio::pin!(run);
             let mut deadline = deadline;
             let outcome = loop {
