@@ -556,11 +556,13 @@ mod tests {
         let c = Config::load(&Args { config: Some(path), ..Default::default() }).unwrap();
         assert_eq!(c.id, 1);
         // Apart from where this node lives, the example states exactly the defaults.
-        let mut d = Config::default();
-        d.id = c.id;
-        d.listen = c.listen;
-        d.advertise = c.advertise.clone();
-        d.data_dir = c.data_dir.clone();
+        let d = Config {
+            id: c.id,
+            listen: c.listen,
+            advertise: c.advertise.clone(),
+            data_dir: c.data_dir.clone(),
+            ..Config::default()
+        };
         assert_eq!(
             format!("{c:#?}"),
             format!("{d:#?}"),

@@ -378,7 +378,7 @@ impl Core {
         match input {
             Input::Registered { session, requeued } => self.on_registered(session, requeued),
             Input::StreamOpened { gen: g } if g == gen => {
-                tracing::debug!(worker = %self.config.id, "assignment stream open");
+                tracing::debug!(worker_id = %self.config.id, "assignment stream open");
                 self.emit(WorkerEvent::StreamOpened);
             }
             Input::Assignment { gen: g, assignment } if g == gen => self.on_assignment(assignment),
@@ -416,7 +416,7 @@ impl Core {
             Input::ServerDraining { session } => {
                 if self.session.map(|s| s.id) == Some(session) && !self.warned_draining {
                     self.warned_draining = true;
-                    tracing::info!(worker = %self.config.id, "the cluster drains this worker: no new work will come");
+                    tracing::info!(worker_id = %self.config.id, "the cluster drains this worker: no new work will come");
                 }
             }
             Input::JobEnded { task, fence, outcome } => self.on_job_ended(task, fence, outcome),
@@ -524,7 +524,7 @@ impl Core {
             stop_all_at: Some(now + self.config.drain_grace),
             give_up_at: None,
         };
-        tracing::info!(worker = %self.config.id, held = self.held.len(), "draining");
+        tracing::info!(worker_id = %self.config.id, held = self.held.len(), "draining");
         self.emit(WorkerEvent::Draining);
         if self.session.is_some() {
             self.out.push(Effect::DrainWorker);

@@ -527,7 +527,7 @@ impl Actor {
         let client = self.client.with_retry_budget(SHUTDOWN_CALL_BUDGET);
         match client.deregister_worker(&self.config.id, session.id).await {
             Ok(resp) => {
-                tracing::info!(worker = %self.config.id, requeued = resp.requeued.len(), "deregistered");
+                tracing::info!(worker_id = %self.config.id, requeued = resp.requeued.len(), "deregistered");
                 self.emit(&WorkerEvent::Deregistered);
             }
             Err(e) => {
