@@ -73,7 +73,6 @@
 //! `open` scans the segments in order, verifying CRCs, headers and index continuity. An invalid
 //! record at the tail of the last segment is a torn write from a crash and is cut away (logged
 //! at warn); anywhere else it is corruption and `open` fails naming the file and offset.
-
 //!
 //! # Files
 //!

@@ -17,9 +17,9 @@ use super::LogStats;
 use crate::{Entry, NodeId, StorageError};
 
 /// Upper bound on one coalesced positional read.
-pub(super) const MAX_COALESCED_READ: u64 = 8 << 20;
+const MAX_COALESCED_READ: u64 = 8 << 20;
 /// How often a reader re-resolves an entry that moved under it (truncate + re-append).
-pub(super) const READ_ATTEMPTS: usize = 3;
+const READ_ATTEMPTS: usize = 3;
 
 /// A cheap, cloneable reader of a [`LogStore`]; openraft clones it into replication tasks.
 #[derive(Clone)]
@@ -27,13 +27,13 @@ pub struct LogReader {
     pub(super) shared: Arc<Shared>,
 }
 
-pub(super) struct DiskRead {
-    pub(super) index: u64,
-    pub(super) loc: Loc,
-    pub(super) segment: Arc<Segment>,
+struct DiskRead {
+    index: u64,
+    loc: Loc,
+    segment: Arc<Segment>,
 }
 
-pub(super) fn read_record(segment: &Segment, loc: Loc, index: u64) -> Result<Entry, String> {
+fn read_record(segment: &Segment, loc: Loc, index: u64) -> Result<Entry, String> {
     let mut buf = vec![0u8; loc.len as usize];
     segment.file.read_exact_at(&mut buf, loc.offset).map_err(|e| format!("read failed: {e}"))?;
     decode_entry_record(&buf, index)
@@ -111,10 +111,7 @@ impl LogReader {
 }
 
 /// Reads entries from segment files, coalescing adjacent records into one positional read.
-pub(super) fn read_from_disk(
-    shared: &Shared,
-    items: Vec<DiskRead>,
-) -> Result<Vec<Entry>, StorageError> {
+fn read_from_disk(shared: &Shared, items: Vec<DiskRead>) -> Result<Vec<Entry>, StorageError> {
     let mut out = Vec::with_capacity(items.len());
     let mut i = 0;
     while i < items.len() {
@@ -154,11 +151,7 @@ pub(super) fn read_from_disk(
 
 /// A read failed: the entry may have been truncated or purged (and its file cut or deleted)
 /// after it was looked up. Re-resolve it; only a failure at a stable location is corruption.
-pub(super) fn reread(
-    shared: &Shared,
-    item: &DiskRead,
-    reason: String,
-) -> Result<Option<Entry>, StorageError> {
+fn reread(shared: &Shared, item: &DiskRead, reason: String) -> Result<Option<Entry>, StorageError> {
     let (mut loc, mut segment, mut reason) = (item.loc, item.segment.clone(), reason);
     for _ in 0..READ_ATTEMPTS {
         let current = {

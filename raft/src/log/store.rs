@@ -31,10 +31,10 @@ use crate::{Entry, NodeId, StorageError, TypeConfig};
 /// Dropping it stops the writer thread after it has finished (and synced) the writes already
 /// issued, and releases the directory lock; this blocks for at most those writes.
 pub struct LogStore {
-    pub(super) dir: PathBuf,
-    pub(super) reader: LogReader,
-    pub(super) tx: Option<mpsc::Sender<Request>>,
-    pub(super) writer: Option<JoinHandle<()>>,
+    dir: PathBuf,
+    reader: LogReader,
+    tx: Option<mpsc::Sender<Request>>,
+    writer: Option<JoinHandle<()>>,
 }
 
 impl LogStore {
@@ -161,11 +161,11 @@ impl LogStore {
         self.reader.shared.stats()
     }
 
-    pub(super) fn shared(&self) -> &Shared {
+    fn shared(&self) -> &Shared {
         &self.reader.shared
     }
 
-    pub(super) fn send(&self, req: Request) -> Result<(), Request> {
+    fn send(&self, req: Request) -> Result<(), Request> {
         match &self.tx {
             Some(tx) => tx.send(req).map_err(|e| e.0),
             None => Err(req),
@@ -173,7 +173,7 @@ impl LogStore {
     }
 
     /// Sends a request answered by a single reply and waits for it.
-    pub(super) async fn call(
+    async fn call(
         &self,
         subject: ErrorSubject<NodeId>,
         verb: ErrorVerb,
@@ -209,7 +209,7 @@ impl Debug for LogStore {
     }
 }
 
-pub(super) fn range_to_bounds<RB: RangeBounds<u64>>(range: &RB) -> (u64, u64) {
+fn range_to_bounds<RB: RangeBounds<u64>>(range: &RB) -> (u64, u64) {
     let start = match range.start_bound() {
         Bound::Included(x) => *x,
         Bound::Excluded(x) => x.saturating_add(1),
