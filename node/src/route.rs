@@ -120,7 +120,8 @@ impl Node {
     pub async fn read_barrier(&self) -> NodeResult<()> {
         let leader = match self.raft.ensure_linearizable().await {
             Ok(_) => return Ok(()),
-            Err(WriteError::NotLeader { leader: Some(l) }) if l.id != self.raft.id() => l,
+            // The hint never names this node: raft answers "leadership is changing" then.
+            Err(WriteError::NotLeader { leader: Some(l) }) => l,
             Err(WriteError::NotLeader { leader }) => {
                 return Err(WriteError::Unavailable {
                     reason: "no leader is known yet".into(),

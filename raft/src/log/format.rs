@@ -145,11 +145,12 @@ pub(super) fn parse_segment_file_name(name: &str) -> Option<u64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use openraft::{CommittedLeaderId, EntryPayload};
 
-    pub(super) fn entry(term: u64, index: u64) -> Entry {
+    /// A log entry of `term` at `index` with a payload of a realistic size.
+    pub(in crate::log) fn entry(term: u64, index: u64) -> Entry {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
             payload: EntryPayload::Normal(state_machine::Command::new(
@@ -160,7 +161,7 @@ mod tests {
     }
 
     #[test]
-    pub(super) fn frame_round_trip_and_damage() {
+    fn frame_round_trip_and_damage() {
         let mut buf = Vec::new();
         let e = entry(3, 42);
         let len = encode_record(&mut buf, Kind::Entry, &e).unwrap();
@@ -181,7 +182,7 @@ mod tests {
     }
 
     #[test]
-    pub(super) fn log_id_prefix_matches_full_decode() {
+    fn log_id_prefix_matches_full_decode() {
         let e = entry(9, 1234);
         let bytes = postcard::to_allocvec(&e).unwrap();
         let (id, _): (LogId<NodeId>, _) = postcard::take_from_bytes(&bytes).unwrap();
@@ -189,7 +190,7 @@ mod tests {
     }
 
     #[test]
-    pub(super) fn segment_names() {
+    fn segment_names() {
         assert_eq!(segment_file_name(17), "seg-00000000000000000017.wal");
         assert_eq!(parse_segment_file_name("seg-00000000000000000017.wal"), Some(17));
         assert_eq!(parse_segment_file_name(&segment_file_name(u64::MAX)), Some(u64::MAX));

@@ -205,20 +205,10 @@ pub(super) fn storage_error(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use openraft::EntryPayload;
-
-    pub(super) fn entry(term: u64, index: u64) -> Entry {
-        Entry {
-            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
-            payload: EntryPayload::Normal(state_machine::Command::new(
-                7,
-                state_machine::Op::Cancel { ids: vec![], reason: "x".repeat(40) },
-            )),
-        }
-    }
+    use crate::log::format::tests::entry;
 
     #[test]
-    pub(super) fn state_cache_is_bounded_and_follows_truncate_and_purge() {
+    fn state_cache_is_bounded_and_follows_truncate_and_purge() {
         let mut st = State {
             segments: BTreeMap::new(),
             first_index: 0,

@@ -46,11 +46,6 @@ impl RaftNode {
             .map(|r| r.iter().map(|(id, l)| (*id, l.map_or(0, |l| l.index))).collect())
             .unwrap_or_default()
     }
-
-    /// The current term.
-    pub fn term(&self) -> u64 {
-        self.raft.metrics().borrow().current_term
-    }
 }
 
 /// The lower-case role name used in status output.
