@@ -80,6 +80,9 @@ const STDERR_TAIL: usize = 4 << 10;
 /// escaped the group may hold the pipe open).
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 
+/// Time between SIGTERM and SIGKILL of a stopped command, unless configured.
+pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(5);
+
 /// Runs each attempt as `sh -c COMMAND`.
 #[derive(Clone, Debug)]
 pub struct ShellHandler {
@@ -89,11 +92,11 @@ pub struct ShellHandler {
 }
 
 impl ShellHandler {
-    /// A handler for `command` with a 5 s kill grace and the default result limit.
+    /// A handler for `command` with [`DEFAULT_KILL_GRACE`] and the default result limit.
     pub fn new(command: impl Into<String>) -> Self {
         ShellHandler {
             command: command.into(),
-            kill_grace: Duration::from_secs(5),
+            kill_grace: DEFAULT_KILL_GRACE,
             result_limit: DEFAULT_RESULT_LIMIT,
         }
     }

@@ -23,13 +23,19 @@ pub struct Args {
     #[arg(long, env = "SCHED_ID")]
     pub id: Option<u64>,
     /// Address the gRPC server binds (public API and node-to-node traffic).
-    #[arg(long, env = "SCHED_LISTEN")]
+    #[arg(long, env = "SCHED_LISTEN", help = with_default(
+        "Address the gRPC server binds (public API and node-to-node traffic)",
+        |d| d.listen.to_string(),
+    ))]
     pub listen: Option<SocketAddr>,
     /// Address other nodes and clients use to reach this node (default: --listen).
     #[arg(long, env = "SCHED_ADVERTISE")]
     pub advertise: Option<String>,
     /// Directory for the Raft log, the state machine and snapshots.
-    #[arg(long, env = "SCHED_DATA_DIR")]
+    #[arg(long, env = "SCHED_DATA_DIR", help = with_default(
+        "Directory for the Raft log, the state machine and snapshots",
+        |d| d.data_dir.display().to_string(),
+    ))]
     pub data_dir: Option<PathBuf>,
     /// Address of the HTTP server for /metrics (Prometheus), /healthz (liveness) and /readyz
     /// (readiness).
@@ -41,23 +47,41 @@ pub struct Args {
     /// Form a single-node cluster on first start (does nothing if already initialized).
     #[arg(long, env = "SCHED_BOOTSTRAP")]
     pub bootstrap: bool,
-    /// A worker that sends no heartbeat for this long is declared dead (e.g. 5s).
-    #[arg(long, env = "SCHED_HEARTBEAT_TTL", value_parser = humantime::parse_duration)]
+    /// A worker that sends no heartbeat for this long is declared dead.
+    #[arg(long, env = "SCHED_HEARTBEAT_TTL", value_parser = humantime::parse_duration, help = with_default(
+        "A worker that sends no heartbeat for this long is declared dead",
+        |d| duration(d.workers.heartbeat_ttl),
+    ))]
     pub heartbeat_ttl: Option<Duration>,
-    /// How often workers are asked to heartbeat (e.g. 1s; must be below the TTL).
-    #[arg(long, env = "SCHED_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
+    /// How often workers are asked to heartbeat (must be below the TTL).
+    #[arg(long, env = "SCHED_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration, help = with_default(
+        "How often workers are asked to heartbeat (must be below the TTL)",
+        |d| duration(d.workers.heartbeat_interval),
+    ))]
     pub heartbeat_interval: Option<Duration>,
-    /// After a leader change, how long each worker has to reach the new leader (e.g. 5s).
-    #[arg(long, env = "SCHED_FAILOVER_GRACE", value_parser = humantime::parse_duration)]
+    /// After a leader change, how long each worker has to reach the new leader.
+    #[arg(long, env = "SCHED_FAILOVER_GRACE", value_parser = humantime::parse_duration, help = with_default(
+        "After a leader change, how long each worker has to reach the new leader",
+        |d| duration(d.workers.failover_grace),
+    ))]
     pub failover_grace: Option<Duration>,
-    /// Raft heartbeat interval (default 30ms).
-    #[arg(long, env = "SCHED_RAFT_HEARTBEAT", value_parser = humantime::parse_duration)]
+    /// Raft heartbeat interval.
+    #[arg(long, env = "SCHED_RAFT_HEARTBEAT", value_parser = humantime::parse_duration, help = with_default(
+        "Raft heartbeat interval",
+        |d| duration(Duration::from_millis(d.raft.heartbeat_ms)),
+    ))]
     pub raft_heartbeat: Option<Duration>,
-    /// Lower bound of the Raft election timeout (default 90ms).
-    #[arg(long, env = "SCHED_ELECTION_MIN", value_parser = humantime::parse_duration)]
+    /// Lower bound of the Raft election timeout.
+    #[arg(long, env = "SCHED_ELECTION_MIN", value_parser = humantime::parse_duration, help = with_default(
+        "Lower bound of the Raft election timeout",
+        |d| duration(Duration::from_millis(d.raft.election_min_ms)),
+    ))]
     pub election_min: Option<Duration>,
-    /// Upper bound of the Raft election timeout (default 150ms).
-    #[arg(long, env = "SCHED_ELECTION_MAX", value_parser = humantime::parse_duration)]
+    /// Upper bound of the Raft election timeout.
+    #[arg(long, env = "SCHED_ELECTION_MAX", value_parser = humantime::parse_duration, help = with_default(
+        "Upper bound of the Raft election timeout",
+        |d| duration(Duration::from_millis(d.raft.election_max_ms)),
+    ))]
     pub election_max: Option<Duration>,
     /// Source IP for connections to other nodes (multi-homed hosts).
     #[arg(long, env = "SCHED_PEER_SOURCE_IP")]
@@ -65,6 +89,17 @@ pub struct Args {
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `node=debug,openraft=warn`).
     #[arg(long, env = "SCHED_LOG")]
     pub log: Option<String>,
+}
+
+/// A flag's help text ending in its default, rendered from [`Config::default`] (the flags
+/// themselves carry no clap default: an unset flag must fall through to the environment, the
+/// file, then the default).
+fn with_default(text: &str, value: impl FnOnce(&Config) -> String) -> String {
+    format!("{text} (default {})", value(&Config::default()))
+}
+
+fn duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
 }
 
 /// The resolved configuration.
@@ -579,22 +614,22 @@ mod tests {
             let arg = cmd.get_arguments().find(|a| a.get_long() == Some(flag)).unwrap();
             arg.get_help().map(|h| h.to_string()).unwrap_or_default()
         };
-        let ms = |v: u64| format!("(default {v}ms)");
-        assert!(
-            help("raft-heartbeat").contains(&ms(d.raft.heartbeat_ms)),
-            "{}",
-            help("raft-heartbeat")
-        );
-        assert!(
-            help("election-min").contains(&ms(d.raft.election_min_ms)),
-            "{}",
-            help("election-min")
-        );
-        assert!(
-            help("election-max").contains(&ms(d.raft.election_max_ms)),
-            "{}",
-            help("election-max")
-        );
+        for (flag, default) in [
+            ("listen", "127.0.0.1:7001".to_string()),
+            ("data-dir", "./data".to_string()),
+            ("heartbeat-ttl", "5s".to_string()),
+            ("heartbeat-interval", "1s".to_string()),
+            ("failover-grace", "5s".to_string()),
+            ("raft-heartbeat", format!("{}ms", d.raft.heartbeat_ms)),
+            ("election-min", format!("{}ms", d.raft.election_min_ms)),
+            ("election-max", format!("{}ms", d.raft.election_max_ms)),
+        ] {
+            let h = help(flag);
+            assert!(h.ends_with(&format!("(default {default})")), "--{flag}: {h}");
+        }
+        // A help default never turns into a clap default that would hide the file's value.
+        let parsed = Args::try_parse_from(["schedulerd"]).unwrap();
+        assert!(parsed.heartbeat_ttl.is_none() && parsed.listen.is_none());
     }
 
     #[test]

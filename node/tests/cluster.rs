@@ -191,8 +191,9 @@ async fn t30_silent_worker_loses_its_task_and_its_late_completion_is_rejected() 
     )
     .await;
     let addrs = c.addrs();
-    let slow = TestWorker::spawn(addrs.clone(), "z-silent", 1, Duration::from_millis(10));
-    slow.report.store(false, std::sync::atomic::Ordering::SeqCst);
+    // The silent worker speaks raw RPCs on purpose: it keeps its task after going silent and
+    // reports late, which the library runtime never does.
+    let mut slow = SilentWorker::register(&addrs, "z-silent").await;
     let mut t = spec("victim", 0);
     t.retry = Some(pb::RetryPolicy { max_attempts: 5, ..Default::default() });
     let id = retry(&addrs, |ch| {
@@ -208,22 +209,17 @@ async fn t30_silent_worker_loses_its_task_and_its_late_completion_is_rejected() 
     .unwrap()
     .tasks[0]
         .id;
-    until("the silent worker got the task", 30, || async {
-        !slow.started.lock().unwrap().is_empty()
-    })
-    .await;
-    let first_fence = slow.started.lock().unwrap()[0].1;
+    let first = slow.next_assignment().await;
+    assert_eq!(first.task, id, "the silent worker got the task");
+    let first_fence = first.fence;
     // It goes silent; a healthy worker arrives (its id sorts first, so it wins ties).
-    slow.heartbeat.store(false, std::sync::atomic::Ordering::SeqCst);
+    slow.go_silent();
     let healthy = TestWorker::spawn(addrs.clone(), "a-healthy", 1, Duration::from_millis(10));
     until("the healthy worker completed it", 60, || async { healthy.accepted() == vec![id] }).await;
     let second_fence = healthy.execs.lock().unwrap()[0].fence;
     assert!(second_fence > first_fence, "the new attempt has a larger fencing token");
     // Now the silent worker reports its (late) completion: refused as stale.
-    slow.report.store(true, std::sync::atomic::Ordering::SeqCst);
-    until("the late report was answered", 30, || async { !slow.execs.lock().unwrap().is_empty() })
-        .await;
-    let late = slow.execs.lock().unwrap()[0].clone();
+    let late = slow.report_success(id, first_fence).await;
     assert!(!late.accepted);
     assert!(late.refused.as_deref().is_some_and(|r| r.contains("stale")), "{late:?}");
     let task = all_tasks(&addrs).await.remove(&id).unwrap();

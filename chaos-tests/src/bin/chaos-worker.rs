@@ -1,229 +1,119 @@
-//! A worker process for chaos runs. It behaves like a real worker (register, assignment
-//! stream, heartbeats, a `Succeeded` report with the fencing token when an execution ends,
-//! reconnects, re-registers when its session was expired) and records every execution and
-//! report in its own history file, on the run's shared clock. The harness SIGSTOPs it to
-//! simulate a worker that stalls past its liveness deadline; on SIGCONT it reports what it
-//! finished, and the server must refuse those late completions.
+//! A worker process for chaos runs: the library worker runtime (`client::worker`) that users
+//! run, with a payload that sleeps for a seeded random time and succeeds, and an event sink
+//! that records what the runtime did into the process's own history file, on the run's shared
+//! clock. The chaos run therefore tests the real worker protocol (sessions, Started reports,
+//! batched and resent reports with fencing tokens, stream reopening, re-registration after a
+//! lost session), not a copy of it.
+//!
+//! The harness SIGSTOPs it to simulate a worker that stalls past its liveness deadline; on
+//! SIGCONT it reports what it finished before it learns that its session is gone, and the
+//! server must refuse those late completions as stale.
+//!
+//! Runtime events map to history events as follows:
+//! * `ExecStart` / `ExecEnd` → the same events (a job stopped by the runtime ends unsuccessful);
+//! * each send of a final report (`ReportSent` of a Succeeded/Failed) → a new `CompleteInvoke`
+//!   op, recorded before the RPC leaves (the runtime calls the sink before it sends);
+//! * its answer → `CompleteOk` (accepted, maybe duplicate), `CompleteRejected` (with the
+//!   server's stale flag), or `CompleteUnknown` (no answer: the runtime resends it later, as a
+//!   new op). A report whose process is killed first stays an invoke without completion, which
+//!   the checker counts as unknown.
 //!
 //! Usage: chaos-worker ID HISTORY_FILE OP_BASE SLOTS RUN_MIN_MS RUN_MAX_MS SEED ENDPOINT...
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use chaos_tests::cluster::channel;
-use chaos_tests::history::{EventKind, HistoryWriter, RunClock};
+use chaos_tests::history::{EventKind, HistoryWriter, OpId, RunClock};
+use client::worker::{
+    Handler, Job, Outcome, ReportAnswer, ReportKind, StopSignal, Worker, WorkerConfig, WorkerEvent,
+};
+use client::{Client, ClientConfig};
 use proto::pb;
-use proto::pb::workers_client::WorkersClient;
 use rand::{Rng, SeedableRng};
-use tonic::Code;
 
-struct Ctx {
+/// Turns runtime events into history events.
+struct Recorder {
     id: String,
-    endpoints: Vec<String>,
     clock: RunClock,
-    history: Mutex<HistoryWriter>,
-    ops: AtomicU64,
-    next_endpoint: AtomicU64,
+    history: HistoryWriter,
+    next_op: OpId,
+    /// The op of the final report in flight per `(task, fence)`.
+    in_flight: HashMap<(u64, u64), OpId>,
 }
 
-impl Ctx {
-    fn record(&self, kind: EventKind) {
+impl Recorder {
+    fn record(&mut self, kind: EventKind) {
         let t = self.clock.now_ms();
-        if let Err(e) = self.history.lock().unwrap_or_else(|e| e.into_inner()).record(t, kind) {
-            eprintln!("chaos-worker {}: cannot write history: {e}", self.id);
+        if let Err(e) = self.history.record(t, kind) {
+            eprintln!("chaos-worker {}: cannot write history: {e:#}", self.id);
             std::process::exit(1);
         }
     }
 
-    fn client(&self) -> WorkersClient<tonic::transport::Channel> {
-        let i = self.next_endpoint.load(Ordering::Relaxed) as usize % self.endpoints.len();
-        let ch = channel(&self.endpoints[i], Duration::from_secs(3)).expect("valid endpoint");
-        WorkersClient::new(ch)
-    }
-
-    fn rotate(&self) {
-        self.next_endpoint.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-fn retryable(s: &tonic::Status) -> bool {
-    matches!(
-        s.code(),
-        Code::Unavailable
-            | Code::DeadlineExceeded
-            | Code::Unknown
-            | Code::Cancelled
-            | Code::Internal
-    )
-}
-
-/// Report one completion: retried across nodes for a while; the op's outcome is recorded.
-async fn complete(ctx: Arc<Ctx>, task: u64, fence: u64) {
-    let op = ctx.ops.fetch_add(1, Ordering::Relaxed);
-    ctx.record(EventKind::CompleteInvoke {
-        op,
-        worker: ctx.id.clone(),
-        task,
-        fence,
-        success: true,
-    });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let mut last = String::new();
-    while tokio::time::Instant::now() < deadline {
-        let req = pb::ReportRequest {
-            worker_id: ctx.id.clone(),
-            reports: vec![pb::TaskReport {
-                task,
-                fence,
-                outcome: Some(pb::task_report::Outcome::Succeeded(pb::Succeeded {
-                    result: b"ok".to_vec(),
-                })),
-            }],
-        };
-        match ctx.client().report(req).await {
-            Ok(r) => {
-                let r = r.into_inner();
-                let Some(x) = r.results.first() else {
-                    last = "empty report answer".into();
-                    break;
-                };
-                if x.accepted {
-                    ctx.record(EventKind::CompleteOk { op, task, fence, duplicate: x.duplicate });
-                } else {
-                    ctx.record(EventKind::CompleteRejected {
+    fn on_event(&mut self, e: &WorkerEvent) {
+        match e {
+            WorkerEvent::ExecStart { task, attempt, fence } => self.record(EventKind::ExecStart {
+                worker: self.id.clone(),
+                task: *task,
+                attempt: *attempt,
+                fence: *fence,
+            }),
+            WorkerEvent::ExecEnd { task, fence, success, .. } => self.record(EventKind::ExecEnd {
+                worker: self.id.clone(),
+                task: *task,
+                fence: *fence,
+                success: *success,
+            }),
+            WorkerEvent::ReportSent { task, fence, kind } if *kind != ReportKind::Started => {
+                let op = self.next_op;
+                self.next_op += 1;
+                self.in_flight.insert((*task, *fence), op);
+                self.record(EventKind::CompleteInvoke {
+                    op,
+                    worker: self.id.clone(),
+                    task: *task,
+                    fence: *fence,
+                    success: *kind == ReportKind::Succeeded,
+                });
+            }
+            WorkerEvent::ReportAnswered { task, fence, kind, answer }
+                if *kind != ReportKind::Started =>
+            {
+                let (task, fence) = (*task, *fence);
+                let Some(op) = self.in_flight.remove(&(task, fence)) else { return };
+                self.record(match answer {
+                    ReportAnswer::Accepted { duplicate } => {
+                        EventKind::CompleteOk { op, task, fence, duplicate: *duplicate }
+                    }
+                    ReportAnswer::Rejected { error, stale } => EventKind::CompleteRejected {
                         op,
                         task,
                         fence,
-                        reason: x.error.clone(),
-                        stale: x.stale,
-                    });
-                }
-                return;
-            }
-            Err(s) if retryable(&s) => {
-                last = s.message().to_string();
-                ctx.rotate();
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(s) => {
-                // The server answered and proved it did nothing.
-                ctx.record(EventKind::CompleteRejected {
-                    op,
-                    task,
-                    fence,
-                    reason: s.message().to_string(),
-                    stale: false,
+                        reason: error.clone(),
+                        stale: *stale,
+                    },
+                    ReportAnswer::Unknown { error } => {
+                        EventKind::CompleteUnknown { op, task, fence, reason: error.clone() }
+                    }
                 });
-                return;
             }
-        }
-    }
-    ctx.record(EventKind::CompleteUnknown { op, task, fence, reason: last });
-}
-
-async fn register(ctx: &Ctx, spec: &pb::WorkerSpec, instance: u64) -> pb::RegisterWorkerResponse {
-    loop {
-        match ctx
-            .client()
-            .register_worker(pb::RegisterWorkerRequest { worker: Some(spec.clone()), instance })
-            .await
-        {
-            Ok(r) => return r.into_inner(),
-            Err(_) => {
-                ctx.rotate();
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            _ => {}
         }
     }
 }
 
-async fn run(ctx: Arc<Ctx>, slots: u32, run_ms: (u64, u64), seed: u64) -> Result<()> {
-    let instance = seed ^ 0x9e37_79b9_7f4a_7c15;
-    let rng = Arc::new(Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)));
-    let seen: Arc<Mutex<HashSet<(u64, u64)>>> = Arc::new(Mutex::new(HashSet::new()));
-    let spec = pb::WorkerSpec {
-        id: ctx.id.clone(),
-        queues: vec!["default".into()],
-        labels: Default::default(),
-        capacity: Some(pb::Resources {
-            cpu_milli: 64_000,
-            memory_mib: 65_536,
-            named: Default::default(),
-        }),
-        slots,
-    };
-    loop {
-        let reg = register(&ctx, &spec, instance).await;
-        let session = reg.session;
-        let interval = Duration::from_millis(reg.heartbeat_interval_ms.max(50));
-        let (lost_tx, mut lost_rx) = tokio::sync::watch::channel(false);
-        let hb = {
-            let ctx = ctx.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(interval).await;
-                    let req = pb::HeartbeatRequest { worker_id: ctx.id.clone(), session };
-                    match ctx.client().heartbeat(req).await {
-                        Ok(_) => {}
-                        Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => {
-                            let _ = lost_tx.send(true);
-                            return;
-                        }
-                        Err(_) => ctx.rotate(),
-                    }
-                }
-            })
-        };
-        let stream = ctx
-            .client()
-            .open_assignments(pb::OpenAssignmentsRequest { worker_id: ctx.id.clone(), session })
-            .await;
-        match stream {
-            Ok(s) => {
-                let mut s = s.into_inner();
-                loop {
-                    let msg = tokio::select! {
-                        m = s.message() => m,
-                        _ = lost_rx.wait_for(|l| *l) => break,
-                    };
-                    let Ok(Some(msg)) = msg else {
-                        ctx.rotate();
-                        break;
-                    };
-                    let Some(pb::worker_message::Msg::Assignment(a)) = msg.msg else { continue };
-                    if !seen.lock().unwrap_or_else(|e| e.into_inner()).insert((a.task, a.fence)) {
-                        continue;
-                    }
-                    ctx.record(EventKind::ExecStart {
-                        worker: ctx.id.clone(),
-                        task: a.task,
-                        attempt: a.attempt,
-                        fence: a.fence,
-                    });
-                    let dur = rng
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .random_range(run_ms.0..=run_ms.1);
-                    let ctx2 = ctx.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_millis(dur)).await;
-                        ctx2.record(EventKind::ExecEnd {
-                            worker: ctx2.id.clone(),
-                            task: a.task,
-                            fence: a.fence,
-                            success: true,
-                        });
-                        complete(ctx2, a.task, a.fence).await;
-                    });
-                }
+/// The payload: sleep a seeded random time in `run_ms`, then succeed (or stop when told).
+fn payload(rng: Arc<Mutex<rand::rngs::StdRng>>, run_ms: (u64, u64)) -> impl Handler {
+    move |_job: Job, mut stop: StopSignal| {
+        let ms = rng.lock().unwrap_or_else(|e| e.into_inner()).random_range(run_ms.0..=run_ms.1);
+        async move {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(ms)) => Outcome::Succeeded(b"ok".to_vec()),
+                reason = stop.stopped() => Outcome::Failed { message: format!("stopped: {reason}"), retryable: true },
             }
-            Err(_) => ctx.rotate(),
         }
-        hb.abort();
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -236,17 +126,35 @@ fn main() -> Result<()> {
         .context("the run clock start must be passed in RAFTSCHED_RUN_START_NS")?
         .parse()
         .context("RAFTSCHED_RUN_START_NS")?;
-    let ctx = Arc::new(Ctx {
-        id: args[0].clone(),
-        history: Mutex::new(HistoryWriter::open(&args[1])?),
-        ops: AtomicU64::new(args[2].parse().context("OP_BASE")?),
-        endpoints: args[7..].to_vec(),
+    let id = args[0].clone();
+    let recorder = Arc::new(Mutex::new(Recorder {
+        id: id.clone(),
         clock: RunClock::from_start_ns(start_ns),
-        next_endpoint: AtomicU64::new(0),
-    });
+        history: HistoryWriter::open(&args[1])?,
+        next_op: args[2].parse().context("OP_BASE")?,
+        in_flight: HashMap::new(),
+    }));
     let slots: u32 = args[3].parse().context("SLOTS")?;
     let run_ms = (args[4].parse().context("RUN_MIN_MS")?, args[5].parse().context("RUN_MAX_MS")?);
     let seed: u64 = args[6].parse().context("SEED")?;
+
+    let mut client_config = ClientConfig::new(args[7..].iter().cloned());
+    client_config.call_timeout = Duration::from_secs(3);
+    client_config.retry_budget = Duration::from_secs(20);
+    let mut config = WorkerConfig::new(id);
+    config.instance = seed ^ 0x9e37_79b9_7f4a_7c15;
+    config.slots = slots;
+    config.capacity =
+        pb::Resources { cpu_milli: 64_000, memory_mib: 65_536, named: Default::default() };
+    let rng = Arc::new(Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)));
+
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(run(ctx, slots, run_ms, seed))
+    rt.block_on(async move {
+        let client = Client::with_config(client_config)?;
+        let sink = recorder.clone();
+        let worker = Worker::new(client, config, payload(rng, run_ms))
+            .on_event(move |e| sink.lock().unwrap_or_else(|e| e.into_inner()).on_event(e));
+        let stats = worker.start().wait().await?;
+        bail!("the worker stopped on its own: {stats:?}")
+    })
 }

@@ -50,11 +50,11 @@ pub struct Cli {
     pub output: Format,
 
     /// Deadline of one RPC attempt.
-    #[arg(long, global = true, help_heading = "Global options", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, global = true, help_heading = "Global options", default_value = defaults::RPC_TIMEOUT.as_str(), value_parser = parse_duration, value_name = "DURATION")]
     pub rpc_timeout: Duration,
 
     /// How long to keep retrying while the cluster is unreachable or electing a leader.
-    #[arg(long, global = true, help_heading = "Global options", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, global = true, help_heading = "Global options", default_value = defaults::RETRY_BUDGET.as_str(), value_parser = parse_duration, value_name = "DURATION")]
     pub retry_budget: Duration,
 
     /// More logging on stderr (-v info, -vv debug); RUST_LOG overrides.
@@ -104,6 +104,30 @@ impl Ctx {
     pub fn client(&self) -> Result<Client, client::Error> {
         Client::with_config(self.config.clone())
     }
+}
+
+/// Flag defaults rendered once from the library's own defaults, so that `--help` and the
+/// behaviour of a program using the library directly cannot disagree.
+pub(crate) mod defaults {
+    use std::sync::LazyLock;
+    use std::time::Duration;
+
+    fn flag(d: Duration) -> String {
+        humantime::format_duration(d).to_string()
+    }
+
+    /// `--rpc-timeout`.
+    pub static RPC_TIMEOUT: LazyLock<String> =
+        LazyLock::new(|| flag(client::client::DEFAULT_CALL_TIMEOUT));
+    /// `--retry-budget`.
+    pub static RETRY_BUDGET: LazyLock<String> =
+        LazyLock::new(|| flag(client::client::DEFAULT_RETRY_BUDGET));
+    /// `worker run --drain-grace`.
+    pub static DRAIN_GRACE: LazyLock<String> =
+        LazyLock::new(|| flag(client::worker::DEFAULT_DRAIN_GRACE));
+    /// `worker run --kill-grace`.
+    pub static KILL_GRACE: LazyLock<String> =
+        LazyLock::new(|| flag(client::exec::DEFAULT_KILL_GRACE));
 }
 
 /// Parses `30s`, `1m30s`, `250ms`.
@@ -293,6 +317,8 @@ mod tests {
         assert_eq!(cli.endpoints, vec!["127.0.0.1:7001"]);
         assert_eq!(cli.output, Format::Table);
         assert_eq!(cli.rpc_timeout, Duration::from_secs(10));
+        assert_eq!(cli.rpc_timeout, client::client::DEFAULT_CALL_TIMEOUT);
+        assert_eq!(cli.retry_budget, client::client::DEFAULT_RETRY_BUDGET);
         let cli = parse(&["--endpoints", "a:1,b:2", "task", "get", "5", "-o", "json"]).unwrap();
         assert_eq!(cli.endpoints, vec!["a:1", "b:2"]);
         assert_eq!(cli.output, Format::Json);

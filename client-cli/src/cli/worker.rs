@@ -65,10 +65,10 @@ pub struct RunArgs {
     #[arg(long)]
     pub id: Option<String>,
     /// On shutdown, how long running tasks may take to finish.
-    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = super::defaults::DRAIN_GRACE.as_str(), value_parser = parse_duration, value_name = "DURATION")]
     pub drain_grace: Duration,
     /// When a task is stopped, time between SIGTERM and SIGKILL.
-    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = super::defaults::KILL_GRACE.as_str(), value_parser = parse_duration, value_name = "DURATION")]
     pub kill_grace: Duration,
 }
 
@@ -130,7 +130,7 @@ async fn run_worker(ctx: &Ctx, a: RunArgs) -> Result<u8> {
     let config = config_from_args(&a);
     let handler = ShellHandler::new(a.exec.clone()).kill_grace(a.kill_grace);
     tracing::info!(
-        worker = %config.id,
+        worker_id = %config.id,
         queues = ?config.queues,
         slots = config.slots,
         endpoints = %ctx.config.endpoints.join(","),
@@ -239,5 +239,8 @@ mod tests {
         assert!(c.capacity.memory_mib > 0);
         assert!(c.id.ends_with(&format!("-{}", std::process::id())));
         assert_eq!(c.drain_grace, Duration::from_secs(30));
+        // The flags' defaults are the library's.
+        assert_eq!(c.drain_grace, client::worker::DEFAULT_DRAIN_GRACE);
+        assert_eq!(run_args(&["--exec", "true"]).kill_grace, client::exec::DEFAULT_KILL_GRACE);
     }
 }

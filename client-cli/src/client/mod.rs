@@ -64,6 +64,10 @@ const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 /// Default node address.
 pub const DEFAULT_ENDPOINT: &str = "127.0.0.1:7001";
+/// Deadline of one RPC attempt, unless configured.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a call keeps retrying while the cluster is unreachable, unless configured.
+pub const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(30);
 
 /// How a [`Client`] connects and retries.
 #[derive(Clone, Debug)]
@@ -93,8 +97,8 @@ impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
             endpoints: vec![DEFAULT_ENDPOINT.to_string()],
-            call_timeout: Duration::from_secs(10),
-            retry_budget: Duration::from_secs(30),
+            call_timeout: DEFAULT_CALL_TIMEOUT,
+            retry_budget: DEFAULT_RETRY_BUDGET,
             connect_timeout: Duration::from_secs(2),
             keepalive_interval: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(5),

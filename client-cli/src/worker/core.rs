@@ -110,8 +110,14 @@ pub(crate) enum Verdict {
     Applied,
     /// Applied before (a resend): counts as delivered.
     Duplicate,
-    /// Refused as stale (or invalid): dropped, never retried.
-    Stale(String),
+    /// Refused: dropped, never retried.
+    Refused {
+        /// The server's reason.
+        error: String,
+        /// The fencing token is stale or the attempt is not this worker's (otherwise the
+        /// report itself was invalid, or the task had already finished).
+        stale: bool,
+    },
 }
 
 /// How a Report RPC ended.
@@ -464,7 +470,7 @@ impl Core {
 
     fn on_registered(&mut self, session: Session, requeued: Vec<u64>) {
         tracing::info!(
-            worker = %self.config.id,
+            worker_id = %self.config.id,
             session = session.id,
             requeued = requeued.len(),
             "registered"
@@ -768,7 +774,7 @@ impl Core {
                     match v {
                         Verdict::Applied => self.report_accepted(r, false),
                         Verdict::Duplicate => self.report_accepted(r, true),
-                        Verdict::Stale(error) => self.report_rejected(r, error),
+                        Verdict::Refused { error, stale } => self.report_rejected(r, error, stale),
                     }
                 }
             }
@@ -811,7 +817,7 @@ impl Core {
                     });
                     self.pending.push_front(r);
                 } else {
-                    self.report_rejected(r, error);
+                    self.report_rejected(r, error, false);
                 }
             }
         }
@@ -840,7 +846,7 @@ impl Core {
     }
 
     /// The attempt was taken away (or the report is invalid): never resend it.
-    fn report_rejected(&mut self, r: PendingReport, error: String) {
+    fn report_rejected(&mut self, r: PendingReport, error: String, stale: bool) {
         let key = (r.task, r.fence);
         tracing::info!(task_id = r.task, fence = r.fence, %error, "report refused; dropping the attempt");
         self.stats.rejected += 1;
@@ -848,7 +854,7 @@ impl Core {
             task: r.task,
             fence: r.fence,
             kind: r.kind(),
-            answer: ReportAnswer::Rejected { error },
+            answer: ReportAnswer::Rejected { error, stale },
         });
         // A refused Started means the attempt is not ours: stop it. A refused final report
         // ends the entry.

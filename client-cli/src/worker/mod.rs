@@ -68,6 +68,11 @@ mod runtime;
 
 pub use runtime::{Worker, WorkerController, WorkerHandle};
 
+/// How long running tasks may take to finish at shutdown, unless configured.
+pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(30);
+/// How long stopped tasks get to exit before the worker leaves anyway, unless configured.
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+
 /// How a worker presents itself and shuts down.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -101,8 +106,8 @@ impl WorkerConfig {
             labels: HashMap::new(),
             capacity: pb::Resources::default(),
             slots: 1,
-            drain_grace: Duration::from_secs(30),
-            stop_grace: Duration::from_secs(10),
+            drain_grace: DEFAULT_DRAIN_GRACE,
+            stop_grace: DEFAULT_STOP_GRACE,
         }
     }
 
@@ -266,6 +271,9 @@ pub enum ReportAnswer {
     Rejected {
         /// The server's reason.
         error: String,
+        /// The attempt was taken away (stale fencing token, or not this worker's); otherwise
+        /// the report was invalid or the task had already finished.
+        stale: bool,
     },
     /// No answer (the cluster was unreachable); the report stays queued and is sent again.
     Unknown {

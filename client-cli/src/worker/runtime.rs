@@ -498,10 +498,13 @@ impl Actor {
                                 } else {
                                     Verdict::Applied
                                 }
-                            } else if res.error.is_empty() {
-                                Verdict::Stale("refused as stale".to_string())
                             } else {
-                                Verdict::Stale(res.error)
+                                let error = if res.error.is_empty() {
+                                    "refused".to_string()
+                                } else {
+                                    res.error
+                                };
+                                Verdict::Refused { error, stale: res.stale }
                             }
                         })
                         .collect(),

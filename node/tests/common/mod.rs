@@ -1,14 +1,19 @@
-//! Test harness: real `schedulerd` processes on loopback, raw gRPC clients, and a minimal
-//! in-test worker that records what it ran and which reports were accepted.
+//! Test harness: real `schedulerd` processes on loopback, raw gRPC clients, workers on the
+//! library runtime that record which reports were accepted, and one raw-protocol worker for
+//! the misbehaviour the runtime never commits.
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use client::worker::{
+    Job, Outcome, ReportAnswer, ReportKind, StopSignal, Worker, WorkerConfig, WorkerEvent,
+    WorkerHandle,
+};
 use proto::pb;
 use proto::pb::cluster_client::ClusterClient;
 use proto::pb::tasks_client::TasksClient;
@@ -235,7 +240,7 @@ pub fn spec(name: &str, priority: i32) -> pb::TaskSpec {
     }
 }
 
-/// What an in-test worker saw and did.
+/// What an in-test worker's completion report got.
 #[derive(Clone, Debug)]
 pub struct Exec {
     pub task: u64,
@@ -246,35 +251,54 @@ pub struct Exec {
     pub refused: Option<String>,
 }
 
+/// A worker on the library runtime (`client::worker`, what users run) with `slots` slots on
+/// queue `default`; each task "runs" for a fixed time and succeeds. It records the answer to
+/// every completion report.
 pub struct TestWorker {
     pub id: String,
     pub execs: Arc<Mutex<Vec<Exec>>>,
-    pub started: Arc<Mutex<Vec<(u64, u64)>>>,
-    pub heartbeat: Arc<AtomicBool>,
-    /// While false, the worker holds finished tasks instead of reporting them.
-    pub report: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
+    handle: Option<WorkerHandle>,
 }
 
 impl Drop for TestWorker {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(h) = self.handle.take() {
+            h.abort();
+        }
     }
 }
 
 impl TestWorker {
-    /// A worker with `slots` slots on queue `default` that "runs" each task for `run` and then
-    /// reports success (unless reporting is paused).
     pub fn spawn(addrs: Vec<String>, id: &str, slots: u32, run: Duration) -> TestWorker {
         let execs = Arc::new(Mutex::new(Vec::new()));
-        let started = Arc::new(Mutex::new(Vec::new()));
-        let heartbeat = Arc::new(AtomicBool::new(true));
-        let report = Arc::new(AtomicBool::new(true));
-        let (e, s, h, r) = (execs.clone(), started.clone(), heartbeat.clone(), report.clone());
-        let wid = id.to_string();
-        let task =
-            tokio::spawn(async move { worker_loop(addrs, wid, slots, run, e, s, h, r).await });
-        TestWorker { id: id.to_string(), execs, started, heartbeat, report, task }
+        let client = client::Client::new(addrs).expect("valid endpoints");
+        let mut config = WorkerConfig::new(id);
+        config.slots = slots;
+        config.capacity =
+            pb::Resources { cpu_milli: 8_000, memory_mib: 8_192, named: Default::default() };
+        let handler = move |_job: Job, mut stop: StopSignal| async move {
+            tokio::select! {
+                _ = tokio::time::sleep(run) => Outcome::Succeeded(b"done".to_vec()),
+                r = stop.stopped() => Outcome::Failed { message: format!("stopped: {r}"), retryable: true },
+            }
+        };
+        let log = execs.clone();
+        let handle = Worker::new(client, config, handler)
+            .on_event(move |e| {
+                let WorkerEvent::ReportAnswered { task, fence, kind, answer } = e else { return };
+                if *kind != ReportKind::Succeeded {
+                    return;
+                }
+                let (accepted, refused) = match answer {
+                    ReportAnswer::Accepted { duplicate } => (!duplicate, None),
+                    ReportAnswer::Rejected { error, .. } => (false, Some(error.clone())),
+                    // Not delivered: the runtime sends it again.
+                    ReportAnswer::Unknown { .. } => return,
+                };
+                log.lock().unwrap().push(Exec { task: *task, fence: *fence, accepted, refused });
+            })
+            .start();
+        TestWorker { id: id.to_string(), execs, handle: Some(handle) }
     }
 
     pub fn accepted(&self) -> Vec<u64> {
@@ -282,32 +306,39 @@ impl TestWorker {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn worker_loop(
+/// A worker that speaks the raw protocol on purpose, to do what the library runtime never
+/// does: keep a task after it stopped heartbeating, and report that task's completion long
+/// after its session expired (the runtime would notice the lost session and drop the report).
+pub struct SilentWorker {
     addrs: Vec<String>,
     id: String,
-    slots: u32,
-    run: Duration,
-    execs: Arc<Mutex<Vec<Exec>>>,
-    started: Arc<Mutex<Vec<(u64, u64)>>>,
     heartbeat: Arc<AtomicBool>,
-    report: Arc<AtomicBool>,
-) {
-    let instance = rand_u64();
-    let seen: Arc<Mutex<HashSet<(u64, u64)>>> = Arc::new(Mutex::new(HashSet::new()));
-    loop {
+    heartbeats: tokio::task::JoinHandle<()>,
+    stream: tonic::Streaming<pb::WorkerMessage>,
+}
+
+impl Drop for SilentWorker {
+    fn drop(&mut self) {
+        self.heartbeats.abort();
+    }
+}
+
+impl SilentWorker {
+    /// Registers, heartbeats every 150 ms, and opens the assignment stream.
+    pub async fn register(addrs: &[String], id: &str) -> SilentWorker {
         let spec = pb::WorkerSpec {
-            id: id.clone(),
+            id: id.into(),
             queues: vec!["default".into()],
-            labels: Default::default(),
             capacity: Some(pb::Resources {
                 cpu_milli: 8_000,
                 memory_mib: 8_192,
-                named: Default::default(),
+                ..Default::default()
             }),
-            slots,
+            slots: 1,
+            ..Default::default()
         };
-        let reg = retry(&addrs, |ch| {
+        let instance = rand_u64();
+        let reg = retry(addrs, |ch| {
             let spec = spec.clone();
             async move {
                 WorkersClient::new(ch)
@@ -316,34 +347,30 @@ async fn worker_loop(
                     .map(|r| r.into_inner())
             }
         })
-        .await;
-        let Ok(reg) = reg else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        };
+        .await
+        .expect("register");
         let session = reg.session;
-        let hb = {
-            let (addrs, id, heartbeat) = (addrs.clone(), id.clone(), heartbeat.clone());
+        let heartbeat = Arc::new(AtomicBool::new(true));
+        let heartbeats = {
+            let (addrs, id, heartbeat) = (addrs.to_vec(), id.to_string(), heartbeat.clone());
             tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(Duration::from_millis(150)).await;
-                    if heartbeat.load(Ordering::SeqCst) {
+                while heartbeat.load(Ordering::SeqCst) {
+                    let id = id.clone();
+                    let _ = retry(&addrs, |ch| {
                         let id = id.clone();
-                        let _ = retry(&addrs, |ch| {
-                            let id = id.clone();
-                            async move {
-                                WorkersClient::new(ch)
-                                    .heartbeat(pb::HeartbeatRequest { worker_id: id, session })
-                                    .await
-                            }
-                        })
-                        .await;
-                    }
+                        async move {
+                            WorkersClient::new(ch)
+                                .heartbeat(pb::HeartbeatRequest { worker_id: id, session })
+                                .await
+                        }
+                    })
+                    .await;
+                    tokio::time::sleep(Duration::from_millis(150)).await;
                 }
             })
         };
-        let stream = retry(&addrs, |ch| {
-            let id = id.clone();
+        let stream = retry(addrs, |ch| {
+            let id = id.to_string();
             async move {
                 WorkersClient::new(ch)
                     .open_assignments(pb::OpenAssignmentsRequest { worker_id: id, session })
@@ -351,58 +378,60 @@ async fn worker_loop(
                     .map(|r| r.into_inner())
             }
         })
-        .await;
-        if let Ok(mut stream) = stream {
-            while let Ok(Some(msg)) = stream.message().await {
-                let Some(pb::worker_message::Msg::Assignment(a)) = msg.msg else { continue };
-                if !seen.lock().unwrap().insert((a.task, a.fence)) {
-                    continue;
-                }
-                started.lock().unwrap().push((a.task, a.fence));
-                let (addrs, id, execs, report) =
-                    (addrs.clone(), id.clone(), execs.clone(), report.clone());
-                tokio::spawn(async move {
-                    tokio::time::sleep(run).await;
-                    while !report.load(Ordering::SeqCst) {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    let r = retry(&addrs, |ch| {
-                        let id = id.clone();
-                        async move {
-                            WorkersClient::new(ch)
-                                .report(pb::ReportRequest {
-                                    worker_id: id,
-                                    reports: vec![pb::TaskReport {
-                                        task: a.task,
-                                        fence: a.fence,
-                                        outcome: Some(pb::task_report::Outcome::Succeeded(
-                                            pb::Succeeded { result: b"done".to_vec() },
-                                        )),
-                                    }],
-                                })
-                                .await
-                                .map(|r| r.into_inner())
-                        }
-                    })
-                    .await;
-                    let (accepted, refused) = match r {
-                        Ok(resp) => {
-                            let x = &resp.results[0];
-                            (x.accepted && !x.duplicate, (!x.accepted).then(|| x.error.clone()))
-                        }
-                        Err(s) => (false, Some(s.message().to_string())),
-                    };
-                    execs.lock().unwrap().push(Exec {
-                        task: a.task,
-                        fence: a.fence,
-                        accepted,
-                        refused,
-                    });
-                });
+        .await
+        .expect("open the assignment stream");
+        SilentWorker { addrs: addrs.to_vec(), id: id.into(), heartbeat, heartbeats, stream }
+    }
+
+    /// The next assignment on the stream (within 30 s).
+    pub async fn next_assignment(&mut self) -> pb::Assignment {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.stream.message())
+                .await
+                .expect("an assignment within 30 s")
+                .expect("the assignment stream")
+                .expect("the assignment stream ended");
+            if let Some(pb::worker_message::Msg::Assignment(a)) = msg.msg {
+                return a;
             }
         }
-        hb.abort();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    /// Stops heartbeating: the session expires after its TTL.
+    pub fn go_silent(&self) {
+        self.heartbeat.store(false, Ordering::SeqCst);
+    }
+
+    /// Reports the attempt's success now, whatever became of the session.
+    pub async fn report_success(&self, task: u64, fence: u64) -> Exec {
+        let r = retry(&self.addrs, |ch| {
+            let id = self.id.clone();
+            async move {
+                WorkersClient::new(ch)
+                    .report(pb::ReportRequest {
+                        worker_id: id,
+                        reports: vec![pb::TaskReport {
+                            task,
+                            fence,
+                            outcome: Some(pb::task_report::Outcome::Succeeded(pb::Succeeded {
+                                result: b"done".to_vec(),
+                            })),
+                        }],
+                    })
+                    .await
+                    .map(|r| r.into_inner())
+            }
+        })
+        .await;
+        let (accepted, refused) = match r {
+            Ok(resp) => {
+                let x = &resp.results[0];
+                (x.accepted && !x.duplicate, (!x.accepted).then(|| x.error.clone()))
+            }
+            Err(s) => (false, Some(s.message().to_string())),
+        };
+        Exec { task, fence, accepted, refused }
     }
 }
 

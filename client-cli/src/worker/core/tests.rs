@@ -180,14 +180,14 @@ fn a_stale_report_is_dropped_never_retried() {
     start(&mut c, gen, 1, 10);
     let report = final_report(1, 10, succeeded());
     assert_eq!(actions(end_ok(&mut c, 1, 10)), vec![Effect::SendReports(vec![report.clone()])]);
-    let answer = ReportRpc::Answered(vec![Verdict::Stale("stale".into())]);
+    let answer = ReportRpc::Answered(vec![Verdict::Refused { error: "stale".into(), stale: true }]);
     assert_eq!(
         c.step(Input::ReportAnswered { batch: vec![report], answer }),
         vec![Effect::Event(WorkerEvent::ReportAnswered {
             task: 1,
             fence: 10,
             kind: ReportKind::Succeeded,
-            answer: ReportAnswer::Rejected { error: "stale".into() },
+            answer: ReportAnswer::Rejected { error: "stale".into(), stale: true },
         })]
     );
     assert_eq!(c.step(Input::ReportRetry), vec![]);
@@ -294,7 +294,7 @@ fn losing_the_session_stops_everything_drops_pending_reports_and_registers_again
     );
     assert_eq!(c.session(), None);
     // The in-flight answer arrives: nothing more is sent (the queued report was dropped).
-    let answer = ReportRpc::Answered(vec![Verdict::Stale("stale".into())]);
+    let answer = ReportRpc::Answered(vec![Verdict::Refused { error: "stale".into(), stale: true }]);
     assert_eq!(actions(c.step(Input::ReportAnswered { batch: vec![r1], answer })), vec![]);
     // A second failure of the old session changes nothing.
     let fx =
