@@ -89,6 +89,15 @@ pub struct Args {
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `node=debug,openraft=warn`).
     #[arg(long, env = "SCHED_LOG")]
     pub log: Option<String>,
+    /// Token file (TOML `[[token]]` entries with name, role, secret_sha256 and, for workers,
+    /// worker_id_prefix): every request must then carry `authorization: Bearer <secret>` of
+    /// one of them, with a role that allows it.
+    #[arg(long, env = "SCHED_AUTH_TOKENS", value_name = "FILE")]
+    pub auth_tokens: Option<PathBuf>,
+    /// Serve a non-loopback address without TLS and tokens (anyone who reaches the port can
+    /// then change and delete tasks and membership). Logged loudly.
+    #[arg(long, env = "SCHED_INSECURE")]
+    pub insecure: bool,
 }
 
 /// A flag's help text ending in its default, rendered from [`Config::default`] (the flags
@@ -129,6 +138,10 @@ pub struct Config {
     pub planner: PlannerSettings,
     /// Retention of finished tasks.
     pub retention: RetentionSettings,
+    /// Token file; `None`: authentication off.
+    pub auth_tokens: Option<PathBuf>,
+    /// Allow serving a non-loopback address without TLS and tokens.
+    pub insecure: bool,
 }
 
 /// How the leader judges worker liveness.
@@ -218,6 +231,8 @@ impl Default for Config {
                 finished_tasks: Duration::from_secs(24 * 3600),
                 purge_interval: Duration::from_secs(60),
             },
+            auth_tokens: None,
+            insecure: false,
         }
     }
 }
@@ -276,6 +291,8 @@ struct FileConfig {
     http: Option<SocketAddr>,
     bootstrap: Option<bool>,
     log: Option<String>,
+    auth_tokens: Option<PathBuf>,
+    insecure: Option<bool>,
     #[serde(default)]
     workers: FileWorkers,
     #[serde(default)]
@@ -377,6 +394,8 @@ impl Config {
         if let Some(v) = file.log {
             c.log = v;
         }
+        c.auth_tokens = file.auth_tokens.or(c.auth_tokens);
+        c.insecure = file.insecure.unwrap_or(c.insecure);
         let w = &file.workers;
         if let Some(d) = &w.heartbeat_ttl {
             c.workers.heartbeat_ttl = d.get("workers.heartbeat_ttl")?;
@@ -466,6 +485,10 @@ impl Config {
         }
         c.http = args.http.or(c.http);
         c.bootstrap |= args.bootstrap;
+        if let Some(v) = &args.auth_tokens {
+            c.auth_tokens = Some(v.clone());
+        }
+        c.insecure |= args.insecure;
         match (&args.log, rust_log.filter(|v| !v.trim().is_empty())) {
             (Some(v), _) => c.log = v.clone(),
             (None, Some(v)) => c.log = v,
@@ -508,6 +531,25 @@ impl Config {
                 "advertise",
                 "listening on a wildcard address needs --advertise HOST:PORT that peers can reach",
             ));
+        }
+        let exposed: Vec<SocketAddr> = [Some(self.listen), self.http]
+            .into_iter()
+            .flatten()
+            .filter(|a| !a.ip().is_loopback())
+            .collect();
+        if let Some(addr) = exposed.first() {
+            if !self.insecure {
+                // TLS is not configurable yet, so a non-loopback address is always insecure.
+                return Err(invalid(
+                    "listen",
+                    format!(
+                        "{addr} is reachable from other hosts, and this node would serve it without TLS{}; \
+                         anyone reaching it could change tasks and membership. Serve loopback only, \
+                         or pass --insecure to accept that risk",
+                        if self.auth_tokens.is_none() { " or tokens (--auth-tokens)" } else { "" }
+                    ),
+                ));
+            }
         }
         if self.raft.election_min_ms <= self.raft.heartbeat_ms
             || self.raft.election_max_ms <= self.raft.election_min_ms
@@ -651,5 +693,23 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("election"), "{e}");
+    }
+
+    #[test]
+    fn a_non_loopback_address_needs_insecure_until_it_is_protected() {
+        let wide = Args {
+            listen: Some("0.0.0.0:7001".parse().unwrap()),
+            advertise: Some("10.0.0.1:7001".into()),
+            ..Default::default()
+        };
+        let e = Config::load(&wide).unwrap_err().to_string();
+        assert!(e.contains("0.0.0.0:7001") && e.contains("--insecure"), "{e}");
+        assert!(e.contains("--auth-tokens"), "names the missing protection: {e}");
+        let http = Args { http: Some("0.0.0.0:8001".parse().unwrap()), ..Default::default() };
+        assert!(Config::load(&http).is_err(), "the HTTP address counts too");
+        let c = Config::load(&Args { insecure: true, ..wide }).unwrap();
+        assert!(c.insecure);
+        // Loopback needs nothing.
+        assert!(Config::load(&Args::default()).is_ok());
     }
 }

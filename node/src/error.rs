@@ -18,6 +18,8 @@
 //! | a peer speaking another internal encoding | FAILED_PRECONDITION | invalid_state |
 //! | a followed task was purged | NOT_FOUND | not_found |
 //! | a watch resumes before the retained events | OUT_OF_RANGE | out_of_range |
+//! | no token, or an unknown one | UNAUTHENTICATED | unauthenticated |
+//! | the token's role does not allow it, a worker id outside the token's prefix | PERMISSION_DENIED | permission_denied |
 //! | a bug | INTERNAL | internal |
 //!
 //! The reason codes, the metadata keys and the hint format are the wire contract in
@@ -30,6 +32,8 @@ use raft::node::{AdminError, WriteError};
 use raft::service::RpcError;
 use state_machine::Rejection;
 use tonic::{Code, Status};
+
+use crate::auth::AuthError;
 
 pub use proto::status::REASON_KEY;
 
@@ -63,6 +67,9 @@ pub enum NodeError {
     /// A resource limit outside the state machine (pending tasks).
     #[error("{0}")]
     Exhausted(String),
+    /// The caller is not authenticated or not allowed ([`crate::auth`]).
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
     /// An invariant of the node itself broke.
     #[error("internal error: {0}")]
     Internal(String),
@@ -152,6 +159,12 @@ impl From<NodeError> for Status {
             NodeError::Relayed(status) => status,
             NodeError::Gone(_) => with_meta(Code::NotFound, msg, Reason::NotFound, None),
             NodeError::OutOfRange(_) => with_meta(Code::OutOfRange, msg, Reason::OutOfRange, None),
+            NodeError::Auth(AuthError::Missing | AuthError::Unknown) => {
+                with_meta(Code::Unauthenticated, msg, Reason::Unauthenticated, None)
+            }
+            NodeError::Auth(AuthError::Denied { .. } | AuthError::WrongWorkerId { .. }) => {
+                with_meta(Code::PermissionDenied, msg, Reason::PermissionDenied, None)
+            }
             NodeError::Internal(_) => with_meta(Code::Internal, msg, Reason::Internal, None),
         }
     }

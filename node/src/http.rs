@@ -1,7 +1,9 @@
 //! A minimal HTTP/1.1 server for probes and scraping. One request per connection; request
 //! heads are bounded; anything else is 404/405.
 //!
-//! * `GET /metrics`: Prometheus text ([`metrics::render`]).
+//! * `GET /metrics`: Prometheus text ([`metrics::render`]). With authentication on it needs
+//!   `authorization: Bearer <secret>` of a reader (or submitter, admin) token: 401 without
+//!   a valid one, 403 for another role. The probes below stay open.
 //! * `GET /healthz`: liveness. 200 while the process is up and serving HTTP, even on a leader
 //!   cut off from its majority or with no leader known; 503 only after a fatal Raft error,
 //!   while the process shuts down. JSON body with role, leader, term and applied index. Restart
@@ -20,6 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
 
+use crate::auth::{AuthError, Need};
 use crate::{metrics, Node};
 
 /// Serve until `node` stops.
@@ -59,6 +62,25 @@ async fn handle(mut stream: TcpStream, node: Arc<Node>) -> std::io::Result<()> {
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = path.split('?').next().unwrap_or("");
     match (method, path) {
+        ("GET", "/metrics") if node.tokens.is_some() => {
+            let header = head
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("authorization"))
+                .map(|(_, v)| v.trim());
+            let tokens = node.tokens.as_ref().expect("checked");
+            match tokens.authorize(header, Need::Reader, "GET /metrics") {
+                Ok(_) => {
+                    let body = metrics::render(&node);
+                    respond(&mut stream, 200, "text/plain; version=0.0.4", &body).await
+                }
+                Err(e @ (AuthError::Missing | AuthError::Unknown)) => {
+                    respond(&mut stream, 401, "text/plain", &format!("{e}\n")).await
+                }
+                Err(e) => respond(&mut stream, 403, "text/plain", &format!("{e}\n")).await,
+            }
+        }
         ("GET", "/metrics") => {
             let body = metrics::render(&node);
             respond(&mut stream, 200, "text/plain; version=0.0.4", &body).await
@@ -87,6 +109,8 @@ async fn respond(
 ) -> std::io::Result<()> {
     let reason = match code {
         200 => "OK",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         431 => "Request Header Fields Too Large",

@@ -20,6 +20,7 @@
 //! * Configuration: [`config`]; the whole server: [`server::run`].
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod http;
@@ -47,4 +48,6 @@ pub struct Node {
     pub metrics: metrics::Metrics,
     /// Becomes true when the node shuts down: streams end, loops stop.
     pub stopping: watch::Receiver<bool>,
+    /// The accepted tokens; `None`: authentication off.
+    pub tokens: Option<Arc<auth::Tokens>>,
 }

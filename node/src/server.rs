@@ -36,6 +36,7 @@ use crate::api::cluster::ClusterApi;
 use crate::api::peer::{PeerApi, RaftApi};
 use crate::api::tasks::TasksApi;
 use crate::api::workers::WorkersApi;
+use crate::auth::{AuthLayer, Tokens};
 use crate::config::Config;
 use crate::leader::liveness::Liveness;
 use crate::metrics::Metrics;
@@ -60,6 +61,9 @@ pub enum ServerError {
         /// Why.
         source: std::io::Error,
     },
+    /// The token file is not usable.
+    #[error(transparent)]
+    Tokens(#[from] crate::auth::TokenFileError),
     /// Raft or its storage did not start.
     #[error(transparent)]
     Start(#[from] StartError),
@@ -81,6 +85,23 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|source| ServerError::DataDir { path: cfg.data_dir.clone(), source })?;
+    let tokens = match &cfg.auth_tokens {
+        Some(path) => {
+            let t = Tokens::load(path)?;
+            info!(file = %path.display(), tokens = t.len(), "authentication on: requests need a bearer token");
+            Some(Arc::new(t))
+        }
+        None => None,
+    };
+    if cfg.insecure
+        && (!cfg.listen.ip().is_loopback() || cfg.http.is_some_and(|a| !a.ip().is_loopback()))
+    {
+        warn!(
+            listen = %cfg.listen,
+            "INSECURE: serving a non-loopback address without TLS; anyone who reaches this port \
+             can read and change tasks, workers and cluster membership"
+        );
+    }
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| ServerError::Bind { addr: cfg.listen.to_string(), source })?;
@@ -99,6 +120,7 @@ pub async fn run(
         liveness: Liveness::new(cfg.workers.heartbeat_ttl, cfg.workers.failover_grace),
         metrics: Metrics::default(),
         stopping: stop_rx,
+        tokens: tokens.clone(),
         raft: raft.clone(),
         cfg,
     });
@@ -135,6 +157,7 @@ pub async fn run(
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(AuthLayer::new(tokens))
         .add_service(TasksServer::new(TasksApi::new(node.clone())).max_decoding_message_size(max))
         .add_service(
             WorkersServer::new(WorkersApi::new(node.clone())).max_decoding_message_size(max),

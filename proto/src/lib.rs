@@ -15,6 +15,7 @@
 //! conversions and return a [`state_machine::Rejection`] naming the field; everything else
 //! is validated by `state_machine::validate`.
 
+pub mod auth;
 pub mod convert;
 pub mod status;
 

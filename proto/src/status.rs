@@ -62,6 +62,10 @@ pub enum Reason {
     OutOfRange,
     /// A bug on the server.
     Internal,
+    /// The request carried no valid credential.
+    Unauthenticated,
+    /// The credential's role does not allow the request (the message names the role needed).
+    PermissionDenied,
     /// A reason this build does not know (a newer server).
     Other(String),
 }
@@ -85,6 +89,8 @@ impl Reason {
             "unavailable" => Reason::Unavailable,
             "out_of_range" => Reason::OutOfRange,
             "internal" => Reason::Internal,
+            "unauthenticated" => Reason::Unauthenticated,
+            "permission_denied" => Reason::PermissionDenied,
             other => Reason::Other(other.to_string()),
         }
     }
@@ -107,6 +113,8 @@ impl Reason {
             Reason::Unavailable => "unavailable",
             Reason::OutOfRange => "out_of_range",
             Reason::Internal => "internal",
+            Reason::Unauthenticated => "unauthenticated",
+            Reason::PermissionDenied => "permission_denied",
             Reason::Other(s) => s,
         }
     }
@@ -223,6 +231,8 @@ mod tests {
             Reason::Unavailable,
             Reason::OutOfRange,
             Reason::Internal,
+            Reason::Unauthenticated,
+            Reason::PermissionDenied,
         ];
         for r in all {
             assert_eq!(Reason::parse(r.as_str()), r);

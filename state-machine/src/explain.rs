@@ -182,12 +182,14 @@ impl fmt::Display for Explanation {
             Explanation::Delayed { after_failure: None, .. } => {
                 write!(f, "delayed: submitted to run no earlier than a given time")
             }
-            Explanation::Assigned { worker, attempt, fence, .. } => write!(
+            // The sentence leaves the fencing token out: it is a credential of the holder,
+            // shown only in the structured field to callers allowed to see it.
+            Explanation::Assigned { worker, attempt, .. } => write!(
                 f,
-                "assigned to worker {worker} (attempt {attempt}, fence {fence}); waiting for it to start"
+                "assigned to worker {worker} (attempt {attempt}); waiting for it to start"
             ),
-            Explanation::Running { worker, attempt, fence, .. } => {
-                write!(f, "running on worker {worker} (attempt {attempt}, fence {fence})")
+            Explanation::Running { worker, attempt, .. } => {
+                write!(f, "running on worker {worker} (attempt {attempt})")
             }
             Explanation::Finished { state, detail, .. } => write!(f, "{state}: {detail}"),
         }
@@ -235,13 +237,10 @@ impl SchedulerState {
                     deadline: *deadline,
                 }
             }
-            TaskState::Succeeded { at, worker, fence, .. } => Explanation::Finished {
+            TaskState::Succeeded { at, worker, .. } => Explanation::Finished {
                 state: TaskStateKind::Succeeded,
                 at: *at,
-                detail: format!(
-                    "completed by worker {worker} (attempt {}, fence {fence})",
-                    task.attempt
-                ),
+                detail: format!("completed by worker {worker} (attempt {})", task.attempt),
             },
             TaskState::Failed { at } => Explanation::Finished {
                 state: TaskStateKind::Failed,

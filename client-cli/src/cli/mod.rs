@@ -14,6 +14,7 @@ mod cluster;
 mod dev;
 mod output;
 mod task;
+mod token;
 mod worker;
 
 use std::time::Duration;
@@ -57,6 +58,18 @@ pub struct Cli {
     #[arg(long, global = true, help_heading = "Global options", default_value = defaults::RETRY_BUDGET.as_str(), value_parser = parse_duration, value_name = "DURATION")]
     pub retry_budget: Duration,
 
+    /// Secret of a token, sent as `authorization: Bearer <secret>` (needed when the cluster
+    /// runs with --auth-tokens). Prefer SCHED_TOKEN: a flag shows in the process list.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "SCHED_TOKEN",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
+    pub token: Option<String>,
+
     /// More logging on stderr (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, global = true, help_heading = "Global options", action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -84,6 +97,9 @@ pub enum Command {
     /// Local development cluster.
     #[command(subcommand)]
     Dev(dev::DevCmd),
+    /// Make credentials for clusters started with --auth-tokens.
+    #[command(subcommand)]
+    Token(token::TokenCmd),
     /// Measure submit latency and throughput, end-to-end throughput, dependency latency,
     /// failover and recovery on a local 3-node cluster (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
@@ -179,7 +195,7 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Task(t) => matches!(t, task::TaskCmd::Submit(_) | task::TaskCmd::Cancel { .. }),
         Command::Workflow(_) => true,
         Command::Worker(w) => matches!(w, worker::WorkerCmd::Drain { .. }),
-        Command::Dev(_) | Command::Bench(_) => false,
+        Command::Dev(_) | Command::Bench(_) | Command::Token(_) => false,
     };
     // One-shot commands fail at once when no node accepts a connection; a worker or a dev
     // cluster waits for nodes that are (re)starting.
@@ -195,6 +211,7 @@ pub async fn run(cli: Cli) -> u8 {
             call_timeout: cli.rpc_timeout,
             retry_budget: cli.retry_budget,
             fail_fast_when_refused: one_shot,
+            token: cli.token.clone(),
             ..Default::default()
         },
     };
@@ -203,6 +220,7 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Task(c) => task::run(&ctx, c).await,
         Command::Workflow(c) => task::run_workflow(&ctx, c).await,
         Command::Worker(c) => worker::run(&ctx, c).await,
+        Command::Token(c) => token::run(&ctx, c).await,
         Command::Dev(c) => dev::run(&ctx, c).await,
         Command::Bench(c) => bench::run(&ctx, c).await,
     };

@@ -86,6 +86,9 @@ pub struct ClientConfig {
     pub keepalive_timeout: Duration,
     /// Backoff between attempts.
     pub backoff: BackoffConfig,
+    /// The secret sent as `authorization: Bearer <secret>` on every call (clusters started
+    /// with a token file require one). Never logged.
+    pub token: Option<String>,
     /// Give up at once, without spending the retry budget, when every known node refused
     /// the connection in this call: nothing was sent, so the outcome is known (not applied),
     /// and waiting rarely helps a one-shot command. Off by default: a long-lived client
@@ -103,6 +106,7 @@ impl Default for ClientConfig {
             keepalive_interval: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(5),
             backoff: BackoffConfig::default(),
+            token: None,
             fail_fast_when_refused: false,
         }
     }
@@ -165,6 +169,8 @@ pub struct Client {
     retry_budget: Duration,
     backoff: BackoffConfig,
     fail_fast_when_refused: bool,
+    /// `Bearer <secret>`, ready to attach.
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -173,6 +179,7 @@ impl std::fmt::Debug for Client {
             .field("endpoints", &self.endpoints())
             .field("call_timeout", &self.call_timeout)
             .field("retry_budget", &self.retry_budget)
+            .field("token", &self.authorization.as_ref().map(|_| "<set>"))
             .finish()
     }
 }
@@ -204,7 +211,17 @@ impl Client {
             return Err(Error::Config("no endpoints given".into()));
         }
         pool.lock().nodes = nodes;
+        let authorization = match config.token.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(secret) => Some(format!("Bearer {secret}").parse().map_err(|_| {
+                Error::Config(
+                    "the token contains characters that cannot travel in a header (use printable ASCII)"
+                        .into(),
+                )
+            })?),
+        };
         Ok(Client {
+            authorization,
             pool: Arc::new(pool),
             call_timeout: config.call_timeout,
             retry_budget: config.retry_budget,

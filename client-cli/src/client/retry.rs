@@ -172,6 +172,9 @@ impl Client {
             }
             attempts += 1;
             let mut request = tonic::Request::new(req.clone());
+            if let Some(a) = &self.authorization {
+                request.metadata_mut().insert("authorization", a.clone());
+            }
             if kind != Kind::Stream {
                 request.set_timeout(self.call_timeout);
             }

@@ -37,8 +37,14 @@ impl ClusterApi {
         Ok(ClusterClient::new(self.node.channel(addr)?))
     }
 
-    fn forwarded<T>(msg: T, timeout: Duration) -> Request<T> {
-        let mut r = Request::new(msg);
+    /// The request to pass on to the leader: the same message and credential, marked as
+    /// forwarded (the leader authorizes it again; it never travels a second hop).
+    fn forwarded<T>(req: Request<T>, timeout: Duration) -> Request<T> {
+        let auth = req.metadata().get(proto::auth::AUTHORIZATION_KEY).cloned();
+        let mut r = Request::new(req.into_inner());
+        if let Some(a) = auth {
+            r.metadata_mut().insert(proto::auth::AUTHORIZATION_KEY, a);
+        }
         proto::status::mark_forwarded(&mut r);
         r.set_timeout(timeout);
         r
@@ -164,7 +170,7 @@ impl pb::cluster_server::Cluster for ClusterApi {
             Route::Leader(addr) => {
                 return self
                     .client(&addr)?
-                    .add_learner(Self::forwarded(req.into_inner(), wait + Duration::from_secs(5)))
+                    .add_learner(Self::forwarded(req, wait + Duration::from_secs(5)))
                     .await
             }
             Route::Here => {}
@@ -194,7 +200,7 @@ impl pb::cluster_server::Cluster for ClusterApi {
         if let Route::Leader(addr) = answer(&self.node, self.route(&req))?.into_inner() {
             return self
                 .client(&addr)?
-                .promote(Self::forwarded(req.into_inner(), Duration::from_secs(30)))
+                .promote(Self::forwarded(req, Duration::from_secs(30)))
                 .await;
         }
         let out = self.node.raft.promote(req.into_inner().id).await.map(|_| pb::PromoteResponse {});
@@ -208,7 +214,7 @@ impl pb::cluster_server::Cluster for ClusterApi {
         if let Route::Leader(addr) = answer(&self.node, self.route(&req))?.into_inner() {
             return self
                 .client(&addr)?
-                .remove_node(Self::forwarded(req.into_inner(), Duration::from_secs(30)))
+                .remove_node(Self::forwarded(req, Duration::from_secs(30)))
                 .await;
         }
         let out =
@@ -223,7 +229,7 @@ impl pb::cluster_server::Cluster for ClusterApi {
         if let Route::Leader(addr) = answer(&self.node, self.route(&req))?.into_inner() {
             return self
                 .client(&addr)?
-                .transfer_leader(Self::forwarded(req.into_inner(), Duration::from_secs(30)))
+                .transfer_leader(Self::forwarded(req, Duration::from_secs(30)))
                 .await;
         }
         let out = crate::leader::transfer::transfer_leader(&self.node, req.into_inner().to).await;

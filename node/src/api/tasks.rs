@@ -13,6 +13,7 @@ use state_machine::{
 use tonic::{Request, Response, Status};
 
 use super::{answer, channel, wait_more, BoxStream};
+use crate::auth::{self, Caller};
 use crate::error::{NodeError, NodeResult};
 use crate::Node;
 
@@ -198,14 +199,20 @@ impl pb::tasks_server::Tasks for TasksApi {
         &self,
         req: Request<pb::GetTaskRequest>,
     ) -> Result<Response<pb::Task>, Status> {
-        answer(&self.node, self.get(req.into_inner()).await)
+        let view = View::of(&req);
+        answer(&self.node, self.get(req.into_inner()).await.map(|t| view.task(t)))
     }
 
     async fn list_tasks(
         &self,
         req: Request<pb::ListTasksRequest>,
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
-        answer(&self.node, self.list(req.into_inner()).await)
+        let view = View::of(&req);
+        let page = self.list(req.into_inner()).await.map(|mut page| {
+            page.tasks = page.tasks.into_iter().map(|t| view.task(t)).collect();
+            page
+        });
+        answer(&self.node, page)
     }
 
     async fn cancel_tasks(
@@ -219,7 +226,14 @@ impl pb::tasks_server::Tasks for TasksApi {
         &self,
         req: Request<pb::ExplainTaskRequest>,
     ) -> Result<Response<pb::ExplainTaskResponse>, Status> {
-        answer(&self.node, self.explain(req.into_inner()).await)
+        let view = View::of(&req);
+        let explained = self.explain(req.into_inner()).await.map(|mut e| {
+            if view.hides(&e.worker) {
+                e.fence = 0;
+            }
+            e
+        });
+        answer(&self.node, explained)
     }
 
     type WatchTaskStream = BoxStream<pb::Task>;
@@ -228,6 +242,7 @@ impl pb::tasks_server::Tasks for TasksApi {
         &self,
         req: Request<pb::WatchTaskRequest>,
     ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        let view = View::of(&req);
         let id = TaskId(req.into_inner().id);
         let node = self.node.clone();
         let events = node.raft.sm().events().clone();
@@ -239,7 +254,7 @@ impl pb::tasks_server::Tasks for TasksApi {
         tokio::spawn(async move {
             let mut applied = events.subscribe();
             let mut last = first.clone();
-            if tx.send(Ok(first)).await.is_err() || is_terminal(&last) {
+            if tx.send(Ok(view.task(first))).await.is_err() || is_terminal(&last) {
                 return;
             }
             loop {
@@ -264,7 +279,7 @@ impl pb::tasks_server::Tasks for TasksApi {
                     };
                     if now != last {
                         last = now.clone();
-                        if tx.send(Ok(now)).await.is_err() || is_terminal(&last) {
+                        if tx.send(Ok(view.task(now))).await.is_err() || is_terminal(&last) {
                             return;
                         }
                     }
@@ -283,6 +298,7 @@ impl pb::tasks_server::Tasks for TasksApi {
         &self,
         req: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let view = View::of(&req);
         let from = req.into_inner().from_index;
         let node = self.node.clone();
         let events = node.raft.sm().events().clone();
@@ -301,7 +317,11 @@ impl pb::tasks_server::Tasks for TasksApi {
                             let msg = pb::EventBatch {
                                 index: b.index,
                                 log_time_ms: b.log_time,
-                                events: b.events.iter().map(convert::event_to_pb).collect(),
+                                events: b
+                                    .events
+                                    .iter()
+                                    .map(|e| view.event(convert::event_to_pb(e)))
+                                    .collect(),
                                 term: b.term,
                                 planned_at: b.planned_at,
                             };
@@ -322,6 +342,40 @@ impl pb::tasks_server::Tasks for TasksApi {
             }
         });
         Ok(Response::new(stream))
+    }
+}
+
+/// What a caller may see of fencing tokens. A fence lets its holder report the attempt, so it
+/// is shown only to admins, to workers that may act for the holder, and to everyone when
+/// authentication is off. Holder names stay visible: a name grants nothing, since acting as a
+/// worker takes a worker token whose prefix covers it.
+#[derive(Clone)]
+struct View(Option<Caller>);
+
+impl View {
+    fn of<T>(req: &Request<T>) -> View {
+        View(auth::caller_of(req).cloned())
+    }
+
+    fn hides(&self, worker: &str) -> bool {
+        self.0.as_ref().is_some_and(|c| !c.sees_fence_of(worker))
+    }
+
+    fn task(&self, mut t: pb::Task) -> pb::Task {
+        if self.hides(&t.worker) {
+            t.fence = 0;
+        }
+        t
+    }
+
+    fn event(&self, mut e: pb::TaskEvent) -> pb::TaskEvent {
+        if self.hides(&e.worker) {
+            e.fence = 0;
+        }
+        if self.hides(&e.revoked_worker) {
+            e.revoked_fence = 0;
+        }
+        e
     }
 }
 

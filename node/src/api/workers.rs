@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use super::{answer, channel, wait_more, BoxStream};
+use crate::auth;
 use crate::error::{NodeError, NodeResult};
 use crate::Node;
 
@@ -284,13 +285,56 @@ async fn assignment_stream(
     }
 }
 
+/// The worker id a Workers request acts for.
+trait ActsFor {
+    fn worker_id(&self) -> &str;
+}
+
+macro_rules! acts_for {
+    ($($t:ty),*) => {$(
+        impl ActsFor for $t {
+            fn worker_id(&self) -> &str {
+                &self.worker_id
+            }
+        }
+    )*};
+}
+
+acts_for!(
+    pb::OpenAssignmentsRequest,
+    pb::HeartbeatRequest,
+    pb::ReportRequest,
+    pb::StartTaskRequest,
+    pb::CompleteTaskRequest,
+    pb::FailTaskRequest,
+    pb::DrainWorkerRequest,
+    pb::DeregisterWorkerRequest
+);
+
+impl ActsFor for pb::RegisterWorkerRequest {
+    fn worker_id(&self) -> &str {
+        self.worker.as_ref().map_or("", |w| w.id.as_str())
+    }
+}
+
+impl WorkersApi {
+    /// The request, once its caller may act for the worker it names (a worker token is held
+    /// to its `worker_id_prefix`; authentication off: anyone may).
+    fn permitted<T: ActsFor>(&self, req: Request<T>) -> Result<T, Status> {
+        let allowed = auth::check_worker(auth::caller_of(&req), req.get_ref().worker_id());
+        answer(&self.node, allowed.map_err(NodeError::from))?;
+        Ok(req.into_inner())
+    }
+}
+
 #[tonic::async_trait]
 impl pb::workers_server::Workers for WorkersApi {
     async fn register_worker(
         &self,
         req: Request<pb::RegisterWorkerRequest>,
     ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
-        answer(&self.node, self.register(req.into_inner()).await)
+        let r = self.permitted(req)?;
+        answer(&self.node, self.register(r).await)
     }
 
     type OpenAssignmentsStream = BoxStream<pb::WorkerMessage>;
@@ -299,7 +343,7 @@ impl pb::workers_server::Workers for WorkersApi {
         &self,
         req: Request<pb::OpenAssignmentsRequest>,
     ) -> Result<Response<Self::OpenAssignmentsStream>, Status> {
-        let r = req.into_inner();
+        let r = self.permitted(req)?;
         let me = WorkerId(r.worker_id);
         let session = r.session;
         let check = self
@@ -323,7 +367,7 @@ impl pb::workers_server::Workers for WorkersApi {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let r = req.into_inner();
+        let r = self.permitted(req)?;
         let result = self.node.heartbeat(&r.worker_id, r.session).await;
         answer(&self.node, result.map(|draining| pb::HeartbeatResponse { draining }))
     }
@@ -332,7 +376,7 @@ impl pb::workers_server::Workers for WorkersApi {
         &self,
         req: Request<pb::ReportRequest>,
     ) -> Result<Response<pb::ReportResponse>, Status> {
-        let r = req.into_inner();
+        let r = self.permitted(req)?;
         let results = self
             .reports(r.worker_id, r.reports)
             .await
@@ -344,7 +388,7 @@ impl pb::workers_server::Workers for WorkersApi {
         &self,
         req: Request<pb::StartTaskRequest>,
     ) -> Result<Response<pb::TaskReportResponse>, Status> {
-        let r = req.into_inner();
+        let r = self.permitted(req)?;
         let out = self
             .one(r.worker_id, r.task, r.fence, pb::task_report::Outcome::Started(pb::Started {}))
             .await;
@@ -355,7 +399,7 @@ impl pb::workers_server::Workers for WorkersApi {
         &self,
         req: Request<pb::CompleteTaskRequest>,
     ) -> Result<Response<pb::TaskReportResponse>, Status> {
-        let r = req.into_inner();
+        let r = self.permitted(req)?;
         let outcome = pb::task_report::Outcome::Succeeded(pb::Succeeded { result: r.result });
         answer(&self.node, self.one(r.worker_id, r.task, r.fence, outcome).await)
     }
@@ -364,7 +408,7 @@ impl pb::workers_server::Workers for WorkersApi {
         &self,
         req: Request<pb::FailTaskRequest>,
     ) -> Result<Response<pb::TaskReportResponse>, Status> {
-        let r = req.into_inner();
+        let r = self.permitted(req)?;
         let outcome = pb::task_report::Outcome::Failed(pb::Failed {
             message: r.message,
             retryable: r.retryable,
@@ -376,7 +420,7 @@ impl pb::workers_server::Workers for WorkersApi {
         &self,
         req: Request<pb::DrainWorkerRequest>,
     ) -> Result<Response<pb::DrainWorkerResponse>, Status> {
-        let worker = WorkerId(req.into_inner().worker_id);
+        let worker = WorkerId(self.permitted(req)?.worker_id);
         let r =
             self.node.write(Op::DrainWorker { worker }).await.map(|_| pb::DrainWorkerResponse {});
         answer(&self.node, r)
@@ -386,7 +430,7 @@ impl pb::workers_server::Workers for WorkersApi {
         &self,
         req: Request<pb::DeregisterWorkerRequest>,
     ) -> Result<Response<pb::DeregisterWorkerResponse>, Status> {
-        let r = req.into_inner();
+        let r = self.permitted(req)?;
         let out = self
             .node
             .write(Op::DeregisterWorker { worker: WorkerId(r.worker_id), session: r.session })
