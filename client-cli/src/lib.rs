@@ -25,6 +25,7 @@ pub mod client;
 pub mod error;
 pub mod exec;
 pub mod local;
+pub mod pki;
 pub mod ports;
 pub mod quantity;
 pub mod worker;

@@ -1,0 +1,141 @@
+//! Development certificates: a private CA and the certificates a local cluster needs, made
+//! with rcgen (no openssl, nothing downloaded). `schedctl dev up` and the tests use it; real
+//! deployments bring certificates from their own CA.
+//!
+//! Node certificates are valid for the names clients dial (`localhost`, `127.0.0.1`, and any
+//! extra host) and for [`PEER_NAME`], the name a node checks when another node connects to it
+//! with its certificate: the server accepts peer (Raft and node-to-node) RPCs only from
+//! connections that presented a certificate from the cluster CA valid for that name.
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+
+use time::OffsetDateTime;
+
+use crate::Error;
+
+/// The DNS name in every node certificate that marks it as a cluster member's.
+pub const PEER_NAME: &str = "raftsched-peer";
+
+/// A certificate authority that issues certificates.
+pub struct DevCa {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+/// A certificate and its private key, PEM.
+#[derive(Clone, Debug)]
+pub struct Issued {
+    /// The certificate chain (leaf only).
+    pub cert_pem: String,
+    /// The private key (PKCS#8).
+    pub key_pem: String,
+}
+
+/// Files of a written PKI.
+#[derive(Clone, Debug)]
+pub struct PkiFiles {
+    /// The CA certificate (give it to clients: `--ca-cert`).
+    pub ca: PathBuf,
+    /// The node certificate.
+    pub cert: PathBuf,
+    /// The node key (mode 0600).
+    pub key: PathBuf,
+}
+
+fn err(e: impl std::fmt::Display) -> Error {
+    Error::Config(format!("making development certificates: {e}"))
+}
+
+impl DevCa {
+    /// A new CA valid from yesterday for ten years.
+    pub fn new(name: &str) -> Result<DevCa, Error> {
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let (from, to) = validity(-1, 3650);
+        p.not_before = from;
+        p.not_after = to;
+        let key = KeyPair::generate().map_err(err)?;
+        Ok(DevCa { issuer: CertifiedIssuer::self_signed(p, key).map_err(err)? })
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A certificate for a node: usable as server and as client, valid for `hosts` plus
+    /// `localhost`, `127.0.0.1` and [`PEER_NAME`], for `days` days from yesterday (a negative
+    /// end makes an already expired certificate, for tests).
+    pub fn node_cert(&self, hosts: &[&str], days: i64) -> Result<Issued, Error> {
+        let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), PEER_NAME.into()];
+        names.extend(hosts.iter().map(|h| h.to_string()));
+        names.dedup();
+        let usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue("raftsched node", names, usages, days)
+    }
+
+    /// A client certificate (not valid for [`PEER_NAME`]: it cannot act as a node).
+    pub fn client_cert(&self, name: &str, days: i64) -> Result<Issued, Error> {
+        self.issue(name, vec![name.to_string()], vec![ExtendedKeyUsagePurpose::ClientAuth], days)
+    }
+
+    fn issue(
+        &self,
+        cn: &str,
+        names: Vec<String>,
+        usages: Vec<ExtendedKeyUsagePurpose>,
+        days: i64,
+    ) -> Result<Issued, Error> {
+        let mut p = CertificateParams::new(names).map_err(err)?;
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.extended_key_usages = usages;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        let (from, to) = if days < 0 { validity(days - 30, days) } else { validity(-1, days) };
+        p.not_before = from;
+        p.not_after = to;
+        let key = KeyPair::generate().map_err(err)?;
+        let cert = p.signed_by(&key, &self.issuer).map_err(err)?;
+        Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
+    /// Writes `ca.pem`, `node.pem` and `node-key.pem` (0600) for a local cluster under `dir`.
+    pub fn write_node_files(&self, dir: &Path, hosts: &[&str]) -> Result<PkiFiles, Error> {
+        std::fs::create_dir_all(dir).map_err(err)?;
+        let node = self.node_cert(hosts, 825)?;
+        let files = PkiFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("node.pem"),
+            key: dir.join("node-key.pem"),
+        };
+        std::fs::write(&files.ca, self.cert_pem()).map_err(err)?;
+        std::fs::write(&files.cert, &node.cert_pem).map_err(err)?;
+        write_private(&files.key, &node.key_pem)?;
+        Ok(files)
+    }
+}
+
+/// Writes a secret file readable by its owner only.
+pub fn write_private(path: &Path, text: &str) -> Result<(), Error> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)?;
+    f.write_all(text.as_bytes()).map_err(err)
+}
+
+/// `(now + from_days, now + to_days)` as certificate times.
+fn validity(from_days: i64, to_days: i64) -> (OffsetDateTime, OffsetDateTime) {
+    let now = OffsetDateTime::now_utc();
+    (now + time::Duration::days(from_days), now + time::Duration::days(to_days))
+}
