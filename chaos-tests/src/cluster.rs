@@ -1,15 +1,19 @@
-//! Real `schedulerd` processes for chaos runs: each node has its own data dir, log file,
-//! loopback source address and partition proxy; nodes can be killed (SIGKILL), paused
+//! Real `schedulerd` processes for chaos runs, started by the [`client::local`] harness: each
+//! node has its own data dir, log file, loopback source address for its peer connections and
+//! partition proxy (the address it advertises); nodes can be killed (SIGKILL), paused
 //! (SIGSTOP/SIGCONT), restarted on the same data dir, partitioned and healed, added and
 //! removed. Everything is torn down on drop.
+//!
+//! The harness owns the processes; this module adds the proxies and the partition logic, and
+//! addresses nodes by id.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
+use client::local::{LocalCluster, LocalClusterOptions, NodeOptions};
 use proto::internal::v1 as ipb;
 use proto::internal::v1::peer_service_client::PeerServiceClient;
 use proto::pb;
@@ -17,35 +21,6 @@ use proto::pb::cluster_client::ClusterClient;
 use tonic::transport::Channel;
 
 use crate::proxy::Proxy;
-
-/// Where the `schedulerd` binary of this build lives: next to the test executable's
-/// directory (`target/<profile>/`), where `cargo test --workspace` puts every binary.
-pub fn schedulerd_binary() -> Result<PathBuf> {
-    if let Ok(p) = std::env::var("SCHEDULERD_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe()?;
-    let mut dir = exe.parent().map(Path::to_path_buf);
-    while let Some(d) = dir {
-        let candidate = d.join("schedulerd");
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
-        dir = d.parent().map(Path::to_path_buf);
-    }
-    bail!(
-        "schedulerd binary not found next to {}; build it with `cargo build --release -p node`",
-        exe.display()
-    )
-}
-
-/// Send a signal to a process.
-pub fn signal(child: &Child, sig: i32) {
-    // SAFETY: kill(2) with a pid we spawned and still own (not yet waited for).
-    unsafe {
-        libc::kill(child.id() as i32, sig);
-    }
-}
 
 /// A lazily connected channel to `addr` with a per-call deadline.
 pub fn channel(addr: &str, timeout: Duration) -> Result<Channel> {
@@ -56,77 +31,33 @@ pub fn channel(addr: &str, timeout: Duration) -> Result<Channel> {
         .connect_lazy())
 }
 
-/// One node process.
-pub struct NodeProc {
-    /// Node id.
-    pub id: u64,
-    /// Where the process listens.
-    pub listen: SocketAddr,
-    /// The proxy address: advertised to peers and used by clients.
-    pub addr: String,
-    /// HTTP metrics/health address.
-    pub http: SocketAddr,
-    /// Loopback address its peer connections come from.
-    pub source_ip: IpAddr,
-    /// Data directory.
-    pub data_dir: PathBuf,
-    /// Log file (appended across restarts).
-    pub log: PathBuf,
-    child: Option<Child>,
-    paused: bool,
-}
-
-impl NodeProc {
-    /// True while the process runs (paused or not).
-    pub fn is_running(&self) -> bool {
-        self.child.is_some()
-    }
-
-    /// True while SIGSTOPped.
-    pub fn is_paused(&self) -> bool {
-        self.paused
-    }
-}
-
-fn free_addr() -> Result<SocketAddr> {
-    Ok(client::ports::free_addr()?)
+/// The network side of one node: the proxy in front of it and the loopback address its
+/// peer connections come from.
+struct Net {
+    proxy: Proxy,
+    source_ip: IpAddr,
 }
 
 /// A cluster of node processes. See the module docs.
 pub struct ChaosCluster {
-    /// Nodes by id (members and removed nodes alike).
-    pub nodes: BTreeMap<u64, NodeProc>,
-    proxies: BTreeMap<u64, Proxy>,
-    dir: PathBuf,
-    bin: PathBuf,
-    config: PathBuf,
-}
-
-impl Drop for ChaosCluster {
-    fn drop(&mut self) {
-        for n in self.nodes.values_mut() {
-            if let Some(mut c) = n.child.take() {
-                signal(&c, libc::SIGCONT);
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-    }
+    // Dropped first: the processes die before their proxies.
+    local: LocalCluster,
+    net: BTreeMap<u64, Net>,
 }
 
 impl ChaosCluster {
-    /// Prepare `n` nodes under `dir` (nothing started yet). `config` is the TOML all nodes use.
+    /// Prepare `n` nodes under `dir` (nothing started yet). `config_toml` is the TOML all
+    /// nodes use.
     pub async fn new(dir: &Path, n: u64, config_toml: &str) -> Result<ChaosCluster> {
-        let bin = schedulerd_binary()?;
+        let bin = client::local::schedulerd_for_this_exe()?;
+        std::fs::create_dir_all(dir)?;
         let config = dir.join("node.toml");
         std::fs::write(&config, config_toml)?;
-        let mut c = ChaosCluster {
-            nodes: BTreeMap::new(),
-            proxies: BTreeMap::new(),
-            dir: dir.to_path_buf(),
-            bin,
-            config,
-        };
+        let opts = LocalClusterOptions::new(bin, 0)
+            .dir(dir)
+            .args(["--config".to_string(), config.display().to_string()])
+            .http(true);
+        let mut c = ChaosCluster { local: LocalCluster::prepare(opts)?, net: BTreeMap::new() };
         for id in 1..=n {
             c.add_node_proc(id).await?;
         }
@@ -135,79 +66,57 @@ impl ChaosCluster {
 
     /// Create (not start) the process description and proxy of node `id`.
     pub async fn add_node_proc(&mut self, id: u64) -> Result<()> {
-        let listen = free_addr()?;
+        let listen = client::ports::free_addr()?;
         let proxy = Proxy::start(listen).await?;
-        let node = NodeProc {
-            id,
-            listen,
-            addr: proxy.listen.to_string(),
-            http: free_addr()?,
-            source_ip: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10 + id as u8)),
-            data_dir: self.dir.join(format!("node-{id}")),
-            log: self.dir.join(format!("node-{id}.log")),
-            child: None,
-            paused: false,
-        };
-        self.proxies.insert(id, proxy);
-        self.nodes.insert(id, node);
+        let source_ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10 + id as u8));
+        self.local.add_node(NodeOptions {
+            listen: Some(listen),
+            advertise: Some(proxy.listen.to_string()),
+            args: vec!["--peer-source-ip".into(), source_ip.to_string()],
+            ..NodeOptions::new(id)
+        })?;
+        self.net.insert(id, Net { proxy, source_ip });
         Ok(())
+    }
+
+    fn index(&self, id: u64) -> Result<usize> {
+        self.local.index_of(id).ok_or_else(|| anyhow!("no node {id}"))
+    }
+
+    fn indices(&self, ids: &[u64]) -> Vec<usize> {
+        ids.iter().filter_map(|id| self.local.index_of(*id)).collect()
+    }
+
+    /// Start every node, initialize the cluster with all of them, and wait for a leader and
+    /// for every node to be reachable.
+    pub async fn start_all(&mut self) -> Result<()> {
+        self.local.start_all().await.context("starting the cluster")
     }
 
     /// Start (or restart) node `id` on its data dir.
     pub fn start(&mut self, id: u64) -> Result<()> {
-        let n = self.nodes.get_mut(&id).ok_or_else(|| anyhow!("no node {id}"))?;
-        if n.child.is_some() {
-            return Ok(());
-        }
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log)?;
-        let child = Command::new(&self.bin)
-            .arg("--config")
-            .arg(&self.config)
-            .args(["--id", &id.to_string()])
-            .args(["--listen", &n.listen.to_string()])
-            .args(["--advertise", &n.addr])
-            .args(["--http", &n.http.to_string()])
-            .args(["--peer-source-ip", &n.source_ip.to_string()])
-            .arg("--data-dir")
-            .arg(&n.data_dir)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("spawn {}", self.bin.display()))?;
-        n.child = Some(child);
-        n.paused = false;
-        Ok(())
+        let i = self.index(id)?;
+        Ok(self.local.start_node(i)?)
     }
 
     /// SIGKILL node `id`.
     pub fn kill(&mut self, id: u64) {
-        if let Some(n) = self.nodes.get_mut(&id) {
-            if let Some(mut c) = n.child.take() {
-                signal(&c, libc::SIGCONT);
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-            n.paused = false;
+        if let Some(i) = self.local.index_of(id) {
+            self.local.kill(i);
         }
     }
 
     /// SIGSTOP node `id`.
     pub fn pause(&mut self, id: u64) {
-        if let Some(n) = self.nodes.get_mut(&id) {
-            if let Some(c) = &n.child {
-                signal(c, libc::SIGSTOP);
-                n.paused = true;
-            }
+        if let Some(i) = self.local.index_of(id) {
+            self.local.pause(i);
         }
     }
 
     /// SIGCONT node `id`.
     pub fn resume(&mut self, id: u64) {
-        if let Some(n) = self.nodes.get_mut(&id) {
-            if let Some(c) = &n.child {
-                signal(c, libc::SIGCONT);
-            }
-            n.paused = false;
+        if let Some(i) = self.local.index_of(id) {
+            self.local.resume(i);
         }
     }
 
@@ -215,11 +124,9 @@ impl ChaosCluster {
     pub fn partition(&self, a: &[u64], b: &[u64]) {
         for i in a {
             for j in b {
-                if let (Some(pi), Some(pj), Some(ni), Some(nj)) =
-                    (self.proxies.get(i), self.proxies.get(j), self.nodes.get(i), self.nodes.get(j))
-                {
-                    pj.block(ni.source_ip);
-                    pi.block(nj.source_ip);
+                if let (Some(ni), Some(nj)) = (self.net.get(i), self.net.get(j)) {
+                    nj.proxy.block(ni.source_ip);
+                    ni.proxy.block(nj.source_ip);
                 }
             }
         }
@@ -227,82 +134,65 @@ impl ChaosCluster {
 
     /// Remove every partition.
     pub fn heal(&self) {
-        for p in self.proxies.values() {
-            p.unblock_all();
+        for n in self.net.values() {
+            n.proxy.unblock_all();
         }
+    }
+
+    /// The client address (proxy address) of node `id`.
+    pub fn addr(&self, id: u64) -> Option<&str> {
+        self.local.index_of(id).map(|i| self.local.nodes[i].addr.as_str())
     }
 
     /// Client endpoints (proxy addresses) of the given nodes.
     pub fn endpoints(&self, ids: &[u64]) -> Vec<String> {
-        ids.iter().filter_map(|id| self.nodes.get(id)).map(|n| n.addr.clone()).collect()
+        ids.iter().filter_map(|id| self.addr(*id)).map(str::to_string).collect()
     }
 
-    /// Initialize the cluster with `members` through the first of them.
-    pub async fn init(&self, members: &[u64]) -> Result<()> {
-        let list: Vec<pb::Member> = members
+    /// Id and address of every node that runs and is not paused.
+    pub fn live(&self) -> Vec<(u64, String)> {
+        self.local
+            .nodes
             .iter()
-            .map(|id| pb::Member { id: *id, addr: self.nodes[id].addr.clone() })
-            .collect();
-        let first = &self.nodes[&members[0]].addr;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let mut c = ClusterClient::new(channel(first, Duration::from_secs(5))?);
-            match c.init_cluster(pb::InitClusterRequest { members: list.clone() }).await {
-                Ok(_) => return Ok(()),
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    tracing::debug!(error = %e, "init not accepted yet");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => bail!("cluster init failed: {e}"),
-            }
-        }
+            .filter(|n| n.is_running() && !n.is_paused())
+            .map(|n| (n.id, n.addr.clone()))
+            .collect()
+    }
+
+    /// The highest node id so far (members and removed nodes alike).
+    pub fn max_id(&self) -> u64 {
+        self.local.nodes.iter().map(|n| n.id).max().unwrap_or(0)
     }
 
     /// Cluster status as seen by `id`.
     pub async fn status(&self, id: u64) -> Result<pb::ClusterStatusResponse> {
-        let n = self.nodes.get(&id).ok_or_else(|| anyhow!("no node {id}"))?;
-        let mut c = ClusterClient::new(channel(&n.addr, Duration::from_secs(2))?);
+        let addr = self.addr(id).ok_or_else(|| anyhow!("no node {id}"))?;
+        let mut c = ClusterClient::new(channel(addr, Duration::from_secs(2))?);
         Ok(c.status(pb::ClusterStatusRequest {}).await?.into_inner())
     }
 
-    /// The leader that `ids` agree on (asked one after another), if any.
+    /// The leader that `ids` agree on (asked one after another, running unpaused nodes
+    /// only), if any.
     pub async fn leader(&self, ids: &[u64]) -> Option<u64> {
-        for id in ids {
-            if !self.nodes.get(id).is_some_and(|n| n.is_running() && !n.is_paused()) {
-                continue;
-            }
-            if let Ok(s) = self.status(*id).await {
-                if let Some(l) = s.nodes.iter().find(|n| n.reachable && n.role == "leader") {
-                    return Some(l.id);
-                }
-            }
-        }
-        None
+        let i = self.local.leader_among(&self.indices(ids)).await?;
+        Some(self.local.nodes[i].id)
     }
 
     /// Wait for a leader among `ids` (bounded).
     pub async fn wait_leader(&self, ids: &[u64], within: Duration) -> Result<u64> {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            if let Some(l) = self.leader(ids).await {
-                return Ok(l);
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!("no leader among {ids:?} within {within:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let i = self.local.wait_leader_among(&self.indices(ids), within).await?;
+        Ok(self.local.nodes[i].id)
     }
 
     /// Node status (with the state digest) straight from node `id`.
     pub async fn node_status(&self, id: u64, digest: bool) -> Result<ipb::NodeStatusReply> {
-        let n = self.nodes.get(&id).ok_or_else(|| anyhow!("no node {id}"))?;
-        let mut c = PeerServiceClient::new(channel(&n.addr, Duration::from_secs(30))?);
+        let addr = self.addr(id).ok_or_else(|| anyhow!("no node {id}"))?;
+        let mut c = PeerServiceClient::new(channel(addr, Duration::from_secs(30))?);
         Ok(c.node_status(ipb::NodeStatusRequest { digest }).await?.into_inner())
     }
 
     /// The data directory of the run.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.local.dir()
     }
 }

@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,7 +23,9 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::checker::{self, Expectations, Report};
-use crate::cluster::{channel, signal, ChaosCluster};
+use client::local::{Proc, ProcSpec};
+
+use crate::cluster::{channel, ChaosCluster};
 use crate::history::{fault, read_histories, EventKind, HistoryWriter, RunClock};
 
 /// Size of a run.
@@ -127,23 +128,14 @@ impl Recorder {
     }
 }
 
+/// The worker processes (killed on drop) and their history files.
 struct Workers {
-    children: Vec<(String, Child)>,
+    procs: Vec<Proc>,
     files: Vec<PathBuf>,
 }
 
-impl Drop for Workers {
-    fn drop(&mut self) {
-        for (_, c) in &mut self.children {
-            signal(c, libc::SIGCONT);
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 fn worker_binary() -> Result<PathBuf> {
-    let node = crate::cluster::schedulerd_binary()?;
+    let node = client::local::schedulerd_for_this_exe()?;
     let p = node.with_file_name("chaos-worker");
     if p.is_file() {
         Ok(p)
@@ -160,28 +152,23 @@ fn start_workers(
     endpoints: &[String],
 ) -> Result<Workers> {
     let bin = worker_binary()?;
-    let mut w = Workers { children: Vec::new(), files: Vec::new() };
+    let mut w = Workers { procs: Vec::new(), files: Vec::new() };
     for i in 0..n {
         let id = format!("worker-{}", i + 1);
         let file = dir.join(format!("history-{id}.jsonl"));
-        let log = std::fs::File::create(dir.join(format!("{id}.log")))?;
-        let child = Command::new(&bin)
+        let spec = ProcSpec::new(&id, &bin, dir.join(format!("{id}.log")))
             .env(RunClock::ENV, clock.start_ns().to_string())
             .args([
-                &id,
-                &file.display().to_string(),
-                &((i as u64 + 1) * 1_000_000_000).to_string(),
-                "2",
-                "20",
-                "150",
+                id.clone(),
+                file.display().to_string(),
+                ((i as u64 + 1) * 1_000_000_000).to_string(),
+                "2".into(),
+                "20".into(),
+                "150".into(),
+                seed.wrapping_add(i as u64).to_string(),
             ])
-            .arg((seed.wrapping_add(i as u64)).to_string())
-            .args(endpoints)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("spawn chaos-worker")?;
-        w.children.push((id, child));
+            .args(endpoints);
+        w.procs.push(Proc::spawn(spec).context("spawn chaos-worker")?);
         w.files.push(file);
     }
     Ok(w)
@@ -269,14 +256,7 @@ fn spawn_leader_poller(
     tokio::spawn(async move {
         let mut seen = std::collections::HashSet::new();
         while !stop.load(Ordering::Relaxed) {
-            let addrs: Vec<(u64, String)> = {
-                let c = cluster.lock().await;
-                c.nodes
-                    .values()
-                    .filter(|n| n.is_running() && !n.is_paused())
-                    .map(|n| (n.id, n.addr.clone()))
-                    .collect()
-            };
+            let addrs: Vec<(u64, String)> = cluster.lock().await.live();
             for (_, addr) in addrs {
                 let Ok(ch) = channel(&addr, Duration::from_secs(1)) else { continue };
                 let mut c = proto::pb::cluster_client::ClusterClient::new(ch);
@@ -489,13 +469,13 @@ async fn run_fault(
             cluster.lock().await.heal();
         }
         fault::WORKER_PAUSE => {
-            let i = rng.random_range(0..workers.children.len());
-            let (name, child) = &workers.children[i];
-            signal(child, libc::SIGSTOP);
-            start(name.clone());
+            let i = rng.random_range(0..workers.procs.len());
+            let w = &mut workers.procs[i];
+            w.pause();
+            start(w.name().to_string());
             // Well past the 1 s heartbeat TTL (plus the leader's check interval).
             tokio::time::sleep(Duration::from_millis(rng.random_range(2_500..3_500))).await;
-            signal(child, libc::SIGCONT);
+            w.resume();
         }
         fault::CLUSTER_RESTART => {
             {
@@ -514,7 +494,7 @@ async fn run_fault(
         fault::MEMBERSHIP_CHANGE => {
             let new_id = {
                 let mut c = cluster.lock().await;
-                let new_id = c.nodes.keys().max().copied().unwrap_or(0) + 1;
+                let new_id = c.max_id() + 1;
                 c.add_node_proc(new_id).await?;
                 c.start(new_id)?;
                 new_id
@@ -523,7 +503,7 @@ async fn run_fault(
             start(format!("add node-{new_id}, remove node-{victim}"));
             let (addr, any) = {
                 let c = cluster.lock().await;
-                (c.nodes[&new_id].addr.clone(), c.endpoints(members))
+                (c.addr(new_id).context("the new node")?.to_string(), c.endpoints(members))
             };
             let admin =
                 client::Client::new(any.clone())?.with_retry_budget(Duration::from_secs(20));
@@ -558,11 +538,9 @@ pub async fn run(cfg: ChaosConfig) -> Result<Outcome> {
     let cluster =
         Arc::new(tokio::sync::Mutex::new(ChaosCluster::new(&cfg.dir, 3, NODE_CONFIG).await?));
     {
+        // Starts nodes 1-3, initializes them as the members, waits for a leader.
         let mut c = cluster.lock().await;
-        for m in &members {
-            c.start(*m)?;
-        }
-        c.init(&members).await?;
+        c.start_all().await?;
         c.wait_leader(&members, Duration::from_secs(30)).await?;
     }
     // The workload, the workers and the audit follower get the endpoints of the initial
@@ -653,7 +631,8 @@ pub async fn run(cfg: ChaosConfig) -> Result<Outcome> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for m in &members {
-        let Ok(ch) = channel(&c.nodes[m].addr, Duration::from_secs(30)) else { continue };
+        let Some(addr) = c.addr(*m) else { continue };
+        let Ok(ch) = channel(addr, Duration::from_secs(30)) else { continue };
         let mut client = TasksClient::new(ch);
         let mut token = 0;
         loop {

@@ -83,6 +83,36 @@ pub enum Error {
     /// The server broke the protocol (a missing field, an unexpected message).
     #[error("unexpected answer: {0}")]
     Protocol(String),
+    /// A condition polled by [`crate::local::wait_until`] (or its blocking twin) did not
+    /// hold in time.
+    #[error("timed out after {} waiting for {what}", humantime::format_duration(*within))]
+    WaitTimeout {
+        /// What was waited for.
+        what: String,
+        /// How long.
+        within: Duration,
+    },
+    /// A local file or process operation of [`crate::local`] failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// The operation ("starting node 2 (/path/schedulerd)").
+        what: String,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A process started by [`crate::local`] exited while it was expected to run.
+    #[error("{what} exited ({status}); the end of {}:\n{log_tail}", log.display())]
+    Exited {
+        /// The process ("node 2").
+        what: String,
+        /// Its exit status.
+        status: String,
+        /// Its log file.
+        log: std::path::PathBuf,
+        /// The last lines of its log.
+        log_tail: String,
+    },
 }
 
 fn fmt_ms(d: Duration) -> String {
@@ -153,7 +183,9 @@ impl Error {
             Error::Transport { .. } => Code::Unavailable,
             Error::Exhausted { last, .. } => last.code(),
             Error::Config(_) => Code::InvalidArgument,
-            Error::Protocol(_) => Code::Internal,
+            Error::Protocol(_) | Error::Io { .. } => Code::Internal,
+            Error::WaitTimeout { .. } => Code::DeadlineExceeded,
+            Error::Exited { .. } => Code::Unavailable,
         }
     }
 
@@ -192,7 +224,12 @@ impl Error {
                 matches!(code, Code::Unavailable | Code::DeadlineExceeded)
             }
             Error::Timeout { .. } | Error::Transport { .. } => true,
-            Error::Exhausted { .. } | Error::Config(_) | Error::Protocol(_) => false,
+            Error::Exhausted { .. }
+            | Error::Config(_)
+            | Error::Protocol(_)
+            | Error::WaitTimeout { .. }
+            | Error::Io { .. }
+            | Error::Exited { .. } => false,
         }
     }
 
@@ -210,7 +247,11 @@ impl Error {
             Error::Timeout { .. } => true,
             Error::Transport { maybe_sent, .. } => *maybe_sent,
             Error::Exhausted { maybe_applied, .. } => *maybe_applied,
-            Error::Config(_) | Error::Protocol(_) => false,
+            Error::Config(_)
+            | Error::Protocol(_)
+            | Error::WaitTimeout { .. }
+            | Error::Io { .. }
+            | Error::Exited { .. } => false,
         }
     }
 

@@ -14,7 +14,8 @@
 //! * [`exec`]: the handler that runs each task as a shell command in its own process group.
 //! * [`workflow`]: JSON/YAML DAG files turned into one atomic submit.
 //! * [`backoff`]: the retry delays.
-//! * [`local`]: a local cluster of real `schedulerd` processes (used by the benchmarks).
+//! * [`local`]: the one harness for local clusters of real `schedulerd` processes (`dev up`,
+//!   the benchmarks, the integration and chaos tests) and the shared "poll until" helpers.
 //! * [`ports`]: free loopback ports for local clusters (`dev up`, benchmarks, tests).
 //!
 //! The library never panics on server input and never retries a request the server refused:

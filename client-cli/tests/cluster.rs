@@ -5,7 +5,8 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{alive, serial, wait_for, Cluster};
+use client::local::wait_until_blocking;
+use common::{alive, serial, Cluster, WAIT};
 use serde_json::Value;
 
 #[test]
@@ -264,16 +265,20 @@ fn cancelling_a_running_task_kills_its_process() {
     let payload = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
     let id = c.submit(&["--name", "sleeper", "--payload", &payload]);
     c.wait_state(id, "running");
-    let pid: i32 = wait_for("the task's process to start", || {
+    let pid: i32 = wait_until_blocking("the task's process to start", WAIT, || {
         std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok()
-    });
+    })
+    .unwrap();
     assert!(alive(pid));
 
     let r = c.ok(&["task", "cancel", &id.to_string(), "--reason", "test"]);
     assert_eq!(r["results"][0]["ok"], true, "{r}");
     let t = c.wait_state(id, "cancelled");
     assert_eq!(t["cancel_reason"], "test");
-    wait_for("the cancelled task's process to be killed", || (!alive(pid)).then_some(()));
+    wait_until_blocking("the cancelled task's process to be killed", WAIT, || {
+        (!alive(pid)).then_some(())
+    })
+    .unwrap();
 
     // The worker is free again and takes new work.
     let next = c.ok(&["task", "submit", "--name", "after", "--payload", "echo next", "--wait"]);
@@ -290,10 +295,11 @@ fn worker_keeps_finishing_tasks_across_a_leader_failover() {
 
     let mut ids: Vec<u64> = (0..12).map(|i| c.submit(&["--name", &format!("t{i}")])).collect();
     // Kill the leader while tasks are running.
-    wait_for("some tasks to run", || {
+    wait_until_blocking("some tasks to run", WAIT, || {
         let v = c.ok(&["task", "list", "--state", "running,succeeded"]);
         (!v["tasks"].as_array()?.is_empty()).then_some(())
-    });
+    })
+    .unwrap();
     let old = c.leader();
     c.kill(old);
     // Submits during the election are retried by schedctl until a new leader answers.
@@ -301,7 +307,7 @@ fn worker_keeps_finishing_tasks_across_a_leader_failover() {
     let new = c.leader();
     assert_ne!(new, old);
 
-    let tasks: Vec<Value> = wait_for("every task to finish", || {
+    let tasks: Vec<Value> = wait_until_blocking("every task to finish", WAIT, || {
         let v = c.ctl(&["-o", "json", "task", "list", "--limit", "1000"]);
         if v.code != 0 {
             return None;
@@ -309,7 +315,8 @@ fn worker_keeps_finishing_tasks_across_a_leader_failover() {
         let tasks = v.json()["tasks"].as_array()?.clone();
         let done = tasks.iter().filter(|t| t["state"] == "succeeded").count();
         (done == ids.len()).then_some(tasks)
-    });
+    })
+    .unwrap();
     assert_eq!(tasks.len(), ids.len());
     for t in &tasks {
         assert_eq!(t["attempt"], 1, "no attempt was lost or repeated: {t}");
@@ -391,10 +398,11 @@ fn dev_up_starts_a_usable_cluster_and_stops_it() {
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
-    let status = wait_for("dev up to exit", || child.try_wait().ok().flatten());
+    let status =
+        wait_until_blocking("dev up to exit", WAIT, || child.try_wait().ok().flatten()).unwrap();
     assert!(status.success(), "{status:?}");
     std::mem::forget(guard);
-    wait_for("the nodes to stop", || {
+    wait_until_blocking("the nodes to stop", WAIT, || {
         let r = common::schedctl(&[
             "--endpoints",
             &joined,
@@ -404,7 +412,8 @@ fn dev_up_starts_a_usable_cluster_and_stops_it() {
             "status",
         ]);
         (r.code == 3).then_some(())
-    });
+    })
+    .unwrap();
     assert!(dir.path().join("cluster.json").is_file());
 }
 

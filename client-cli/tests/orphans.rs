@@ -4,7 +4,8 @@
 
 mod common;
 
-use common::{alive, serial, wait_for, Cluster};
+use client::local::wait_until_blocking;
+use common::{alive, serial, Cluster, WAIT};
 
 const EXEC: &str = "sh -c \"$SCHED_PAYLOAD\"";
 
@@ -46,8 +47,14 @@ fn a_sigkilled_worker_takes_its_task_processes_with_it() {
     );
     let id = c.submit(&["--name", "nested", "--payload", &payload, "--max-attempts", "1"]);
     c.wait_state(id, "running");
-    let inner = wait_for("the nested shell to start", || read_pid(&c.dir.path().join("inner.pid")));
-    let bg = wait_for("its background child to start", || read_pid(&c.dir.path().join("bg.pid")));
+    let inner = wait_until_blocking("the nested shell to start", WAIT, || {
+        read_pid(&c.dir.path().join("inner.pid"))
+    })
+    .unwrap();
+    let bg = wait_until_blocking("its background child to start", WAIT, || {
+        read_pid(&c.dir.path().join("bg.pid"))
+    })
+    .unwrap();
     assert!(alive(inner) && alive(bg), "the task's processes are not running");
     let worker = schedctl_ancestor(inner)
         .unwrap_or_else(|| panic!("no schedctl above process {inner}\n{}", c.logs()));
@@ -55,9 +62,10 @@ fn a_sigkilled_worker_takes_its_task_processes_with_it() {
     // SAFETY: plain syscall on the worker this test started.
     assert_eq!(unsafe { libc::kill(worker, libc::SIGKILL) }, 0);
 
-    wait_for("the task's processes to die with their worker", || {
+    wait_until_blocking("the task's processes to die with their worker", WAIT, || {
         (!alive(inner) && !alive(bg)).then_some(())
-    });
+    })
+    .unwrap();
 }
 
 #[test]

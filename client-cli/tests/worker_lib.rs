@@ -5,8 +5,8 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
+use client::local::wait_until;
 use client::pb;
 use client::worker::{
     Job, Outcome, ReportKind, StopReason, StopSignal, Worker, WorkerConfig, WorkerEvent,
@@ -20,17 +20,6 @@ fn recorder() -> (Events, impl Fn(&WorkerEvent) + Send + Sync + 'static) {
     let events: Events = Arc::default();
     let sink = events.clone();
     (events, move |e: &WorkerEvent| sink.lock().unwrap().push(e.clone()))
-}
-
-async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn wait_terminal(client: &Client, id: u64) -> pb::Task {
@@ -64,20 +53,31 @@ fn shutdown_finishes_held_work_then_deregisters() {
             .await
             .unwrap()
             .id;
-        until("the job to start", || {
-            events
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|e| matches!(e, WorkerEvent::ExecStart { task, .. } if *task == id))
-                .then_some(())
+        wait_until("the job to start", WAIT, || {
+            std::future::ready({
+                events
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .any(|e| matches!(e, WorkerEvent::ExecStart { task, .. } if *task == id))
+                    .then_some(())
+            })
         })
-        .await;
+        .await
+        .unwrap();
         handle.shutdown();
-        until("the worker to drain", || {
-            events.lock().unwrap().iter().any(|e| matches!(e, WorkerEvent::Draining)).then_some(())
+        wait_until("the worker to drain", WAIT, || {
+            std::future::ready({
+                events
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .any(|e| matches!(e, WorkerEvent::Draining))
+                    .then_some(())
+            })
         })
-        .await;
+        .await
+        .unwrap();
         release_tx.send(true).unwrap();
         let stats =
             tokio::time::timeout(WAIT, handle.wait()).await.expect("worker stopped").unwrap();
@@ -117,13 +117,12 @@ fn a_lost_session_stops_the_attempt_and_the_worker_registers_again() {
         let handle = Worker::new(client.clone(), WorkerConfig::new("lib-session"), handler).on_event(sink).start();
 
         let id = client.submit(pb::TaskSpec { name: "once".into(), ..Default::default() }).await.unwrap().id;
-        let first_fence = until("the first attempt to start", || {
+        let first_fence = wait_until("the first attempt to start", WAIT, || std::future::ready({
             events.lock().unwrap().iter().find_map(|e| match e {
                 WorkerEvent::ExecStart { task, fence, attempt: 1 } if *task == id => Some(*fence),
                 _ => None,
             })
-        })
-        .await;
+        })).await.unwrap();
         // The cluster drops the worker (as if its heartbeats had stopped arriving).
         let session = client
             .list_workers(false)

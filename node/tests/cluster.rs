@@ -26,13 +26,14 @@ async fn t10_dag_through_a_follower_respects_dependencies_and_priorities() {
     let w1 = TestWorker::spawn(addrs.clone(), "w1", 1, Duration::from_millis(150));
     let w2 = TestWorker::spawn(addrs.clone(), "w2", 1, Duration::from_millis(150));
     // Both workers registered before the submit, so the first plan sees every ready task.
-    until("workers registered", 30, || async {
+    wait_until("workers registered", Duration::from_secs(30), || async {
         let mut w = c.workers(0).await;
         w.list_workers(pb::ListWorkersRequest { stale_ok: false }).await.is_ok_and(|r| {
             r.into_inner().workers.iter().filter(|w| w.status == "alive").count() == 2
         })
     })
-    .await;
+    .await
+    .unwrap();
 
     // 0:a(0) 1:b(5, after a) 2:c(1, after a) 3:d(0, after b and c) 4:e(10) 5:f(-1) 6:g(3)
     let mut tasks = vec![
@@ -160,16 +161,25 @@ async fn t20_leader_killed_mid_run_every_task_completes_once() {
     .iter()
     .map(|t| t.id)
     .collect();
-    until("some tasks done", 60, || async { w1.accepted().len() + w2.accepted().len() >= 6 }).await;
+    wait_until("some tasks done", Duration::from_secs(60), || async {
+        w1.accepted().len() + w2.accepted().len() >= 6
+    })
+    .await
+    .unwrap();
     let leader = c.wait_leader().await;
     c.kill(leader);
     let live = c.addrs();
-    until("a new leader", 30, || async { c.leader().await.is_some_and(|l| l != leader) }).await;
-    until("all tasks succeeded", 120, || async {
+    wait_until("a new leader", Duration::from_secs(30), || async {
+        c.leader().await.is_some_and(|l| l != leader)
+    })
+    .await
+    .unwrap();
+    wait_until("all tasks succeeded", Duration::from_secs(120), || async {
         let t = all_tasks(&live).await;
         t.len() == ids.len() && t.values().all(|t| state(t) == "succeeded")
     })
-    .await;
+    .await
+    .unwrap();
     let mut accepted: Vec<u64> = w1.accepted();
     accepted.extend(w2.accepted());
     accepted.sort();
@@ -215,7 +225,11 @@ async fn t30_silent_worker_loses_its_task_and_its_late_completion_is_rejected() 
     // It goes silent; a healthy worker arrives (its id sorts first, so it wins ties).
     slow.go_silent();
     let healthy = TestWorker::spawn(addrs.clone(), "a-healthy", 1, Duration::from_millis(10));
-    until("the healthy worker completed it", 60, || async { healthy.accepted() == vec![id] }).await;
+    wait_until("the healthy worker completed it", Duration::from_secs(60), || async {
+        healthy.accepted() == vec![id]
+    })
+    .await
+    .unwrap();
     let second_fence = healthy.execs.lock().unwrap()[0].fence;
     assert!(second_fence > first_fence, "the new attempt has a larger fencing token");
     // Now the silent worker reports its (late) completion: refused as stale.

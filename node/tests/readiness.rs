@@ -16,7 +16,8 @@ const SERVICES: [&str; 4] =
     ["", "scheduler.v1.Tasks", "scheduler.v1.Workers", "scheduler.v1.Cluster"];
 
 /// `GET path` on a node's HTTP port: (status code, body), or None if it did not answer.
-async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+async fn http_get(addr: &Option<String>, path: &str) -> Option<(u16, String)> {
+    let addr = addr.as_deref().expect("the node has an HTTP address");
     let io = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
         s.write_all(format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes()).await?;
@@ -68,7 +69,9 @@ async fn assert_alive(c: &Cluster, i: usize) {
 
 async fn all_ready(c: &Cluster) {
     for i in 0..c.nodes.len() {
-        until(&format!("node {i} ready"), 30, || ready(c, i)).await;
+        wait_until(&format!("node {i} ready"), Duration::from_secs(30), || ready(c, i))
+            .await
+            .unwrap();
     }
 }
 
@@ -86,11 +89,12 @@ async fn r10_leader_without_a_majority_is_not_ready_but_alive() {
     for &f in &followers {
         c.kill(f);
     }
-    until("the isolated leader is not ready", 30, || async {
+    wait_until("the isolated leader is not ready", Duration::from_secs(30), || async {
         assert_alive(&c, leader).await;
         not_ready(&c, leader).await
     })
-    .await;
+    .await
+    .unwrap();
     let (_, body) = http_get(&c.nodes[leader].http, "/readyz").await.unwrap();
     assert!(body.starts_with("not ready: leader without a quorum ack for "), "{body}");
     assert_alive(&c, leader).await;
@@ -115,11 +119,12 @@ async fn r20_follower_without_a_leader_is_not_ready_but_alive() {
 
     c.kill(leader);
     c.kill(other);
-    until("the lone follower is not ready", 30, || async {
+    wait_until("the lone follower is not ready", Duration::from_secs(30), || async {
         assert_alive(&c, survivor).await;
         not_ready(&c, survivor).await
     })
-    .await;
+    .await
+    .unwrap();
     let (_, body) = http_get(&c.nodes[survivor].http, "/readyz").await.unwrap();
     assert!(
         body.starts_with("not ready: no leader known")

@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use proto::pb;
 use proto::pb::cluster_client::ClusterClient;
@@ -80,7 +82,11 @@ async fn p20_leader_transfer_through_a_follower_moves_leadership_to_the_target()
         .expect("transfer through a follower")
         .into_inner();
     assert_eq!(r.leader_id, target_id);
-    until("the target leads", 30, || async { c.leader().await == Some(target) }).await;
+    wait_until("the target leads", Duration::from_secs(30), || async {
+        c.leader().await == Some(target)
+    })
+    .await
+    .unwrap();
     // Writes keep working, and elections are enabled again everywhere: killing the new leader
     // still elects another one.
     retry(&[c.nodes[via].addr.clone()], |ch| async move {
@@ -91,8 +97,9 @@ async fn p20_leader_transfer_through_a_follower_moves_leadership_to_the_target()
     .expect("submit after the transfer");
     let mut c = c;
     c.kill(target);
-    until("a new leader after the target died", 30, || async {
+    wait_until("a new leader after the target died", Duration::from_secs(30), || async {
         c.leader().await.is_some_and(|l| l != target)
     })
-    .await;
+    .await
+    .unwrap();
 }

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use client::local::wait_until;
 use proto::internal::v1 as ipb;
 use proto::internal::v1::raft_service_server::{RaftService, RaftServiceServer};
 use raft::config::RaftSettings;
@@ -128,20 +129,15 @@ async fn cluster(n: u64, settings: RaftSettings) -> (Vec<TestNode>, Vec<tempfile
     (nodes, dirs)
 }
 
-async fn until<F: FnMut() -> bool>(what: &str, mut f: F) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// Bound of every wait for the in-process cluster.
+const WAIT: Duration = Duration::from_secs(20);
 
 fn leader_of(nodes: &[TestNode]) -> Option<usize> {
     nodes.iter().position(|n| n.node.as_ref().is_some_and(|x| x.is_leader()))
 }
 
 async fn wait_leader(nodes: &[TestNode]) -> usize {
-    until("a leader", || leader_of(nodes).is_some()).await;
+    wait_until("a leader", WAIT, || std::future::ready(leader_of(nodes).is_some())).await.unwrap();
     leader_of(nodes).unwrap()
 }
 
@@ -187,14 +183,21 @@ async fn write(nodes: &[&TestNode], op: Op) -> u64 {
 async fn converged(nodes: &[&TestNode], index: u64) {
     for n in nodes {
         let node = n.node().clone();
-        until(&format!("node {} applies {index}", n.id), || node.sm().events().applied() >= index)
-            .await;
+        wait_until(&format!("node {} applies {index}", n.id), WAIT, || {
+            std::future::ready(node.sm().events().applied() >= index)
+        })
+        .await
+        .unwrap();
     }
     let digests: Vec<(u64, u64)> = nodes.iter().map(|n| n.node().sm().digest()).collect();
     let last = nodes.iter().map(|n| n.node().sm().events().applied()).max().unwrap();
     for n in nodes {
         let node = n.node().clone();
-        until("same applied index", || node.sm().events().applied() >= last).await;
+        wait_until("same applied index", WAIT, || {
+            std::future::ready(node.sm().events().applied() >= last)
+        })
+        .await
+        .unwrap();
     }
     let digests2: Vec<u64> = nodes.iter().map(|n| n.node().sm().digest().1).collect();
     assert!(
@@ -209,7 +212,11 @@ async fn t10_three_nodes_elect_replicate_and_a_follower_points_to_the_leader() {
     let l = wait_leader(&nodes).await;
     let follower = (l + 1) % 3;
     let f = nodes[follower].node().clone();
-    until("the follower knows the leader", || f.remote_leader().is_some()).await;
+    wait_until("the follower knows the leader", WAIT, || {
+        std::future::ready(f.remote_leader().is_some())
+    })
+    .await
+    .unwrap();
     // A follower proposes nothing: it names the leader, and passing the write on is the
     // caller's business.
     match f.propose(vec![submit_op("a", 10)]).await {
@@ -240,7 +247,11 @@ async fn t20_leader_stop_then_a_new_leader_commits() {
     let old = nodes[l].id;
     nodes[l].stop().await;
     let rest: Vec<&TestNode> = nodes.iter().filter(|n| n.node.is_some()).collect();
-    until("a new leader", || rest.iter().any(|n| n.node().is_leader())).await;
+    wait_until("a new leader", WAIT, || {
+        std::future::ready(rest.iter().any(|n| n.node().is_leader()))
+    })
+    .await
+    .unwrap();
     let nl = rest.iter().find(|n| n.node().is_leader()).unwrap();
     assert_ne!(nl.id, old);
     let index = write(&rest, submit_op("after", 5)).await;
@@ -301,10 +312,13 @@ async fn t50_a_fresh_node_far_behind_catches_up_by_snapshot() {
     for i in 0..250 {
         index = write(&[&nodes[l]], submit_op(&format!("s{i}"), 4)).await;
     }
-    until("leader purged its log behind a snapshot", || {
-        leader.raft().metrics().borrow().purged.is_some_and(|p| p.index > 10)
+    wait_until("leader purged its log behind a snapshot", WAIT, || {
+        std::future::ready({
+            leader.raft().metrics().borrow().purged.is_some_and(|p| p.index > 10)
+        })
     })
-    .await;
+    .await
+    .unwrap();
     let d = tempfile::tempdir().unwrap();
     let n4 = TestNode::start(4, d.path().to_path_buf(), None, s).await;
     dirs.push(d);
@@ -313,8 +327,11 @@ async fn t50_a_fresh_node_far_behind_catches_up_by_snapshot() {
         .await
         .expect("learner catches up");
     let n4node = n4.node().clone();
-    until("learner installed a snapshot", || n4node.raft().metrics().borrow().snapshot.is_some())
-        .await;
+    wait_until("learner installed a snapshot", WAIT, || {
+        std::future::ready(n4node.raft().metrics().borrow().snapshot.is_some())
+    })
+    .await
+    .unwrap();
     let mut all: Vec<&TestNode> = nodes.iter().collect();
     all.push(&n4);
     converged(&all, index).await;

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use client::backoff::BackoffConfig;
-use client::local::{find_schedulerd, LocalCluster};
+use client::local::{find_schedulerd, LocalCluster, LocalClusterOptions};
 use client::worker::{Outcome, Worker, WorkerConfig};
 use client::{pb, Client, ClientConfig};
 use futures::StreamExt;
@@ -169,7 +169,6 @@ fn spec(key: String) -> pb::TaskSpec {
 struct Target {
     endpoints: Vec<String>,
     local: Option<LocalCluster>,
-    _tmp: Option<tempfile::TempDir>,
 }
 
 async fn start_cluster(args: &BenchArgs, name: &str, extra: &[String]) -> Result<Target> {
@@ -177,21 +176,20 @@ async fn start_cluster(args: &BenchArgs, name: &str, extra: &[String]) -> Result
     let bin = find_schedulerd(exe.as_deref()).context(
         "cannot find schedulerd: build it (`cargo build --release -p node`), put it on PATH or set SCHEDULERD_BIN",
     )?;
-    let (dir, tmp) = match &args.dir {
-        Some(d) => (d.join(name), None),
-        None => {
-            let t = tempfile::Builder::new().prefix("raftsched-bench-").tempdir()?;
-            (t.path().to_path_buf(), Some(t))
-        }
-    };
-    let _ = std::fs::remove_dir_all(&dir);
-    let local = LocalCluster::start(&bin, &dir, 3, extra).await?;
-    Ok(Target { endpoints: local.endpoints(), local: Some(local), _tmp: tmp })
+    // Without --dir, the harness keeps data and logs in a temporary directory of its own.
+    let mut opts = LocalClusterOptions::new(bin, 3).args(extra.iter().cloned());
+    if let Some(d) = &args.dir {
+        let dir = d.join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        opts = opts.dir(dir);
+    }
+    let local = LocalCluster::start(opts).await?;
+    Ok(Target { endpoints: local.endpoints(), local: Some(local) })
 }
 
 async fn target(ctx: &Ctx, args: &BenchArgs, name: &str) -> Result<Target> {
     if args.external {
-        return Ok(Target { endpoints: ctx.config.endpoints.clone(), local: None, _tmp: None });
+        return Ok(Target { endpoints: ctx.config.endpoints.clone(), local: None });
     }
     start_cluster(args, name, &[]).await
 }

@@ -17,20 +17,22 @@
 //! 6. On Ctrl-C / SIGTERM: stop the workers first (they drain and deregister while the
 //!    cluster is still up), then the nodes; SIGTERM, then SIGKILL after a grace.
 //!
-//! Every child runs in its own process group, so a Ctrl-C in the terminal reaches only this
-//! process, which then stops the children in order; on Linux the children also get SIGTERM if
-//! this process dies without cleaning up. Child output goes to `DIR/<child>.log`.
+//! Processes are started and stopped by the [`client::local`] harness (the nodes as a
+//! [`LocalCluster`], the workers as [`Proc`]s). Every child runs in its own process group, so
+//! a Ctrl-C in the terminal reaches only this process, which then stops the children in
+//! order; on Linux the children also get SIGTERM if this process dies without cleaning up.
+//! Child output goes to `DIR/<child>.log`.
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use client::pb;
+use client::local::{
+    stop_gracefully, LocalCluster, LocalClusterOptions, NodeOptions, Proc, ProcSpec,
+};
 use serde::{Deserialize, Serialize};
-use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, SignalKind};
 
 use super::output::{outln, print_json, Format};
@@ -184,176 +186,66 @@ fn load_layout(path: &Path) -> Result<Option<Layout>> {
     }
 }
 
-/// A started child process, with what it takes to start it again.
-struct Proc {
-    name: String,
-    log: PathBuf,
-    child: Child,
-    program: PathBuf,
-    args: Vec<String>,
-    dir: PathBuf,
-    /// It exited unexpectedly and is started again at this time.
-    restart_at: Option<Instant>,
-}
-
-impl Proc {
-    fn pid(&self) -> Option<u32> {
-        self.child.id()
-    }
-
-    /// Starts the same command again (appending to the same log).
-    fn respawn(&mut self) -> Result<()> {
-        let fresh = spawn(&self.name, &self.program, &self.args, &self.dir)?;
-        self.child = fresh.child;
-        self.restart_at = None;
-        Ok(())
-    }
-}
-
 /// Records the current PIDs in `cluster.json`.
-fn save_pids(path: &Path, layout: &mut Layout, nodes: &[Proc], workers: &[Proc]) -> Result<()> {
-    for (n, p) in layout.nodes.iter_mut().zip(nodes) {
+fn save_pids(
+    path: &Path,
+    layout: &mut Layout,
+    nodes: &LocalCluster,
+    workers: &[Proc],
+) -> Result<()> {
+    for (n, p) in layout.nodes.iter_mut().zip(&nodes.nodes) {
         n.pid = p.pid();
     }
     layout.workers = workers
         .iter()
-        .filter_map(|w| w.pid().map(|pid| WorkerPid { name: w.name.clone(), pid }))
+        .filter_map(|w| w.pid().map(|pid| WorkerPid { name: w.name().to_string(), pid }))
         .collect();
     std::fs::write(path, serde_json::to_string_pretty(layout)?)
         .with_context(|| format!("writing {}", path.display()))
 }
 
-fn spawn(name: &str, program: &Path, args: &[String], dir: &Path) -> Result<Proc> {
-    let log = dir.join(format!("{name}.log"));
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .with_context(|| format!("opening {}", log.display()))?;
-    let err = file.try_clone()?;
-    let mut cmd = Command::new(program);
-    cmd.args(args).stdin(Stdio::null()).stdout(file).stderr(err).process_group(0);
-    #[cfg(target_os = "linux")]
-    // SAFETY: prctl is async-signal-safe; the closure allocates nothing.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-            Ok(())
+/// The nodes of `layout` as harness options: its addresses, data and logs under `dir`, each
+/// node in its own process group, not initialized (see [`ensure_initialised`]).
+fn cluster_options(schedulerd: &Path, dir: &Path, layout: &Layout) -> Result<LocalClusterOptions> {
+    let mut opts = LocalClusterOptions::new(schedulerd, 0)
+        .dir(dir)
+        .init(false)
+        .detached(true)
+        .startup_timeout(STARTUP_TIMEOUT);
+    for n in &layout.nodes {
+        let addr = |a: &str| -> Result<SocketAddr> {
+            a.parse().with_context(|| format!("node {} in cluster.json: bad address {a:?}", n.id))
+        };
+        opts.nodes.push(NodeOptions {
+            listen: Some(addr(&n.grpc)?),
+            http: Some(addr(&n.http)?),
+            ..NodeOptions::new(n.id)
         });
     }
-    let child = cmd.spawn().with_context(|| format!("starting {}", program.display()))?;
-    Ok(Proc {
-        name: name.to_string(),
-        log,
-        child,
-        program: program.to_path_buf(),
-        args: args.to_vec(),
-        dir: dir.to_path_buf(),
-        restart_at: None,
-    })
+    Ok(opts)
 }
 
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(15)..].join("\n")
-}
-
-/// Waits until the node's gRPC health service answers.
-async fn wait_healthy(proc: &mut Proc, addr: &str) -> Result<()> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(2));
-    let deadline = Instant::now() + STARTUP_TIMEOUT;
-    loop {
-        if let Some(status) = proc.child.try_wait()? {
-            bail!(
-                "{} exited ({status}) during startup; the end of {}:\n{}",
-                proc.name,
-                proc.log.display(),
-                log_tail(&proc.log)
-            );
-        }
-        if let Ok(ch) = endpoint.connect().await {
-            let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
-            let req = tonic_health::pb::HealthCheckRequest { service: String::new() };
-            match health.check(req).await {
-                Ok(_) => return Ok(()),
-                Err(s) => {
-                    // Any answer from the server (even "unknown service") means it is serving.
-                    if matches!(client::Error::from_status(s, addr), client::Error::Status { .. }) {
-                        return Ok(());
-                    }
-                }
-            }
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "{} did not answer health checks at {addr}; see {}",
-                proc.name,
-                proc.log.display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Initialises the cluster unless it already has a leader, then waits for one.
-async fn ensure_initialised(layout: &Layout) -> Result<u64> {
-    let first = client::Client::with_config(client::ClientConfig {
-        retry_budget: Duration::from_secs(5),
-        ..client::ClientConfig::new([layout.nodes[0].grpc.clone()])
-    })?;
-    let has_leader = matches!(first.cluster_status().await, Ok(s) if s.leader_id != 0);
-    if !has_leader {
-        let members: Vec<pb::Member> =
-            layout.nodes.iter().map(|n| pb::Member { id: n.id, addr: n.grpc.clone() }).collect();
-        if let Err(e) = first.init_cluster(members).await {
+/// Initialises the cluster unless it already has a leader, then waits for one; returns the
+/// leader's id.
+async fn ensure_initialised(cluster: &LocalCluster) -> Result<u64> {
+    if cluster.leader().await.is_none() {
+        if let Err(e) = cluster.init().await {
             // A restarted cluster may still be electing its leader; the wait below decides.
             tracing::info!(error = %e, "init was not accepted; waiting for a leader");
         }
     }
-    let all = client::Client::with_config(client::ClientConfig {
-        retry_budget: Duration::from_secs(2),
-        ..client::ClientConfig::new(layout.endpoints())
-    })?;
-    let deadline = Instant::now() + STARTUP_TIMEOUT;
-    loop {
-        if let Ok(s) = all.cluster_status().await {
-            if s.leader_id != 0 {
-                return Ok(s.leader_id);
-            }
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "the cluster elected no leader within {}",
-                humantime::format_duration(STARTUP_TIMEOUT)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let i = cluster.wait_leader(STARTUP_TIMEOUT).await.context("the cluster elected no leader")?;
+    Ok(cluster.nodes[i].id)
 }
 
-/// SIGTERM, then SIGKILL after `grace`, for every process of `procs`.
-async fn stop_all(procs: &mut [Proc], grace: Duration) {
-    for p in procs.iter() {
-        if let Some(pid) = p.child.id() {
-            // SAFETY: plain syscall on a child we started and have not reaped.
-            unsafe {
-                libc::kill(pid as i32, libc::SIGTERM);
-            }
-        }
-    }
-    let deadline = tokio::time::Instant::now() + grace;
-    for p in procs.iter_mut() {
-        match tokio::time::timeout_at(deadline, p.child.wait()).await {
-            Ok(_) => {}
-            Err(_) => {
-                tracing::warn!(child = %p.name, "did not stop in time; killing it");
-                let _ = p.child.kill().await;
-            }
-        }
-    }
+/// Stops the workers first (they drain and deregister while the cluster is still up), then
+/// the nodes.
+async fn stop_everything(cluster: &mut LocalCluster, workers: &mut [Proc]) {
+    let mut w: Vec<&mut Proc> = workers.iter_mut().collect();
+    let killed = stop_gracefully(&mut w, WORKER_STOP_GRACE).await;
+    killed.into_iter().chain(cluster.stop_gracefully(NODE_STOP_GRACE).await).for_each(|name| {
+        tracing::warn!(child = %name, "did not stop in time; killed it");
+    });
 }
 
 async fn up(ctx: &Ctx, a: UpArgs) -> Result<u8> {
@@ -402,15 +294,13 @@ async fn up(ctx: &Ctx, a: UpArgs) -> Result<u8> {
         }
     }
 
-    let mut nodes: Vec<Proc> = Vec::new();
+    let mut nodes = LocalCluster::prepare(cluster_options(&schedulerd, &dir, &layout)?)?;
     let mut workers: Vec<Proc> = Vec::new();
-    let started =
-        start(&schedulerd, &exe, &dir, &layout, a.workers, &mut nodes, &mut workers).await;
+    let started = start(&mut nodes, &exe, &dir, &layout, a.workers, &mut workers).await;
     let leader = match started {
         Ok(l) => l,
         Err(e) => {
-            stop_all(&mut workers, WORKER_STOP_GRACE).await;
-            stop_all(&mut nodes, NODE_STOP_GRACE).await;
+            stop_everything(&mut nodes, &mut workers).await;
             return Err(e);
         }
     };
@@ -430,7 +320,7 @@ async fn up(ctx: &Ctx, a: UpArgs) -> Result<u8> {
                 "log": dir.join(format!("node-{}.log", n.id)).display().to_string(),
             })).collect::<Vec<_>>(),
             "workers": workers.iter().map(|w| serde_json::json!({
-                "name": w.name,
+                "name": w.name(),
                 "pid": w.pid(),
             })).collect::<Vec<_>>(),
         })),
@@ -449,7 +339,7 @@ async fn up(ctx: &Ctx, a: UpArgs) -> Result<u8> {
             for w in &workers {
                 outln!(
                     "  {}  pid {}  (sh -c \"$SCHED_PAYLOAD\")",
-                    w.name,
+                    w.name(),
                     w.pid().map(|p| p.to_string()).unwrap_or_default()
                 );
             }
@@ -468,37 +358,41 @@ async fn up(ctx: &Ctx, a: UpArgs) -> Result<u8> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // When each node, then each worker, that exited unexpectedly is started again.
+    let mut restart_at: Vec<Option<Instant>> = vec![None; nodes.nodes.len() + workers.len()];
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = tick.tick() => {
                 let mut changed = false;
-                for p in nodes.iter_mut().chain(workers.iter_mut()) {
-                    match p.restart_at {
+                let procs = nodes.nodes.iter_mut().map(|n| n.process_mut()).chain(workers.iter_mut());
+                for (p, at) in procs.zip(restart_at.iter_mut()) {
+                    match *at {
                         None => {
-                            if let Ok(Some(status)) = p.child.try_wait() {
+                            if let Ok(Some(status)) = p.try_exited() {
                                 eprintln!(
                                     "{} exited ({status}); restarting it in {} (log: {})",
-                                    p.name,
+                                    p.name(),
                                     humantime::format_duration(RESTART_DELAY),
-                                    p.log.display()
+                                    p.log().display()
                                 );
-                                p.restart_at = Some(Instant::now() + RESTART_DELAY);
+                                *at = Some(Instant::now() + RESTART_DELAY);
                             }
                         }
-                        Some(at) if Instant::now() >= at => match p.respawn() {
+                        Some(t) if Instant::now() >= t => match p.start() {
                             Ok(()) => {
                                 eprintln!(
                                     "{} restarted (pid {})",
-                                    p.name,
+                                    p.name(),
                                     p.pid().map(|p| p.to_string()).unwrap_or_default()
                                 );
+                                *at = None;
                                 changed = true;
                             }
                             Err(e) => {
-                                eprintln!("cannot restart {}: {e:#}; trying again", p.name);
-                                p.restart_at = Some(Instant::now() + RESTART_DELAY);
+                                eprintln!("cannot restart {}: {e}; trying again", p.name());
+                                *at = Some(Instant::now() + RESTART_DELAY);
                             }
                         },
                         Some(_) => {}
@@ -513,8 +407,7 @@ async fn up(ctx: &Ctx, a: UpArgs) -> Result<u8> {
         }
     }
     eprintln!("stopping workers and nodes");
-    stop_all(&mut workers, WORKER_STOP_GRACE).await;
-    stop_all(&mut nodes, NODE_STOP_GRACE).await;
+    stop_everything(&mut nodes, &mut workers).await;
     layout.workers.clear();
     for n in &mut layout.nodes {
         n.pid = None;
@@ -524,34 +417,20 @@ async fn up(ctx: &Ctx, a: UpArgs) -> Result<u8> {
 }
 
 async fn start(
-    schedulerd: &Path,
+    nodes: &mut LocalCluster,
     exe: &Path,
     dir: &Path,
     layout: &Layout,
     worker_count: u32,
-    nodes: &mut Vec<Proc>,
     workers: &mut Vec<Proc>,
 ) -> Result<u64> {
-    for n in &layout.nodes {
-        let args = vec![
-            "--id".to_string(),
-            n.id.to_string(),
-            "--listen".into(),
-            n.grpc.clone(),
-            "--data-dir".into(),
-            dir.join(format!("node-{}", n.id)).display().to_string(),
-            "--http".into(),
-            n.http.clone(),
-        ];
-        nodes.push(spawn(&format!("node-{}", n.id), schedulerd, &args, dir)?);
-    }
-    for (p, n) in nodes.iter_mut().zip(&layout.nodes) {
-        wait_healthy(p, &n.grpc).await?;
-    }
-    let leader = ensure_initialised(layout).await?;
+    // Every node started and serving (the options do not initialize).
+    nodes.start_all().await?;
+    let leader = ensure_initialised(nodes).await?;
     let endpoints = layout.endpoints().join(",");
     for i in 1..=worker_count {
-        let args = vec![
+        let name = format!("worker-{i}");
+        let mut spec = ProcSpec::new(&name, exe, dir.join(format!("{name}.log"))).args([
             "--endpoints".to_string(),
             endpoints.clone(),
             "worker".into(),
@@ -562,8 +441,10 @@ async fn start(
             format!("dev-worker-{i}"),
             "--drain-grace".into(),
             "10s".into(),
-        ];
-        workers.push(spawn(&format!("worker-{i}"), exe, &args, dir)?);
+        ]);
+        spec.own_process_group = true;
+        spec.term_on_parent_death = true;
+        workers.push(Proc::spawn(spec)?);
     }
     Ok(leader)
 }

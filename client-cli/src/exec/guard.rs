@@ -453,6 +453,7 @@ mod tests {
     use std::process::{Command as StdCommand, Stdio};
 
     use super::*;
+    use crate::local::wait_until_blocking;
 
     const WAIT: Duration = Duration::from_secs(20);
 
@@ -463,15 +464,6 @@ mod tests {
             .process_group(0)
             .spawn()
             .expect("start sleep")
-    }
-
-    /// Polls `f` until true, or fails with `what`.
-    fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-        let deadline = Instant::now() + WAIT;
-        while !f() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
     }
 
     #[test]
@@ -487,10 +479,11 @@ mod tests {
         guard.sweep().unwrap();
         drop(guard);
         let mut status = None;
-        wait_until("the registered group to be killed", || {
+        wait_until_blocking("the registered group to be killed", WAIT, || {
             status = killed.try_wait().unwrap();
             status.is_some()
-        });
+        })
+        .unwrap();
         assert_eq!(status.unwrap().signal(), Some(libc::SIGKILL));
         assert!(kept.try_wait().unwrap().is_none(), "an unregistered group was killed");
         kept.kill().unwrap();
@@ -511,13 +504,14 @@ mod tests {
         drop(tx);
         // Once the guard closed its copy of the write end (other tests' children may hold
         // one until their exec), the read end sees end of file.
-        wait_until("the guard to close the inherited pipe", || {
+        wait_until_blocking("the guard to close the inherited pipe", WAIT, || {
             let mut b = [0u8; 1];
             // SAFETY: reads into a live buffer.
             unsafe { libc::read(rx.as_raw_fd(), b.as_mut_ptr().cast(), 1) == 0 }
-        });
+        })
+        .unwrap();
         // Its own session and group; termination signals ignored.
-        wait_until("the guard to set itself up", || {
+        wait_until_blocking("the guard to set itself up", WAIT, || {
             let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
             let ignored = status
                 .lines()
@@ -525,7 +519,8 @@ mod tests {
                 .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
                 .unwrap();
             IGNORED.iter().all(|&s| ignored & (1 << (s - 1)) != 0)
-        });
+        })
+        .unwrap();
         // SAFETY: plain syscalls.
         unsafe {
             assert_eq!(libc::getsid(pid), pid);

@@ -1,87 +1,49 @@
-//! Test harness: real `schedulerd` processes on loopback, raw gRPC clients, workers on the
-//! library runtime that record which reports were accepted, and one raw-protocol worker for
-//! the misbehaviour the runtime never commits.
+//! Test harness: real `schedulerd` processes on loopback (the `client::local` harness), raw
+//! gRPC clients, workers on the library runtime that record which reports were accepted, and
+//! one raw-protocol worker for the misbehaviour the runtime never commits.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use client::local::wait_until;
+use client::local::{LocalCluster, LocalClusterOptions};
 use client::worker::{
     Job, Outcome, ReportAnswer, ReportKind, StopSignal, Worker, WorkerConfig, WorkerEvent,
     WorkerHandle,
 };
 use proto::pb;
-use proto::pb::cluster_client::ClusterClient;
 use proto::pb::tasks_client::TasksClient;
 use proto::pb::workers_client::WorkersClient;
 use tonic::transport::Channel;
 
-pub fn free_port() -> u16 {
-    client::ports::free_port().expect("a free port")
-}
-
-pub struct NodeProc {
-    pub id: u64,
-    pub addr: String,
-    pub http: String,
-    pub data: PathBuf,
-    pub log: PathBuf,
-    child: Option<Child>,
-    args: Vec<String>,
-}
-
-impl NodeProc {
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_schedulerd"))
-            .args(["--id", &self.id.to_string(), "--listen", &self.addr, "--http", &self.http])
-            .arg("--data-dir")
-            .arg(&self.data)
-            .args(&self.args)
-            .env("SCHED_LOG", "info,openraft=warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn schedulerd");
-        self.child = Some(child);
-    }
-
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    pub fn running(&self) -> bool {
-        self.child.is_some()
-    }
-}
-
+/// A cluster of the harness with raw gRPC clients on top. When a test panics, the end of
+/// every node log is printed.
 pub struct Cluster {
-    pub nodes: Vec<NodeProc>,
-    pub dir: tempfile::TempDir,
+    pub local: LocalCluster,
+}
+
+impl Deref for Cluster {
+    type Target = LocalCluster;
+    fn deref(&self) -> &LocalCluster {
+        &self.local
+    }
+}
+
+impl DerefMut for Cluster {
+    fn deref_mut(&mut self) -> &mut LocalCluster {
+        &mut self.local
+    }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for n in &mut self.nodes {
-            n.kill();
-        }
+        self.local.kill_all();
         if std::thread::panicking() {
-            for n in &self.nodes {
-                if let Ok(log) = std::fs::read_to_string(&n.log) {
-                    let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                    eprintln!("--- node {} log (last lines) ---", n.id);
-                    for l in tail.iter().rev() {
-                        eprintln!("{l}");
-                    }
-                }
-            }
+            eprint!("{}", self.local.log_tails(40));
         }
     }
 }
@@ -94,104 +56,32 @@ pub async fn channel(addr: &str) -> Channel {
         .connect_lazy()
 }
 
-pub async fn until<F, Fut>(what: &str, secs: u64, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while !f().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 impl Cluster {
-    /// Start `n` nodes with extra flags, initialize the cluster, wait for a leader.
+    /// Start `n` nodes (with HTTP ports) with extra flags, initialize the cluster, wait for a
+    /// leader and for every node to be reachable (a node that failed to start would make
+    /// fault tests meaningless: killing the leader would leave no quorum).
     pub async fn start(n: u64, extra: &[&str]) -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let mut nodes = Vec::new();
-        for id in 1..=n {
-            let mut p = NodeProc {
-                id,
-                addr: format!("127.0.0.1:{}", free_port()),
-                http: format!("127.0.0.1:{}", free_port()),
-                data: dir.path().join(format!("node-{id}")),
-                log: dir.path().join(format!("node-{id}.log")),
-                child: None,
-                args: extra.iter().map(|s| s.to_string()).collect(),
-            };
-            p.spawn();
-            nodes.push(p);
+        let opts = LocalClusterOptions::new(env!("CARGO_BIN_EXE_schedulerd"), n)
+            .args(extra.iter().copied())
+            .env("SCHED_LOG", "info,openraft=warn")
+            .http(true);
+        let mut c = Cluster { local: LocalCluster::prepare(opts).expect("cluster layout") };
+        if let Err(e) = c.local.start_all().await {
+            panic!("starting the cluster: {e}");
         }
-        let c = Cluster { nodes, dir };
-        let members = c
-            .nodes
-            .iter()
-            .map(|n| pb::Member { id: n.id, addr: n.addr.clone() })
-            .collect::<Vec<_>>();
-        let first = c.nodes[0].addr.clone();
-        until("cluster initialized", 30, || {
-            let members = members.clone();
-            let first = first.clone();
-            async move {
-                let mut cl = ClusterClient::new(channel(&first).await);
-                cl.init_cluster(pb::InitClusterRequest { members }).await.is_ok()
-            }
-        })
-        .await;
-        c.wait_leader().await;
-        // Every node must be up (a node that failed to start would make fault tests
-        // meaningless: killing the leader would leave no quorum).
-        let n = c.nodes.len();
-        let first = c.nodes[0].addr.clone();
-        until("every node reachable", 30, || {
-            let first = first.clone();
-            async move {
-                let mut cl = ClusterClient::new(channel(&first).await);
-                cl.status(pb::ClusterStatusRequest {})
-                    .await
-                    .is_ok_and(|r| r.into_inner().nodes.iter().filter(|x| x.reachable).count() == n)
-            }
-        })
-        .await;
         c
     }
 
     pub fn addrs(&self) -> Vec<String> {
-        self.nodes.iter().filter(|n| n.running()).map(|n| n.addr.clone()).collect()
-    }
-
-    /// The index of the leader as reported by a running node's status, if any.
-    pub async fn leader(&self) -> Option<usize> {
-        for n in self.nodes.iter().filter(|n| n.running()) {
-            let mut cl = ClusterClient::new(channel(&n.addr).await);
-            if let Ok(r) = cl.status(pb::ClusterStatusRequest {}).await {
-                let r = r.into_inner();
-                let leader = r.nodes.iter().find(|x| x.role == "leader" && x.reachable)?;
-                return self.nodes.iter().position(|x| x.id == leader.id && x.running());
-            }
-        }
-        None
+        self.local.endpoints()
     }
 
     pub async fn wait_leader(&self) -> usize {
-        let mut found = None;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while found.is_none() {
-            found = self.leader().await;
-            assert!(tokio::time::Instant::now() < deadline, "no leader");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        found.unwrap()
-    }
-
-    pub fn kill(&mut self, i: usize) {
-        self.nodes[i].kill();
+        self.local.wait_leader(Duration::from_secs(30)).await.unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn restart(&mut self, i: usize) {
-        self.nodes[i].spawn();
+        self.local.start_node(i).unwrap_or_else(|e| panic!("{e}"));
     }
 
     pub async fn tasks(&self, i: usize) -> TasksClient<Channel> {
