@@ -120,6 +120,77 @@ impl DevCa {
     }
 }
 
+/// The roles a token can have.
+pub const ROLES: [&str; 4] = ["admin", "submitter", "worker", "reader"];
+
+/// A token to make: name, role and (workers only) the prefix its worker ids must have.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenSpec {
+    /// 1-64 of `A-Z a-z 0-9 . _ - @`.
+    pub name: String,
+    /// One of [`ROLES`].
+    pub role: String,
+    /// For workers: worker ids must start with this.
+    pub worker_id_prefix: Option<String>,
+}
+
+impl TokenSpec {
+    /// A token without a worker id prefix.
+    pub fn new(name: impl Into<String>, role: impl Into<String>) -> TokenSpec {
+        TokenSpec { name: name.into(), role: role.into(), worker_id_prefix: None }
+    }
+
+    /// Makes a random secret; returns it and the `[[token]]` entry for a token file (which
+    /// records only the secret's SHA-256).
+    pub fn generate(&self) -> Result<(String, String), Error> {
+        let name = &self.name;
+        if name.is_empty()
+            || name.len() > 64
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c))
+        {
+            return Err(Error::Config(format!(
+                "token name {name:?}: use 1-64 of A-Z a-z 0-9 . _ - @"
+            )));
+        }
+        if !ROLES.contains(&self.role.as_str()) {
+            return Err(Error::Config(format!(
+                "token role {:?}: expected one of {}",
+                self.role,
+                ROLES.join(", ")
+            )));
+        }
+        if self.worker_id_prefix.is_some() && self.role != "worker" {
+            return Err(Error::Config("a worker id prefix is only for worker tokens".into()));
+        }
+        let secret = hex::encode(rand::random::<[u8; 32]>());
+        let digest = proto::auth::secret_digest_hex(&secret);
+        let mut entry = format!(
+            "[[token]]\nname = {}\nrole = {}\nsecret_sha256 = \"{digest}\"\n",
+            toml_string(name),
+            toml_string(&self.role)
+        );
+        if let Some(p) = &self.worker_id_prefix {
+            entry.push_str(&format!("worker_id_prefix = {}\n", toml_string(p)));
+        }
+        Ok((secret, entry))
+    }
+}
+
+/// A TOML basic string.
+fn toml_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 /// Writes a secret file readable by its owner only.
 pub fn write_private(path: &Path, text: &str) -> Result<(), Error> {
     use std::io::Write;

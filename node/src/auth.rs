@@ -15,9 +15,10 @@
 //! orchestrators can probe without a secret.
 //!
 //! Peer RPCs (`raftsched.internal.v1`: Raft and node-to-node) are not token-checked: peers do
-//! not hold client secrets. They are protected by the peer certificate check of the TLS
-//! setup; without TLS they are as open as the port, which is why a node refuses to serve a
-//! non-loopback address without TLS and tokens unless `--insecure` is given.
+//! not hold client secrets. With TLS on they are accepted only on connections that presented
+//! a node certificate ([`crate::tls::is_peer`]); without TLS they are as open as the port,
+//! which is why a node refuses to serve a non-loopback address without TLS and tokens unless
+//! `--insecure` is given.
 //!
 //! Without a token file, authentication is off and [`Caller`] is absent: every request is
 //! allowed, as before (fine on loopback for development; the startup guard above applies).
@@ -202,6 +203,14 @@ pub enum AuthError {
         method: String,
         /// What it needs.
         need: &'static str,
+    },
+    /// A peer RPC on a connection without a node certificate.
+    #[error(
+        "{method} is for cluster nodes only: connect with a node certificate from the cluster CA"
+    )]
+    NotPeer {
+        /// The method.
+        method: String,
     },
     /// A worker token used a worker id outside its prefix.
     #[error(
@@ -417,12 +426,14 @@ pub fn check_worker(caller: Option<&Caller>, id: &str) -> Result<(), AuthError> 
 #[derive(Clone)]
 pub struct AuthLayer {
     tokens: Option<Arc<Tokens>>,
+    peer_certs: bool,
 }
 
 impl AuthLayer {
-    /// Checks requests against `tokens`; `None` lets everything through (authentication off).
-    pub fn new(tokens: Option<Arc<Tokens>>) -> Self {
-        AuthLayer { tokens }
+    /// Checks requests against `tokens` (`None`: authentication off) and, with `peer_certs`
+    /// (TLS on), peer RPCs against the connection's certificate.
+    pub fn new(tokens: Option<Arc<Tokens>>, peer_certs: bool) -> Self {
+        AuthLayer { tokens, peer_certs }
     }
 }
 
@@ -430,7 +441,7 @@ impl<S> tower::Layer<S> for AuthLayer {
     type Service = AuthService<S>;
 
     fn layer(&self, inner: S) -> AuthService<S> {
-        AuthService { inner, tokens: self.tokens.clone() }
+        AuthService { inner, tokens: self.tokens.clone(), peer_certs: self.peer_certs }
     }
 }
 
@@ -439,6 +450,7 @@ impl<S> tower::Layer<S> for AuthLayer {
 pub struct AuthService<S> {
     inner: S,
     tokens: Option<Arc<Tokens>>,
+    peer_certs: bool,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -461,16 +473,27 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        if let Some(tokens) = &self.tokens {
-            match tokens.check(req.uri().path(), req.headers()) {
-                Ok(Some(caller)) => {
-                    req.extensions_mut().insert(caller);
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    let status = tonic::Status::from(crate::error::NodeError::from(e));
-                    return Box::pin(async move { Ok(status.into_http()) });
-                }
+        let path = req.uri().path();
+        let verdict = if need_of(path) == Need::Peer {
+            if self.peer_certs && !crate::tls::is_peer(req.extensions()) {
+                Err(AuthError::NotPeer { method: path.trim_start_matches('/').to_string() })
+            } else {
+                Ok(None)
+            }
+        } else {
+            match &self.tokens {
+                Some(tokens) => tokens.check(path, req.headers()),
+                None => Ok(None),
+            }
+        };
+        match verdict {
+            Ok(Some(caller)) => {
+                req.extensions_mut().insert(caller);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let status = tonic::Status::from(crate::error::NodeError::from(e));
+                return Box::pin(async move { Ok(status.into_http()) });
             }
         }
         // The clone is ready only after poll_ready; swap so the polled one is used.

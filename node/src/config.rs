@@ -94,6 +94,17 @@ pub struct Args {
     /// one of them, with a role that allows it.
     #[arg(long, env = "SCHED_AUTH_TOKENS", value_name = "FILE")]
     pub auth_tokens: Option<PathBuf>,
+    /// This node's certificate chain (PEM). With --tls-key and --tls-ca: every listener
+    /// speaks TLS, and peer RPCs are accepted only from nodes presenting a CA-signed node
+    /// certificate. Reloaded on SIGHUP and when the file changes.
+    #[arg(long, env = "SCHED_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, env = "SCHED_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA certificate (PEM) that node and client certificates chain to.
+    #[arg(long, env = "SCHED_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
     /// Serve a non-loopback address without TLS and tokens (anyone who reaches the port can
     /// then change and delete tasks and membership). Logged loudly.
     #[arg(long, env = "SCHED_INSECURE")]
@@ -140,6 +151,8 @@ pub struct Config {
     pub retention: RetentionSettings,
     /// Token file; `None`: authentication off.
     pub auth_tokens: Option<PathBuf>,
+    /// Certificates; `None`: plaintext.
+    pub tls: Option<crate::tls::TlsFiles>,
     /// Allow serving a non-loopback address without TLS and tokens.
     pub insecure: bool,
 }
@@ -232,6 +245,7 @@ impl Default for Config {
                 purge_interval: Duration::from_secs(60),
             },
             auth_tokens: None,
+            tls: None,
             insecure: false,
         }
     }
@@ -292,6 +306,9 @@ struct FileConfig {
     bootstrap: Option<bool>,
     log: Option<String>,
     auth_tokens: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
     insecure: Option<bool>,
     #[serde(default)]
     workers: FileWorkers,
@@ -395,6 +412,7 @@ impl Config {
             c.log = v;
         }
         c.auth_tokens = file.auth_tokens.or(c.auth_tokens);
+        let mut tls = (file.tls_cert, file.tls_key, file.tls_ca);
         c.insecure = file.insecure.unwrap_or(c.insecure);
         let w = &file.workers;
         if let Some(d) = &w.heartbeat_ttl {
@@ -489,6 +507,23 @@ impl Config {
             c.auth_tokens = Some(v.clone());
         }
         c.insecure |= args.insecure;
+        for (flag, file) in
+            [(&args.tls_cert, &mut tls.0), (&args.tls_key, &mut tls.1), (&args.tls_ca, &mut tls.2)]
+        {
+            if let Some(v) = flag {
+                *file = Some(v.clone());
+            }
+        }
+        c.tls = match tls {
+            (None, None, None) => None,
+            (Some(cert), Some(key), Some(ca)) => Some(crate::tls::TlsFiles { cert, key, ca }),
+            _ => {
+                return Err(invalid(
+                    "tls",
+                    "give all three of --tls-cert, --tls-key and --tls-ca (or none)",
+                ))
+            }
+        };
         match (&args.log, rust_log.filter(|v| !v.trim().is_empty())) {
             (Some(v), _) => c.log = v.clone(),
             (None, Some(v)) => c.log = v,
@@ -538,15 +573,21 @@ impl Config {
             .filter(|a| !a.ip().is_loopback())
             .collect();
         if let Some(addr) = exposed.first() {
-            if !self.insecure {
-                // TLS is not configurable yet, so a non-loopback address is always insecure.
+            let missing: Vec<&str> = [
+                self.tls.is_none().then_some("TLS (--tls-cert/--tls-key/--tls-ca)"),
+                self.auth_tokens.is_none().then_some("tokens (--auth-tokens)"),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            if !missing.is_empty() && !self.insecure {
                 return Err(invalid(
                     "listen",
                     format!(
-                        "{addr} is reachable from other hosts, and this node would serve it without TLS{}; \
-                         anyone reaching it could change tasks and membership. Serve loopback only, \
-                         or pass --insecure to accept that risk",
-                        if self.auth_tokens.is_none() { " or tokens (--auth-tokens)" } else { "" }
+                        "{addr} is reachable from other hosts, and this node would serve it without {}; \
+                         anyone reaching it could read and change tasks and membership. Add them, \
+                         serve loopback only, or pass --insecure to accept that risk",
+                        missing.join(" and ")
                     ),
                 ));
             }
@@ -707,6 +748,19 @@ mod tests {
         assert!(e.contains("--auth-tokens"), "names the missing protection: {e}");
         let http = Args { http: Some("0.0.0.0:8001".parse().unwrap()), ..Default::default() };
         assert!(Config::load(&http).is_err(), "the HTTP address counts too");
+        let tokens_only = Args { auth_tokens: Some("t.toml".into()), ..wide.clone() };
+        let e = Config::load(&tokens_only).unwrap_err().to_string();
+        assert!(e.contains("TLS") && !e.contains("--auth-tokens"), "{e}");
+        let protected = Args {
+            tls_cert: Some("n.pem".into()),
+            tls_key: Some("k.pem".into()),
+            tls_ca: Some("ca.pem".into()),
+            ..tokens_only
+        };
+        assert!(Config::load(&protected).unwrap().tls.is_some());
+        let half = Args { tls_cert: Some("n.pem".into()), ..Default::default() };
+        let e = Config::load(&half).unwrap_err().to_string();
+        assert!(e.contains("all three"), "{e}");
         let c = Config::load(&Args { insecure: true, ..wide }).unwrap();
         assert!(c.insecure);
         // Loopback needs nothing.

@@ -162,9 +162,11 @@ impl From<NodeError> for Status {
             NodeError::Auth(AuthError::Missing | AuthError::Unknown) => {
                 with_meta(Code::Unauthenticated, msg, Reason::Unauthenticated, None)
             }
-            NodeError::Auth(AuthError::Denied { .. } | AuthError::WrongWorkerId { .. }) => {
-                with_meta(Code::PermissionDenied, msg, Reason::PermissionDenied, None)
-            }
+            NodeError::Auth(
+                AuthError::Denied { .. }
+                | AuthError::WrongWorkerId { .. }
+                | AuthError::NotPeer { .. },
+            ) => with_meta(Code::PermissionDenied, msg, Reason::PermissionDenied, None),
             NodeError::Internal(_) => with_meta(Code::Internal, msg, Reason::Internal, None),
         }
     }

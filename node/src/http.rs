@@ -18,24 +18,37 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tracing::debug;
 
 use crate::auth::{AuthError, Need};
+use crate::tls::NodeTls;
 use crate::{metrics, Node};
 
-/// Serve until `node` stops.
-pub async fn serve(listener: TcpListener, node: Arc<Node>) {
+/// Serve until `node` stops; over TLS (same certificate as gRPC) when `tls` is given.
+pub async fn serve(listener: TcpListener, node: Arc<Node>, tls: Option<Arc<NodeTls>>) {
     let mut stopping = node.stopping.clone();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let node = node.clone();
+                let acceptor = tls.as_ref().map(|t| t.acceptor());
                 tokio::spawn(async move {
-                    if let Err(e) = tokio::time::timeout(Duration::from_secs(5), handle(stream, node)).await {
-                        debug!(error = %e, "http request timed out");
+                    let served = async {
+                        match acceptor {
+                            Some(a) => match a.accept(stream).await {
+                                Ok(s) => handle(s, node).await,
+                                Err(e) => Err(e),
+                            },
+                            None => handle(stream, node).await,
+                        }
+                    };
+                    match tokio::time::timeout(Duration::from_secs(5), served).await {
+                        Ok(Err(e)) => debug!(error = %e, "http connection failed"),
+                        Err(e) => debug!(error = %e, "http request timed out"),
+                        Ok(Ok(())) => {}
                     }
                 });
             }
@@ -44,7 +57,10 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>) {
     }
 }
 
-async fn handle(mut stream: TcpStream, node: Arc<Node>) -> std::io::Result<()> {
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    node: Arc<Node>,
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; 8192];
     let mut len = 0;
     while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
@@ -101,8 +117,8 @@ async fn handle(mut stream: TcpStream, node: Arc<Node>) -> std::io::Result<()> {
     }
 }
 
-async fn respond(
-    stream: &mut TcpStream,
+async fn respond<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     code: u16,
     ctype: &str,
     body: &str,

@@ -28,6 +28,7 @@ pub mod leader;
 pub mod metrics;
 pub mod route;
 pub mod server;
+pub mod tls;
 
 use std::sync::Arc;
 

@@ -40,6 +40,7 @@ use crate::auth::{AuthLayer, Tokens};
 use crate::config::Config;
 use crate::leader::liveness::Liveness;
 use crate::metrics::Metrics;
+use crate::tls::NodeTls;
 use crate::Node;
 
 /// Why a node could not run.
@@ -61,6 +62,9 @@ pub enum ServerError {
         /// Why.
         source: std::io::Error,
     },
+    /// The certificates are not usable.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// The token file is not usable.
     #[error(transparent)]
     Tokens(#[from] crate::auth::TokenFileError),
@@ -93,13 +97,22 @@ pub async fn run(
         }
         None => None,
     };
-    if cfg.insecure
-        && (!cfg.listen.ip().is_loopback() || cfg.http.is_some_and(|a| !a.ip().is_loopback()))
-    {
+    let tls = match &cfg.tls {
+        Some(files) => {
+            let t = NodeTls::load(files.clone())?;
+            info!(cert = %files.cert.display(), ca = %files.ca.display(), "TLS on: listeners need TLS; peer RPCs need a node certificate");
+            Some(t)
+        }
+        None => None,
+    };
+    let exposed = !cfg.listen.ip().is_loopback() || cfg.http.is_some_and(|a| !a.ip().is_loopback());
+    if cfg.insecure && exposed && (tls.is_none() || tokens.is_none()) {
         warn!(
             listen = %cfg.listen,
-            "INSECURE: serving a non-loopback address without TLS; anyone who reaches this port \
-             can read and change tasks, workers and cluster membership"
+            tls = tls.is_some(),
+            tokens = tokens.is_some(),
+            "INSECURE: serving a non-loopback address without TLS and tokens; anyone who reaches \
+             this port can read and change tasks, workers and cluster membership"
         );
     }
     let listener = TcpListener::bind(cfg.listen)
@@ -115,6 +128,9 @@ pub async fn run(
     };
     let raft =
         RaftNode::start(cfg.id, cfg.advertise.clone(), &cfg.data_dir, cfg.raft.clone()).await?;
+    if let Some(t) = &tls {
+        raft.peers().set_tls(Some(t.peer_client()));
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let node = Arc::new(Node {
         liveness: Liveness::new(cfg.workers.heartbeat_ttl, cfg.workers.failover_grace),
@@ -140,7 +156,7 @@ pub async fn run(
     let leader_loops = tokio::spawn(crate::leader::supervise(node.clone()));
     if let Some(l) = http_listener {
         info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics and health on http");
-        tokio::spawn(crate::http::serve(l, node.clone()));
+        tokio::spawn(crate::http::serve(l, node.clone(), tls.clone()));
     }
 
     let (health, health_svc) = tonic_health::server::health_reporter();
@@ -157,7 +173,7 @@ pub async fn run(
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .layer(AuthLayer::new(tokens))
+        .layer(AuthLayer::new(tokens, tls.is_some()))
         .add_service(TasksServer::new(TasksApi::new(node.clone())).max_decoding_message_size(max))
         .add_service(
             WorkersServer::new(WorkersApi::new(node.clone())).max_decoding_message_size(max),
@@ -187,12 +203,25 @@ pub async fn run(
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     // Our own listener (bound early to fail fast), so tonic's server-level TCP options do not
     // apply: set them here. Without TCP_NODELAY small responses wait for delayed ACKs (~40 ms).
-    let incoming = tonic::transport::server::TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(30)));
-    let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+    let drained = async {
         let _ = drain_rx.await;
-    }));
+    };
+    let mut server = match &tls {
+        Some(t) => {
+            let peers = raft.peers().clone();
+            crate::tls::spawn_reloader(t.clone(), node.stopping.clone(), move |t| {
+                peers.set_tls(Some(t.peer_client()))
+            });
+            let incoming = crate::tls::incoming(listener, t.clone());
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, drained))
+        }
+        None => {
+            let incoming = tonic::transport::server::TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(Duration::from_secs(30)));
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, drained))
+        }
+    };
 
     // Wait for a shutdown request, a fatal Raft error, or the server failing.
     let mut metrics = raft.raft().metrics();

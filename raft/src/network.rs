@@ -33,7 +33,7 @@ use openraft::raft::{
 };
 use proto::internal::v1 as ipb;
 use proto::internal::v1::raft_service_client::RaftServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tracing::{debug, info, warn};
 
 use crate::{NodeId, NodeInfo, TypeConfig};
@@ -164,6 +164,9 @@ pub struct Peers {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     health: Arc<Mutex<HashMap<NodeId, PeerHealth>>>,
     opts: NetOptions,
+    /// TLS for connections to peers (CA, this node's certificate, the name to verify);
+    /// `None`: plaintext.
+    tls: Arc<Mutex<Option<ClientTlsConfig>>>,
 }
 
 impl Peers {
@@ -173,7 +176,15 @@ impl Peers {
             channels: Arc::new(Mutex::new(HashMap::new())),
             health: Arc::new(Mutex::new(HashMap::new())),
             opts,
+            tls: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Connects to peers with `tls` from now on (after a certificate reload too): cached
+    /// channels are dropped, so every new connection presents the current certificate.
+    pub fn set_tls(&self, tls: Option<ClientTlsConfig>) {
+        *self.tls.lock().unwrap_or_else(|e| e.into_inner()) = tls;
+        self.channels.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// Record the outcome of one RPC from `node_id` to `peer` and log a change of its
@@ -227,7 +238,13 @@ impl Peers {
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let ch = Endpoint::from_shared(format!("http://{addr}"))?
+        let tls = self.tls.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?;
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        let ch = endpoint
             .connect_timeout(self.opts.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(1))

@@ -58,6 +58,17 @@ pub struct Cli {
     #[arg(long, global = true, help_heading = "Global options", default_value = defaults::RETRY_BUDGET.as_str(), value_parser = parse_duration, value_name = "DURATION")]
     pub retry_budget: Duration,
 
+    /// The cluster's CA certificate (PEM): connect with TLS and verify the nodes against it
+    /// (needed when the cluster runs with --tls-cert).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "SCHED_CA_CERT",
+        value_name = "FILE"
+    )]
+    pub ca_cert: Option<std::path::PathBuf>,
+
     /// Secret of a token, sent as `authorization: Bearer <secret>` (needed when the cluster
     /// runs with --auth-tokens). Prefer SCHED_TOKEN: a flag shows in the process list.
     #[arg(
@@ -212,6 +223,7 @@ pub async fn run(cli: Cli) -> u8 {
             retry_budget: cli.retry_budget,
             fail_fast_when_refused: one_shot,
             token: cli.token.clone(),
+            ca_cert: cli.ca_cert.clone(),
             ..Default::default()
         },
     };

@@ -86,6 +86,9 @@ pub struct ClientConfig {
     pub keepalive_timeout: Duration,
     /// Backoff between attempts.
     pub backoff: BackoffConfig,
+    /// The cluster's CA certificate (PEM file): connect with TLS and verify the nodes against
+    /// it. `None`: plaintext.
+    pub ca_cert: Option<std::path::PathBuf>,
     /// The secret sent as `authorization: Bearer <secret>` on every call (clusters started
     /// with a token file require one). Never logged.
     pub token: Option<String>,
@@ -107,6 +110,7 @@ impl Default for ClientConfig {
             keepalive_timeout: Duration::from_secs(5),
             backoff: BackoffConfig::default(),
             token: None,
+            ca_cert: None,
             fail_fast_when_refused: false,
         }
     }
@@ -194,6 +198,15 @@ impl Client {
     pub fn with_config(config: ClientConfig) -> Result<Client, Error> {
         let pool = Pool {
             tuning: Tuning {
+                ca_pem: match &config.ca_cert {
+                    None => None,
+                    Some(path) => Some(std::fs::read(path).map_err(|e| {
+                        Error::Config(format!(
+                            "cannot read the CA certificate {}: {e}",
+                            path.display()
+                        ))
+                    })?),
+                },
                 connect_timeout: config.connect_timeout,
                 keepalive_interval: config.keepalive_interval,
                 keepalive_timeout: config.keepalive_timeout,

@@ -31,6 +31,8 @@ pub(super) enum Kind {
 /// Channel settings shared by every node of a pool.
 #[derive(Clone, Debug)]
 pub(super) struct Tuning {
+    /// The cluster CA (PEM): connect with TLS, verifying the servers against it.
+    pub(super) ca_pem: Option<Vec<u8>>,
     pub(super) connect_timeout: Duration,
     pub(super) keepalive_interval: Duration,
     pub(super) keepalive_timeout: Duration,
@@ -57,18 +59,39 @@ pub(super) struct Pool {
 impl Pool {
     pub(super) fn endpoint(&self, addr: &str) -> Result<(String, Endpoint), Error> {
         let addr = addr.trim();
-        let (key, uri) = if let Some(rest) = addr.strip_prefix("http://") {
-            (rest.trim_end_matches('/').to_string(), addr.to_string())
-        } else if addr.starts_with("https://") {
-            return Err(Error::Config(format!("{addr}: TLS endpoints are not supported")));
-        } else {
-            (addr.to_string(), format!("http://{addr}"))
-        };
+        let scheme = if self.tuning.ca_pem.is_some() { "https" } else { "http" };
+        let key = addr
+            .strip_prefix("http://")
+            .or_else(|| addr.strip_prefix("https://"))
+            .unwrap_or(addr)
+            .trim_end_matches('/')
+            .to_string();
+        if addr.starts_with("https://") && self.tuning.ca_pem.is_none() {
+            return Err(Error::Config(format!(
+                "{addr}: a TLS endpoint needs the cluster CA certificate (--ca-cert / SCHED_CA_CERT)"
+            )));
+        }
+        if addr.starts_with("http://") && self.tuning.ca_pem.is_some() {
+            return Err(Error::Config(format!(
+                "{addr}: plaintext endpoint given together with a CA certificate; drop http:// (TLS is used)"
+            )));
+        }
         if key.is_empty() || !key.contains(':') {
             return Err(Error::Config(format!("{addr:?} is not a host:port address")));
         }
-        let endpoint = Endpoint::from_shared(uri)
-            .map_err(|e| Error::Config(format!("{addr:?} is not a valid address: {e}")))?
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{key}"))
+            .map_err(|e| Error::Config(format!("{addr:?} is not a valid address: {e}")))?;
+        if let Some(ca) = &self.tuning.ca_pem {
+            let host = key.rsplit_once(':').map_or(key.as_str(), |(h, _)| h);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                .domain_name(host);
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| Error::Config(format!("TLS settings for {addr}: {e}")))?;
+        }
+        let endpoint = endpoint
             .tcp_nodelay(true)
             .connect_timeout(self.tuning.connect_timeout)
             .http2_keep_alive_interval(self.tuning.keepalive_interval)

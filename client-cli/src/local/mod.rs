@@ -42,7 +42,8 @@ use proto::pb;
 pub use process::{stop_gracefully, Proc, ProcSpec};
 pub use wait::{wait_until, wait_until_blocking, Condition, POLL_INTERVAL};
 
-use crate::client::Client;
+use crate::client::{Client, ClientConfig};
+use crate::pki::{DevCa, PkiFiles, TokenSpec};
 use crate::Error;
 
 /// Finds `schedulerd`: in the directory of `exe` or any of its parents (cargo puts every
@@ -125,6 +126,8 @@ pub struct LocalClusterOptions {
     pub detached: bool,
     /// Bound of every startup wait (serving, init, leader, reachability).
     pub startup_timeout: Duration,
+    /// Run with TLS and tokens ([`Security`]): an `admin` token plus these.
+    pub secure: Option<Vec<TokenSpec>>,
 }
 
 impl LocalClusterOptions {
@@ -140,7 +143,15 @@ impl LocalClusterOptions {
             init: true,
             detached: false,
             startup_timeout: Duration::from_secs(30),
+            secure: None,
         }
+    }
+
+    /// Runs the cluster with TLS (a development CA and node certificate) and a token file
+    /// holding an `admin` token and `tokens`; the harness's own calls use the admin token.
+    pub fn secure(mut self, tokens: impl IntoIterator<Item = TokenSpec>) -> Self {
+        self.secure = Some(tokens.into_iter().collect());
+        self
     }
 
     /// Keeps data and logs under `dir`.
@@ -256,7 +267,80 @@ pub struct LocalCluster {
     pub nodes: Vec<LocalNode>,
     dir: PathBuf,
     opts: LocalClusterOptions,
+    security: Option<Security>,
     _temp: Option<tempfile::TempDir>,
+}
+
+/// The credentials of a secure local cluster: where its certificates and token file are,
+/// and the secrets of its tokens (by name).
+#[derive(Clone)]
+pub struct Security {
+    /// CA, node certificate and key.
+    pub pki: PkiFiles,
+    /// The token file the nodes load.
+    pub tokens_file: PathBuf,
+    /// The CA itself, to issue more certificates (clients, rotations).
+    pub ca: std::sync::Arc<DevCa>,
+    secrets: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Security")
+            .field("pki", &self.pki)
+            .field("tokens_file", &self.tokens_file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Security {
+    /// Makes a CA, a node certificate and a token file (an `admin` token plus `tokens`)
+    /// under `dir`.
+    pub fn create(dir: &Path, tokens: &[TokenSpec]) -> Result<Security, Error> {
+        let ca = DevCa::new("raftsched development CA")?;
+        let pki = ca.write_node_files(&dir.join("pki"), &[])?;
+        let mut file = String::from("# Tokens of a local development cluster.\n");
+        let mut secrets = Vec::new();
+        let admin = TokenSpec::new("admin", "admin");
+        for t in std::iter::once(&admin).chain(tokens) {
+            let (secret, entry) = t.generate()?;
+            file.push('\n');
+            file.push_str(&entry);
+            secrets.push((t.name.clone(), secret));
+        }
+        let tokens_file = dir.join("tokens.toml");
+        crate::pki::write_private(&tokens_file, &file)?;
+        Ok(Security { pki, tokens_file, ca: std::sync::Arc::new(ca), secrets })
+    }
+
+    /// The secret of token `name`.
+    pub fn secret(&self, name: &str) -> Option<&str> {
+        self.secrets.iter().find(|(n, _)| n == name).map(|(_, s)| s.as_str())
+    }
+
+    /// The flags that make a node use these credentials.
+    pub fn node_args(&self) -> Vec<std::ffi::OsString> {
+        vec![
+            "--tls-cert".into(),
+            self.pki.cert.clone().into(),
+            "--tls-key".into(),
+            self.pki.key.clone().into(),
+            "--tls-ca".into(),
+            self.pki.ca.clone().into(),
+            "--auth-tokens".into(),
+            self.tokens_file.clone().into(),
+        ]
+    }
+
+    /// A client configuration for `endpoints` that trusts the CA and sends token `token`
+    /// (none when `None` or unknown).
+    pub fn client_config(&self, endpoints: &[String], token: Option<&str>) -> ClientConfig {
+        ClientConfig {
+            ca_cert: Some(self.pki.ca.clone()),
+            token: token.and_then(|t| self.secret(t)).map(str::to_string),
+            ..ClientConfig::new(endpoints.iter().cloned())
+        }
+    }
 }
 
 impl Drop for LocalCluster {
@@ -280,10 +364,21 @@ fn free_addr() -> Result<SocketAddr, Error> {
 }
 
 /// Whether the gRPC server at `addr` answers: any answer of its health service counts.
-async fn serving(addr: &str) -> bool {
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
+/// With `ca` (PEM), over TLS verified against it.
+async fn serving(addr: &str, ca: Option<&[u8]>) -> bool {
+    let scheme = if ca.is_some() { "https" } else { "http" };
+    let Ok(mut endpoint) = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
+    else {
         return false;
     };
+    if let Some(ca) = ca {
+        let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            .domain_name(host);
+        let Ok(e) = endpoint.tls_config(tls) else { return false };
+        endpoint = e;
+    }
     let endpoint = endpoint.connect_timeout(Duration::from_secs(1)).timeout(Duration::from_secs(2));
     let Ok(ch) = endpoint.connect().await else { return false };
     let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
@@ -328,7 +423,11 @@ impl LocalCluster {
             }
         };
         let nodes = opts.nodes.clone();
-        let mut c = LocalCluster { nodes: Vec::new(), dir, opts, _temp: temp };
+        let security = match &opts.secure {
+            Some(tokens) => Some(Security::create(&dir, tokens)?),
+            None => None,
+        };
+        let mut c = LocalCluster { nodes: Vec::new(), dir, opts, security, _temp: temp };
         for n in nodes {
             c.add_node(n)?;
         }
@@ -398,6 +497,9 @@ impl LocalCluster {
         if let Some(h) = http {
             spec = spec.args(["--http".to_string(), h.to_string()]);
         }
+        if let Some(s) = &self.security {
+            spec = spec.args(s.node_args());
+        }
         spec = spec.args(&self.opts.args).args(&n.args);
         for (k, v) in &self.opts.env {
             spec = spec.env(k, v);
@@ -413,6 +515,20 @@ impl LocalCluster {
             proc: Proc::new(spec),
         });
         Ok(self.nodes.len() - 1)
+    }
+
+    /// The credentials, when the cluster runs secure.
+    pub fn security(&self) -> Option<&Security> {
+        self.security.as_ref()
+    }
+
+    /// A client for `endpoints` as the harness calls the cluster (admin token and CA when
+    /// secure).
+    pub fn client(&self, endpoints: &[String]) -> Result<Client, Error> {
+        match &self.security {
+            Some(s) => Client::with_config(s.client_config(endpoints, Some("admin"))),
+            None => Client::new(endpoints.iter().cloned()),
+        }
     }
 
     /// The base directory.
@@ -475,16 +591,24 @@ impl LocalCluster {
 
     /// Waits until node `i` answers gRPC health checks; [`Error::Exited`] if it exits first.
     pub async fn wait_serving(&mut self, i: usize, within: Duration) -> Result<(), Error> {
+        let ca = match &self.security {
+            Some(s) => Some(std::fs::read(&s.pki.ca).map_err(|source| Error::Io {
+                what: format!("reading {}", s.pki.ca.display()),
+                source,
+            })?),
+            None => None,
+        };
         let node = self.node_mut(i)?;
         let addr = node.addr.clone();
         let what = format!("node {} to serve at {addr} (log: {})", node.id, node.log().display());
         wait_until(&what, within, || {
             let exited = node.proc.check_running();
             let addr = addr.clone();
+            let ca = ca.clone();
             async move {
                 match exited {
                     Err(e) => Some(Err(e)),
-                    Ok(()) => serving(&addr).await.then_some(Ok(())),
+                    Ok(()) => serving(&addr, ca.as_deref()).await.then_some(Ok(())),
                 }
             }
         })
@@ -502,7 +626,7 @@ impl LocalCluster {
         let first = self.nodes.first().ok_or_else(|| Error::Config("no nodes".into()))?;
         let members: Vec<pb::Member> =
             self.nodes.iter().map(|n| pb::Member { id: n.id, addr: n.addr.clone() }).collect();
-        Client::new([first.addr.clone()])?
+        self.client(&[first.addr.clone()])?
             .with_retry_budget(self.opts.startup_timeout)
             .init_cluster(members)
             .await?;
@@ -516,7 +640,7 @@ impl LocalCluster {
             if !n.is_running() || n.is_paused() {
                 continue;
             }
-            let Ok(c) = Client::new([n.addr.clone()]) else { continue };
+            let Ok(c) = self.client(&[n.addr.clone()]) else { continue };
             let c = c.with_retry_budget(Duration::ZERO).with_call_timeout(Duration::from_secs(1));
             if let Ok(s) = c.cluster_status().await {
                 let leader = s.nodes.iter().find(|x| x.reachable && x.role == "leader")?;
@@ -556,7 +680,8 @@ impl LocalCluster {
     /// Waits until the first node's cluster status shows every node reachable.
     pub async fn wait_all_reachable(&self, within: Duration) -> Result<(), Error> {
         let first = self.nodes.first().ok_or_else(|| Error::Config("no nodes".into()))?;
-        let client = Client::new([first.addr.clone()])?
+        let client = self
+            .client(&[first.addr.clone()])?
             .with_retry_budget(Duration::ZERO)
             .with_call_timeout(Duration::from_secs(1));
         let n = self.nodes.len();

@@ -1,0 +1,365 @@
+//! The trust boundary end to end: real nodes with TLS (development CA) and a token file.
+//! Roles are enforced on every path a user has (directly and through a follower), fencing
+//! tokens are hidden from callers that may not use them, peer RPCs need a node certificate,
+//! and bad certificates fail the handshake. Refusals change nothing and kill no node.
+
+use std::time::Duration;
+
+use client::local::{LocalCluster, LocalClusterOptions, Security};
+use client::pki::{DevCa, TokenSpec};
+use client::worker::{Job, Outcome, StopSignal, Worker, WorkerConfig};
+use client::{Client, ClientConfig};
+use proto::internal::v1 as ipb;
+use proto::internal::v1::peer_service_client::PeerServiceClient;
+use proto::pb;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tonic::Code;
+
+/// Prints the node logs when a test fails.
+struct Logs<'a>(&'a LocalCluster);
+
+impl Drop for Logs<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.0.log_tails(40));
+        }
+    }
+}
+
+async fn secure_cluster(n: u64) -> LocalCluster {
+    let mut gpu = TokenSpec::new("gpu-pool", "worker");
+    gpu.worker_id_prefix = Some("gpu-".into());
+    let opts = LocalClusterOptions::new(env!("CARGO_BIN_EXE_schedulerd"), n)
+        .env("SCHED_LOG", "info,openraft=warn")
+        .http(true)
+        .secure([TokenSpec::new("ci", "submitter"), TokenSpec::new("dash", "reader"), gpu]);
+    LocalCluster::start(opts).await.expect("a secure cluster starts")
+}
+
+fn client(sec: &Security, endpoints: &[String], token: Option<&str>) -> Client {
+    let mut c = sec.client_config(endpoints, token);
+    c.retry_budget = Duration::from_secs(20);
+    c.fail_fast_when_refused = true;
+    Client::with_config(c).unwrap()
+}
+
+fn spec(name: &str) -> pb::TaskSpec {
+    pb::TaskSpec { name: name.into(), idempotency_key: format!("k-{name}"), ..Default::default() }
+}
+
+async fn all_alive(c: &mut LocalCluster) {
+    for i in 0..c.nodes.len() {
+        assert!(c.nodes[i].is_running(), "node {} died", c.nodes[i].id);
+        c.wait_serving(i, Duration::from_secs(10)).await.expect("still serving");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn roles_are_enforced_and_fences_hidden_on_a_tls_cluster() {
+    let mut c = secure_cluster(3).await;
+    let logs = Logs(&c);
+    let sec = c.security().unwrap().clone();
+    let all = c.endpoints();
+    let leader = c.wait_leader(Duration::from_secs(30)).await.unwrap();
+    let follower = (leader + 1) % 3;
+    let via_follower = vec![c.nodes[follower].addr.clone()];
+
+    // A submitter submits, also through a follower (forwarded to the leader).
+    let ci = client(&sec, &via_follower, Some("ci"));
+    let id = ci.submit(spec("a")).await.expect("a submitter may submit").id;
+
+    // No token, an unknown token, the wrong role: refused, nothing added.
+    let e = client(&sec, &all, None).submit(spec("b")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+    let mut bogus = sec.client_config(&all, None);
+    bogus.token = Some("not-a-token".into());
+    let e = Client::with_config(bogus).unwrap().list_tasks(Default::default()).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+    let dash = client(&sec, &all, Some("dash"));
+    let e = dash.submit(spec("c")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("submitter"), "names the role needed: {e}");
+    let e = dash.cancel(id, "no").await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    let admin = client(&sec, &all, Some("admin"));
+    let listed = admin.list_all_tasks(Default::default(), 1000).await.unwrap();
+    assert_eq!(listed.len(), 1, "refused requests added nothing: {listed:?}");
+
+    // A worker token runs workers only under its prefix; one that strays is refused.
+    let gpu = client(&sec, &all, Some("gpu-pool"));
+    let stray = pb::RegisterWorkerRequest {
+        worker: Some(pb::WorkerSpec {
+            id: "cpu-1".into(),
+            queues: vec!["default".into()],
+            slots: 1,
+            ..Default::default()
+        }),
+        instance: 1,
+    };
+    let e = gpu.register_worker(stray).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("gpu-"), "{e}");
+    let e = client(&sec, &all, Some("ci")).list_workers(false).await;
+    assert!(e.is_ok(), "a submitter reads the worker list");
+
+    // While the task is held, only the admin and the holder's token see its fencing token.
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let handler = move |_job: Job, mut stop: StopSignal| {
+        let mut release = release_rx.clone();
+        async move {
+            tokio::select! {
+                _ = release.wait_for(|r| *r) => Outcome::Succeeded(b"done".to_vec()),
+                r = stop.stopped() => Outcome::Failed { message: r.to_string(), retryable: true },
+            }
+        }
+    };
+    let worker = Worker::new(gpu.clone(), WorkerConfig::new("gpu-1"), handler).start();
+    let held =
+        client::local::wait_until("the task to be held", Duration::from_secs(30), || async {
+            admin.get_task(id).await.ok().filter(|t| t.worker == "gpu-1" && t.fence != 0)
+        })
+        .await
+        .unwrap();
+    let seen_by_reader = dash.get_task(id).await.unwrap();
+    assert_eq!(seen_by_reader.fence, 0, "a reader does not see the fence");
+    assert_eq!(seen_by_reader.worker, "gpu-1", "holder names stay visible");
+    let listed = dash.list_all_tasks(Default::default(), 1000).await.unwrap();
+    assert!(listed.iter().all(|t| t.fence == 0), "{listed:?}");
+    let explained = dash.explain_task(id).await.unwrap();
+    assert_eq!(explained.fence, 0);
+    assert!(!explained.summary.contains("fence"), "{}", explained.summary);
+    assert_eq!(gpu.get_task(id).await.unwrap().fence, held.fence, "the holder's token sees it");
+
+    // A forged completion with a guessed fence from a token that may not act for gpu-1.
+    let forged = pb::ReportRequest {
+        worker_id: "gpu-1".into(),
+        reports: vec![pb::TaskReport {
+            task: id,
+            fence: held.fence,
+            outcome: Some(pb::task_report::Outcome::Succeeded(pb::Succeeded { result: vec![] })),
+        }],
+    };
+    let e = client(&sec, &all, Some("ci")).report(forged).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    let after = admin.get_task(id).await.unwrap();
+    assert_ne!(after.state, pb::TaskState::Succeeded as i32, "the forgery changed nothing");
+    assert_eq!((after.fence, after.worker.as_str()), (held.fence, "gpu-1"));
+
+    // The real worker finishes it.
+    release_tx.send(true).unwrap();
+    let done = admin.wait_task(id).await.unwrap();
+    assert_eq!(done.state, pb::TaskState::Succeeded as i32);
+    worker.abort();
+
+    // Admin requests through a follower carry the caller's token to the leader.
+    let to = c.nodes[follower].id;
+    let e = client(&sec, &via_follower, Some("ci")).transfer_leader(to).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    let new_leader = client(&sec, &via_follower, Some("admin")).transfer_leader(to).await;
+    assert_eq!(new_leader.expect("an admin may transfer leadership"), to);
+
+    // /metrics needs a reader token; probes stay open.
+    let http = c.nodes[0].http.clone().unwrap();
+    assert!(https_get(&sec, &http, "/healthz", None).await.starts_with("HTTP/1.1 200"));
+    assert!(https_get(&sec, &http, "/metrics", None).await.starts_with("HTTP/1.1 401"));
+    let reader = sec.secret("dash").unwrap();
+    let ok = https_get(&sec, &http, "/metrics", Some(reader)).await;
+    assert!(
+        ok.starts_with("HTTP/1.1 200") && ok.contains("# TYPE"),
+        "{}",
+        &ok[..ok.len().min(200)]
+    );
+    let worker_secret = sec.secret("gpu-pool").unwrap();
+    assert!(https_get(&sec, &http, "/metrics", Some(worker_secret))
+        .await
+        .starts_with("HTTP/1.1 403"));
+
+    drop(logs);
+    all_alive(&mut c).await;
+}
+
+/// One HTTP/1.1 GET over TLS (verified against the cluster CA); the whole response.
+async fn https_get(sec: &Security, addr: &str, path: &str, token: Option<&str>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = std::fs::read(&sec.pki.ca).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(&ca) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config =
+        rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = connector.connect(name, tcp).await.expect("TLS handshake with the HTTP port");
+    let auth = token.map(|t| format!("authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\n{auth}connection: close\r\n\r\n");
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    tls.read_to_string(&mut out).await.unwrap_or_default();
+    out
+}
+
+use rustls_pki_types::pem::PemObject;
+
+/// A channel to `addr` over TLS trusting `ca`, presenting `identity` (if any), verifying the
+/// server for `name`.
+fn tls_channel(
+    addr: &str,
+    ca: &str,
+    identity: Option<(&str, &str)>,
+    name: &str,
+) -> tonic::transport::Channel {
+    let mut tls =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name(name);
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .connect_lazy()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peer_rpcs_need_a_node_certificate_and_bad_certificates_fail() {
+    let mut c = secure_cluster(3).await;
+    let logs = Logs(&c);
+    let sec = c.security().unwrap().clone();
+    let all = c.endpoints();
+    let admin = client(&sec, &all, Some("admin"));
+    let id = admin.submit(spec("keep")).await.unwrap().id;
+    let addr = c.nodes[0].addr.clone();
+    let ca = std::fs::read_to_string(&sec.pki.ca).unwrap();
+    let node_cert = std::fs::read_to_string(&sec.pki.cert).unwrap();
+    let node_key = std::fs::read_to_string(&sec.pki.key).unwrap();
+
+    // A forged internal Forward (it once carried a purge) without a node certificate: refused
+    // before anything is decoded.
+    let forward = ipb::ForwardRequest { op: b"garbage".to_vec(), ..Default::default() };
+    let mut anon = PeerServiceClient::new(tls_channel(&addr, &ca, None, "127.0.0.1"));
+    let s = anon.forward(forward.clone()).await.unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    // A client certificate from the cluster CA is not a node certificate.
+    let client_cert = sec.ca.client_cert("intruder", 30).unwrap();
+    let mut intruder = PeerServiceClient::new(tls_channel(
+        &addr,
+        &ca,
+        Some((&client_cert.cert_pem, &client_cert.key_pem)),
+        "127.0.0.1",
+    ));
+    let s = intruder.forward(forward.clone()).await.unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    // A certificate of another CA, or an expired node certificate of ours, fails the handshake.
+    for (what, cert) in [
+        ("another CA", DevCa::new("other").unwrap().node_cert(&[], 30).unwrap()),
+        ("expired", sec.ca.node_cert(&[], -1).unwrap()),
+    ] {
+        let mut bad = PeerServiceClient::new(tls_channel(
+            &addr,
+            &ca,
+            Some((&cert.cert_pem, &cert.key_pem)),
+            client::pki::PEER_NAME,
+        ));
+        let s = bad.node_status(ipb::NodeStatusRequest { digest: false }).await.unwrap_err();
+        // No answer from the server (no reason metadata): the connection was refused.
+        assert!(
+            matches!(s.code(), Code::Unavailable | Code::Cancelled | Code::Unknown)
+                && s.metadata().get(proto::status::REASON_KEY).is_none(),
+            "{what}: the handshake fails: {s:?}"
+        );
+    }
+    // The node certificate works (node-to-node status).
+    let mut peer = PeerServiceClient::new(tls_channel(
+        &addr,
+        &ca,
+        Some((&node_cert, &node_key)),
+        client::pki::PEER_NAME,
+    ));
+    peer.node_status(ipb::NodeStatusRequest { digest: false }).await.expect("a node may ask");
+
+    // Plaintext on the TLS port gets no answer; a client trusting another CA fails.
+    let plain = Client::with_config(ClientConfig {
+        retry_budget: Duration::ZERO,
+        fail_fast_when_refused: true,
+        token: sec.secret("admin").map(str::to_string),
+        ..ClientConfig::new([addr.clone()])
+    })
+    .unwrap();
+    assert!(plain.get_task(id).await.is_err(), "plaintext is not served");
+    let elsewhere = tempfile::tempdir().unwrap();
+    let other_ca = DevCa::new("elsewhere").unwrap();
+    let other_ca_file = elsewhere.path().join("ca.pem");
+    std::fs::write(&other_ca_file, other_ca.cert_pem()).unwrap();
+    let mut wrong = sec.client_config(&[addr.clone()], Some("admin"));
+    wrong.ca_cert = Some(other_ca_file);
+    wrong.retry_budget = Duration::ZERO;
+    assert!(
+        Client::with_config(wrong).unwrap().get_task(id).await.is_err(),
+        "the server is not trusted"
+    );
+
+    drop(logs);
+    all_alive(&mut c).await;
+    assert_eq!(admin.get_task(id).await.unwrap().id, id, "refusals changed nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_reload_on_sighup_and_expired_ones_fail() {
+    let mut c = secure_cluster(1).await;
+    let logs = Logs(&c);
+    let sec = c.security().unwrap().clone();
+    let addr = c.nodes[0].addr.clone();
+    let fresh = |sec: &Security| {
+        let mut cfg = sec.client_config(&[addr.clone()], Some("admin"));
+        cfg.retry_budget = Duration::ZERO;
+        Client::with_config(cfg).unwrap()
+    };
+    fresh(&sec).cluster_status().await.expect("serves with the first certificate");
+
+    // Swap in an expired node certificate of a new CA and the new CA as the trusted one.
+    let ca2 = DevCa::new("rotated").unwrap();
+    let expired = ca2.node_cert(&[], -1).unwrap();
+    let keep = (
+        std::fs::read(&sec.pki.cert).unwrap(),
+        std::fs::read(&sec.pki.key).unwrap(),
+        std::fs::read(&sec.pki.ca).unwrap(),
+    );
+    std::fs::write(&sec.pki.cert, &expired.cert_pem).unwrap();
+    std::fs::write(&sec.pki.key, &expired.key_pem).unwrap();
+    std::fs::write(&sec.pki.ca, ca2.cert_pem()).unwrap();
+    let pid = c.nodes[0].pid().unwrap();
+    let hup = || {
+        let ok = std::process::Command::new("kill").args(["-HUP", &pid.to_string()]).status();
+        assert!(ok.unwrap().success());
+    };
+    hup();
+    client::local::wait_until(
+        "new connections to fail on the expired certificate",
+        Duration::from_secs(20),
+        || async { fresh(&sec).cluster_status().await.is_err() },
+    )
+    .await
+    .unwrap();
+
+    // A valid certificate of the new CA: served again, verified against the new CA.
+    let valid = ca2.node_cert(&[], 30).unwrap();
+    std::fs::write(&sec.pki.cert, &valid.cert_pem).unwrap();
+    std::fs::write(&sec.pki.key, &valid.key_pem).unwrap();
+    hup();
+    client::local::wait_until(
+        "the rotated certificate to be served",
+        Duration::from_secs(20),
+        || async { fresh(&sec).cluster_status().await.is_ok() },
+    )
+    .await
+    .unwrap();
+    std::fs::write(&sec.pki.cert, keep.0).unwrap();
+    std::fs::write(&sec.pki.key, keep.1).unwrap();
+    std::fs::write(&sec.pki.ca, keep.2).unwrap();
+    drop(logs);
+    all_alive(&mut c).await;
+}
