@@ -71,6 +71,10 @@ pub struct BenchArgs {
     /// Measure the cluster at --endpoints instead of starting one (submit, e2e, chain, dag).
     #[arg(long)]
     pub external: bool,
+    /// Run the local cluster with TLS and tokens (a development CA, every call authenticated)
+    /// to measure what the trust boundary costs.
+    #[arg(long)]
+    pub secure: bool,
     /// Where the local cluster keeps its data and logs (default: a fresh temporary directory).
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -142,8 +146,8 @@ fn run_id() -> String {
 }
 
 /// A client tuned for measurement: short retry steps, so client backoff does not hide or
-/// inflate server behaviour.
-fn bench_client(endpoints: &[String], budget: Duration) -> Result<Client> {
+/// inflate server behaviour. `base` carries the credentials (CA, token).
+fn bench_client(base: &ClientConfig, endpoints: &[String], budget: Duration) -> Result<Client> {
     Ok(Client::with_config(ClientConfig {
         endpoints: endpoints.to_vec(),
         call_timeout: Duration::from_secs(10),
@@ -152,7 +156,7 @@ fn bench_client(endpoints: &[String], budget: Duration) -> Result<Client> {
             initial: Duration::from_millis(5),
             max: Duration::from_millis(20),
         },
-        ..Default::default()
+        ..base.clone()
     })?)
 }
 
@@ -169,6 +173,14 @@ fn spec(key: String) -> pb::TaskSpec {
 struct Target {
     endpoints: Vec<String>,
     local: Option<LocalCluster>,
+    /// Credentials every client of the run uses (CA, token); none for a plain cluster.
+    credentials: ClientConfig,
+}
+
+impl Target {
+    fn client(&self, budget: Duration) -> Result<Client> {
+        bench_client(&self.credentials, &self.endpoints, budget)
+    }
 }
 
 async fn start_cluster(args: &BenchArgs, name: &str, extra: &[String]) -> Result<Target> {
@@ -178,32 +190,47 @@ async fn start_cluster(args: &BenchArgs, name: &str, extra: &[String]) -> Result
     )?;
     // Without --dir, the harness keeps data and logs in a temporary directory of its own.
     let mut opts = LocalClusterOptions::new(bin, 3).args(extra.iter().cloned());
+    if args.secure {
+        opts = opts.secure([]);
+    }
     if let Some(d) = &args.dir {
         let dir = d.join(name);
         let _ = std::fs::remove_dir_all(&dir);
         opts = opts.dir(dir);
     }
     let local = LocalCluster::start(opts).await?;
-    Ok(Target { endpoints: local.endpoints(), local: Some(local) })
+    let endpoints = local.endpoints();
+    let credentials = match local.security() {
+        Some(s) => s.client_config(&endpoints, Some("admin")),
+        None => ClientConfig::default(),
+    };
+    Ok(Target { endpoints, local: Some(local), credentials })
 }
 
 async fn target(ctx: &Ctx, args: &BenchArgs, name: &str) -> Result<Target> {
     if args.external {
-        return Ok(Target { endpoints: ctx.config.endpoints.clone(), local: None });
+        return Ok(Target {
+            endpoints: ctx.config.endpoints.clone(),
+            local: None,
+            credentials: ctx.config.clone(),
+        });
     }
     start_cluster(args, name, &[]).await
 }
 
 /// Start in-process no-op workers; returns their handles.
 fn start_workers(
-    endpoints: &[String],
+    t: &Target,
     n: usize,
     slots: u32,
     tag: &str,
 ) -> Result<Vec<client::worker::WorkerHandle>> {
     let mut out = Vec::new();
     for i in 0..n {
-        let client = Client::new(endpoints.to_vec())?;
+        let client = Client::with_config(ClientConfig {
+            endpoints: t.endpoints.clone(),
+            ..t.credentials.clone()
+        })?;
         let mut cfg = WorkerConfig::new(format!("{tag}-worker-{i}"));
         cfg.slots = slots;
         let w = Worker::new(client, cfg, |_job, _stop| async { Outcome::Succeeded(Vec::new()) });
@@ -247,7 +274,7 @@ async fn submit_batched(
 
 async fn bench_submit(ctx: &Ctx, args: &BenchArgs) -> Result<Value> {
     let t = target(ctx, args, "submit").await?;
-    let client = bench_client(&t.endpoints, Duration::from_secs(30))?;
+    let client = t.client(Duration::from_secs(30))?;
     let run = run_id();
     // Warm up the connections and the leader hint.
     client.submit(spec(format!("{run}-warm"))).await?;
@@ -345,9 +372,9 @@ async fn current_index(client: &Client) -> Result<u64> {
 
 async fn bench_e2e(ctx: &Ctx, args: &BenchArgs) -> Result<Value> {
     let t = target(ctx, args, "e2e").await?;
-    let client = bench_client(&t.endpoints, Duration::from_secs(30))?;
+    let client = t.client(Duration::from_secs(30))?;
     let run = run_id();
-    let workers = start_workers(&t.endpoints, args.workers, args.slots, &run)?;
+    let workers = start_workers(&t, args.workers, args.slots, &run)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let from = current_index(&client).await? + 1;
     let specs: Vec<pb::TaskSpec> = (0..args.tasks).map(|i| spec(format!("{run}-e{i}"))).collect();
@@ -371,9 +398,9 @@ async fn bench_e2e(ctx: &Ctx, args: &BenchArgs) -> Result<Value> {
 
 async fn bench_chain(ctx: &Ctx, args: &BenchArgs) -> Result<Value> {
     let t = target(ctx, args, "chain").await?;
-    let client = bench_client(&t.endpoints, Duration::from_secs(30))?;
+    let client = t.client(Duration::from_secs(30))?;
     let run = run_id();
-    let workers = start_workers(&t.endpoints, args.workers.min(2), args.slots, &run)?;
+    let workers = start_workers(&t, args.workers.min(2), args.slots, &run)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let from = current_index(&client).await? + 1;
     let n = args.chain.min(10_000);
@@ -405,9 +432,9 @@ async fn bench_chain(ctx: &Ctx, args: &BenchArgs) -> Result<Value> {
 
 async fn bench_dag(ctx: &Ctx, args: &BenchArgs) -> Result<Value> {
     let t = target(ctx, args, "dag").await?;
-    let client = bench_client(&t.endpoints, Duration::from_secs(30))?;
+    let client = t.client(Duration::from_secs(30))?;
     let run = run_id();
-    let workers = start_workers(&t.endpoints, args.workers, args.slots, &run)?;
+    let workers = start_workers(&t, args.workers, args.slots, &run)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let from = current_index(&client).await? + 1;
     let mut all = std::collections::HashSet::new();
@@ -447,7 +474,7 @@ async fn bench_dag(ctx: &Ctx, args: &BenchArgs) -> Result<Value> {
 async fn bench_failover(args: &BenchArgs) -> Result<Value> {
     let mut t = start_cluster(args, "failover", &[]).await?;
     let endpoints = t.endpoints.clone();
-    let client = bench_client(&endpoints, Duration::from_secs(30))?
+    let client = bench_client(&t.credentials, &endpoints, Duration::from_secs(30))?
         .with_call_timeout(Duration::from_millis(250));
     let run = run_id();
     let mut gaps = Vec::new();
@@ -486,7 +513,7 @@ async fn bench_recovery(args: &BenchArgs) -> Result<Value> {
     let leader = local.wait_leader(Duration::from_secs(30)).await?;
     let follower = (leader + 1) % local.nodes.len();
     let endpoints = local.endpoints();
-    let client = bench_client(&endpoints, Duration::from_secs(60))?;
+    let client = bench_client(&t.credentials, &endpoints, Duration::from_secs(60))?;
     client.submit(spec(format!("{}-warm", run_id()))).await?;
     let rss_before = local.nodes[leader].rss_bytes().unwrap_or(0);
     let run = run_id();
