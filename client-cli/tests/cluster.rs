@@ -378,9 +378,19 @@ fn dev_up_starts_a_usable_cluster_and_stops_it() {
         .collect();
     assert_eq!(endpoints.len(), 3);
     let joined = endpoints.join(",");
+    // Secure by default: a CA and an admin token in the directory.
+    let ca = summary["ca_cert"].as_str().expect("dev up runs with TLS").to_string();
+    let token_file = summary["token_file"].as_str().expect("dev up runs with tokens");
+    let token = std::fs::read_to_string(token_file).unwrap().trim().to_string();
+    let anonymous = common::schedctl(&["--endpoints", &joined, "--ca-cert", &ca, "task", "list"]);
+    assert_ne!(anonymous.code, 0, "a request without the token is refused");
     let r = common::schedctl(&[
         "--endpoints",
         &joined,
+        "--ca-cert",
+        &ca,
+        "--token",
+        &token,
         "-o",
         "json",
         "task",
@@ -406,6 +416,10 @@ fn dev_up_starts_a_usable_cluster_and_stops_it() {
         let r = common::schedctl(&[
             "--endpoints",
             &joined,
+            "--ca-cert",
+            &ca,
+            "--token",
+            &token,
             "--retry-budget",
             "0s",
             "cluster",

@@ -244,7 +244,7 @@ async fn peer_rpcs_need_a_node_certificate_and_bad_certificates_fail() {
     let s = anon.forward(forward.clone()).await.unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
     // A client certificate from the cluster CA is not a node certificate.
-    let client_cert = sec.ca.client_cert("intruder", 30).unwrap();
+    let client_cert = sec.ca.as_ref().unwrap().client_cert("intruder", 30).unwrap();
     let mut intruder = PeerServiceClient::new(tls_channel(
         &addr,
         &ca,
@@ -256,7 +256,7 @@ async fn peer_rpcs_need_a_node_certificate_and_bad_certificates_fail() {
     // A certificate of another CA, or an expired node certificate of ours, fails the handshake.
     for (what, cert) in [
         ("another CA", DevCa::new("other").unwrap().node_cert(&[], 30).unwrap()),
-        ("expired", sec.ca.node_cert(&[], -1).unwrap()),
+        ("expired", sec.ca.as_ref().unwrap().node_cert(&[], -1).unwrap()),
     ] {
         let mut bad = PeerServiceClient::new(tls_channel(
             &addr,
@@ -294,7 +294,7 @@ async fn peer_rpcs_need_a_node_certificate_and_bad_certificates_fail() {
     let other_ca = DevCa::new("elsewhere").unwrap();
     let other_ca_file = elsewhere.path().join("ca.pem");
     std::fs::write(&other_ca_file, other_ca.cert_pem()).unwrap();
-    let mut wrong = sec.client_config(&[addr.clone()], Some("admin"));
+    let mut wrong = sec.client_config(std::slice::from_ref(&addr), Some("admin"));
     wrong.ca_cert = Some(other_ca_file);
     wrong.retry_budget = Duration::ZERO;
     assert!(
@@ -314,7 +314,7 @@ async fn certificates_reload_on_sighup_and_expired_ones_fail() {
     let sec = c.security().unwrap().clone();
     let addr = c.nodes[0].addr.clone();
     let fresh = |sec: &Security| {
-        let mut cfg = sec.client_config(&[addr.clone()], Some("admin"));
+        let mut cfg = sec.client_config(std::slice::from_ref(&addr), Some("admin"));
         cfg.retry_budget = Duration::ZERO;
         Client::with_config(cfg).unwrap()
     };

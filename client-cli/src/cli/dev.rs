@@ -30,8 +30,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use client::local::{
-    stop_gracefully, LocalCluster, LocalClusterOptions, NodeOptions, Proc, ProcSpec,
+    stop_gracefully, LocalCluster, LocalClusterOptions, NodeOptions, Proc, ProcSpec, Security,
 };
+use client::pki::TokenSpec;
 use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -69,7 +70,14 @@ pub struct UpArgs {
     /// First gRPC port (HTTP ports start 1000 higher).
     #[arg(long, default_value_t = 7001)]
     pub base_port: u16,
+    /// Plaintext and no tokens. By default the cluster runs with TLS (a development CA in
+    /// --dir) and tokens (an admin token, and a worker token for the dev workers).
+    #[arg(long)]
+    pub insecure: bool,
 }
+
+/// The worker token `dev up` gives its workers.
+const WORKER_TOKEN: &str = "dev-workers";
 
 /// The saved layout of a dev cluster (and, while it runs, the PIDs of its processes).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -294,9 +302,21 @@ async fn up(ctx: &Ctx, a: UpArgs) -> Result<u8> {
         }
     }
 
-    let mut nodes = LocalCluster::prepare(cluster_options(&schedulerd, &dir, &layout)?)?;
+    let mut opts = cluster_options(&schedulerd, &dir, &layout)?;
+    let security = if a.insecure {
+        None
+    } else {
+        let mut w = TokenSpec::new(WORKER_TOKEN, "worker");
+        w.worker_id_prefix = Some("dev-worker-".into());
+        Some(Security::load_or_create(&dir, &[w])?)
+    };
+    if let Some(s) = &security {
+        opts = opts.with_security(s.clone());
+    }
+    let mut nodes = LocalCluster::prepare(opts)?;
     let mut workers: Vec<Proc> = Vec::new();
-    let started = start(&mut nodes, &exe, &dir, &layout, a.workers, &mut workers).await;
+    let started =
+        start(&mut nodes, &exe, &dir, &layout, a.workers, security.as_ref(), &mut workers).await;
     let leader = match started {
         Ok(l) => l,
         Err(e) => {
@@ -307,16 +327,22 @@ async fn up(ctx: &Ctx, a: UpArgs) -> Result<u8> {
 
     save_pids(&layout_path, &mut layout, &nodes, &workers)?;
     let endpoints = layout.endpoints().join(",");
+    let scheme = if security.is_some() { "https" } else { "http" };
+    let ca_cert = security.as_ref().map(|s| s.pki.ca.display().to_string());
+    let token_file =
+        security.as_ref().map(|_| Security::secret_file(&dir, "admin").display().to_string());
     match ctx.format {
         Format::Json => print_json(&serde_json::json!({
             "dir": dir.display().to_string(),
             "endpoints": layout.endpoints(),
+            "ca_cert": ca_cert,
+            "token_file": token_file,
             "leader_id": leader,
             "nodes": layout.nodes.iter().map(|n| serde_json::json!({
                 "id": n.id,
                 "pid": n.pid,
                 "grpc": n.grpc,
-                "http": format!("http://{}", n.http),
+                "http": format!("{scheme}://{}", n.http),
                 "log": dir.join(format!("node-{}.log", n.id)).display().to_string(),
             })).collect::<Vec<_>>(),
             "workers": workers.iter().map(|w| serde_json::json!({
@@ -329,7 +355,7 @@ async fn up(ctx: &Ctx, a: UpArgs) -> Result<u8> {
             for n in &layout.nodes {
                 let mark = if n.id == leader { " (leader)" } else { "" };
                 outln!(
-                    "  node {}  pid {:<7} grpc {}  metrics http://{}/metrics{mark}",
+                    "  node {}  pid {:<7} grpc {}  metrics {scheme}://{}/metrics{mark}",
                     n.id,
                     n.pid.map(|p| p.to_string()).unwrap_or_default(),
                     n.grpc,
@@ -349,7 +375,16 @@ async fn up(ctx: &Ctx, a: UpArgs) -> Result<u8> {
             );
             outln!();
             outln!("  export SCHED_ENDPOINTS={endpoints}");
-            outln!("  schedctl --endpoints {endpoints} task submit --name hello --payload 'echo hello' --wait");
+            if let (Some(ca), Some(token)) = (&ca_cert, &token_file) {
+                outln!("  export SCHED_CA_CERT={ca} SCHED_TOKEN=$(cat {token})");
+            }
+            outln!("  schedctl task submit --name hello --payload 'echo hello' --wait");
+            if security.is_some() {
+                outln!();
+                outln!(
+                    "  TLS and tokens are on (the admin token above; --insecure turns them off)."
+                );
+            }
             outln!();
             outln!("Ctrl-C stops everything.");
         }
@@ -422,6 +457,7 @@ async fn start(
     dir: &Path,
     layout: &Layout,
     worker_count: u32,
+    security: Option<&Security>,
     workers: &mut Vec<Proc>,
 ) -> Result<u64> {
     // Every node started and serving (the options do not initialize).
@@ -442,6 +478,12 @@ async fn start(
             "--drain-grace".into(),
             "10s".into(),
         ]);
+        if let Some(s) = security {
+            let token = s.secret(WORKER_TOKEN).context("the dev worker token is missing")?;
+            spec = spec.env("SCHED_CA_CERT", &s.pki.ca).env("SCHED_TOKEN", token);
+        } else {
+            spec = spec.env_remove("SCHED_CA_CERT").env_remove("SCHED_TOKEN");
+        }
         spec.own_process_group = true;
         spec.term_on_parent_death = true;
         workers.push(Proc::spawn(spec)?);

@@ -128,6 +128,8 @@ pub struct LocalClusterOptions {
     pub startup_timeout: Duration,
     /// Run with TLS and tokens ([`Security`]): an `admin` token plus these.
     pub secure: Option<Vec<TokenSpec>>,
+    /// Run with these existing credentials (takes precedence over `secure`).
+    pub security: Option<Security>,
 }
 
 impl LocalClusterOptions {
@@ -144,7 +146,14 @@ impl LocalClusterOptions {
             detached: false,
             startup_timeout: Duration::from_secs(30),
             secure: None,
+            security: None,
         }
+    }
+
+    /// Runs the cluster with credentials made before (e.g. [`Security::load_or_create`]).
+    pub fn with_security(mut self, security: Security) -> Self {
+        self.security = Some(security);
+        self
     }
 
     /// Runs the cluster with TLS (a development CA and node certificate) and a token file
@@ -279,8 +288,9 @@ pub struct Security {
     pub pki: PkiFiles,
     /// The token file the nodes load.
     pub tokens_file: PathBuf,
-    /// The CA itself, to issue more certificates (clients, rotations).
-    pub ca: std::sync::Arc<DevCa>,
+    /// The CA itself, to issue more certificates (clients, rotations); only when the
+    /// credentials were made in this process (the CA key is never written to disk).
+    pub ca: Option<std::sync::Arc<DevCa>>,
     secrets: Vec<(String, String)>,
 }
 
@@ -294,8 +304,42 @@ impl std::fmt::Debug for Security {
 }
 
 impl Security {
+    /// The credentials written under `dir` before, or new ones (see [`Security::create`])
+    /// if any file is missing.
+    pub fn load_or_create(dir: &Path, tokens: &[TokenSpec]) -> Result<Security, Error> {
+        let pki = PkiFiles {
+            ca: dir.join("pki").join("ca.pem"),
+            cert: dir.join("pki").join("node.pem"),
+            key: dir.join("pki").join("node-key.pem"),
+        };
+        let tokens_file = dir.join("tokens.toml");
+        let names: Vec<String> = std::iter::once("admin".to_string())
+            .chain(tokens.iter().map(|t| t.name.clone()))
+            .collect();
+        let complete = [&pki.ca, &pki.cert, &pki.key, &tokens_file].iter().all(|p| p.is_file())
+            && names.iter().all(|n| Security::secret_file(dir, n).is_file());
+        if !complete {
+            return Security::create(dir, tokens);
+        }
+        let mut secrets = Vec::new();
+        for n in names {
+            let path = Security::secret_file(dir, &n);
+            let s = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+                what: format!("reading {}", path.display()),
+                source,
+            })?;
+            secrets.push((n, s.trim().to_string()));
+        }
+        Ok(Security { pki, tokens_file, ca: None, secrets })
+    }
+
+    /// Where the secret of token `name` is kept (mode 0600): `DIR/<name>.token`.
+    pub fn secret_file(dir: &Path, name: &str) -> PathBuf {
+        dir.join(format!("{name}.token"))
+    }
+
     /// Makes a CA, a node certificate and a token file (an `admin` token plus `tokens`)
-    /// under `dir`.
+    /// under `dir`, each token's secret in [`Security::secret_file`].
     pub fn create(dir: &Path, tokens: &[TokenSpec]) -> Result<Security, Error> {
         let ca = DevCa::new("raftsched development CA")?;
         let pki = ca.write_node_files(&dir.join("pki"), &[])?;
@@ -306,11 +350,12 @@ impl Security {
             let (secret, entry) = t.generate()?;
             file.push('\n');
             file.push_str(&entry);
+            crate::pki::write_private(&Security::secret_file(dir, &t.name), &secret)?;
             secrets.push((t.name.clone(), secret));
         }
         let tokens_file = dir.join("tokens.toml");
         crate::pki::write_private(&tokens_file, &file)?;
-        Ok(Security { pki, tokens_file, ca: std::sync::Arc::new(ca), secrets })
+        Ok(Security { pki, tokens_file, ca: Some(std::sync::Arc::new(ca)), secrets })
     }
 
     /// The secret of token `name`.
@@ -423,9 +468,10 @@ impl LocalCluster {
             }
         };
         let nodes = opts.nodes.clone();
-        let security = match &opts.secure {
-            Some(tokens) => Some(Security::create(&dir, tokens)?),
-            None => None,
+        let security = match (&opts.security, &opts.secure) {
+            (Some(s), _) => Some(s.clone()),
+            (None, Some(tokens)) => Some(Security::create(&dir, tokens)?),
+            (None, None) => None,
         };
         let mut c = LocalCluster { nodes: Vec::new(), dir, opts, security, _temp: temp };
         for n in nodes {
@@ -626,7 +672,7 @@ impl LocalCluster {
         let first = self.nodes.first().ok_or_else(|| Error::Config("no nodes".into()))?;
         let members: Vec<pb::Member> =
             self.nodes.iter().map(|n| pb::Member { id: n.id, addr: n.addr.clone() }).collect();
-        self.client(&[first.addr.clone()])?
+        self.client(std::slice::from_ref(&first.addr))?
             .with_retry_budget(self.opts.startup_timeout)
             .init_cluster(members)
             .await?;
@@ -640,7 +686,7 @@ impl LocalCluster {
             if !n.is_running() || n.is_paused() {
                 continue;
             }
-            let Ok(c) = self.client(&[n.addr.clone()]) else { continue };
+            let Ok(c) = self.client(std::slice::from_ref(&n.addr)) else { continue };
             let c = c.with_retry_budget(Duration::ZERO).with_call_timeout(Duration::from_secs(1));
             if let Ok(s) = c.cluster_status().await {
                 let leader = s.nodes.iter().find(|x| x.reachable && x.role == "leader")?;
@@ -681,7 +727,7 @@ impl LocalCluster {
     pub async fn wait_all_reachable(&self, within: Duration) -> Result<(), Error> {
         let first = self.nodes.first().ok_or_else(|| Error::Config("no nodes".into()))?;
         let client = self
-            .client(&[first.addr.clone()])?
+            .client(std::slice::from_ref(&first.addr))?
             .with_retry_budget(Duration::ZERO)
             .with_call_timeout(Duration::from_secs(1));
         let n = self.nodes.len();
