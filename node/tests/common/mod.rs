@@ -173,6 +173,9 @@ impl TestWorker {
             }
         };
         let log = execs.clone();
+        // Completions whose send got no answer: if a resend is then answered "duplicate",
+        // the unanswered send was the one applied, so that answer is this worker's acceptance.
+        let unanswered = Mutex::new(std::collections::HashSet::new());
         let handle = Worker::new(client, config, handler)
             .on_event(move |e| {
                 let WorkerEvent::ReportAnswered { task, fence, kind, answer } = e else { return };
@@ -180,10 +183,15 @@ impl TestWorker {
                     return;
                 }
                 let (accepted, refused) = match answer {
-                    ReportAnswer::Accepted { duplicate } => (!duplicate, None),
+                    ReportAnswer::Accepted { duplicate: false } => (true, None),
+                    ReportAnswer::Accepted { duplicate: true } => {
+                        (unanswered.lock().unwrap().remove(&(*task, *fence)), None)
+                    }
                     ReportAnswer::Rejected { error, .. } => (false, Some(error.clone())),
-                    // Not delivered: the runtime sends it again.
-                    ReportAnswer::Unknown { .. } => return,
+                    ReportAnswer::Unknown { .. } => {
+                        unanswered.lock().unwrap().insert((*task, *fence));
+                        return;
+                    }
                 };
                 log.lock().unwrap().push(Exec { task: *task, fence: *fence, accepted, refused });
             })
