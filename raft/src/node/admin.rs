@@ -166,7 +166,8 @@ impl RaftNode {
         }
     }
 
-    /// Make a learner a voter, once it has caught up and if the new voters keep a reachable
+    /// Make a learner a voter, once it has caught up (waiting up to
+    /// [`quorum::PROMOTE_CATCH_UP_WAIT`] for that) and if the new voters keep a reachable
     /// majority ([`quorum::caught_up`], [`quorum::keeps_majority`]).
     pub async fn promote(&self, id: NodeId) -> Result<(), AdminError> {
         self.require_leader()?;
@@ -177,14 +178,30 @@ impl RaftNode {
             )));
         };
         if !*voter {
-            let (matched, leader_last) = {
-                let m = self.raft.metrics().borrow().clone();
+            // A learner replicating under load may be a little behind at this instant: give
+            // it a moment before refusing.
+            let lag = |m: &openraft::RaftMetrics<NodeId, NodeInfo>| {
                 let matched = m
                     .replication
                     .as_ref()
                     .and_then(|r| r.get(&id).copied().flatten())
                     .map(|l| l.index);
                 (matched, m.last_log_index.unwrap_or(0))
+            };
+            let waited = self
+                .raft
+                .wait(Some(quorum::PROMOTE_CATCH_UP_WAIT))
+                .metrics(
+                    |m| {
+                        let (matched, last) = lag(m);
+                        quorum::caught_up(id, matched, last).is_ok()
+                    },
+                    "learner caught up",
+                )
+                .await;
+            let (matched, leader_last) = match waited {
+                Ok(m) => lag(&m),
+                Err(_) => lag(&self.raft.metrics().borrow()),
             };
             quorum::caught_up(id, matched, leader_last)?;
             let (old, mut reachable) = self.voters_and_reachable();

@@ -7,7 +7,8 @@
 //! voters answer. The rules:
 //!
 //! * a learner is promoted only once it has caught up: its matched log index (openraft's
-//!   replication metrics) is within [`PROMOTE_MAX_LAG`] entries of the leader's last index;
+//!   replication metrics) is within [`PROMOTE_MAX_LAG`] entries of the leader's last index
+//!   (the leader waits up to [`PROMOTE_CATCH_UP_WAIT`] for that before refusing);
 //! * a change from voters `old` to voters `new` goes through the joint configuration
 //!   `old ∪ new` (openraft's joint consensus), which commits only with a majority of `old`
 //!   *and* a majority of `new`; so both must be reachable: more than half of each are voters
@@ -16,6 +17,7 @@
 //!   majority.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use crate::NodeId;
 
@@ -23,6 +25,9 @@ use crate::NodeId;
 /// promoted. Small enough that the new voter can acknowledge entries as soon as it votes,
 /// large enough that a learner replicating under load is not refused forever.
 pub const PROMOTE_MAX_LAG: u64 = 256;
+
+/// How long a promotion waits for a learner that has not caught up yet before refusing.
+pub const PROMOTE_CATCH_UP_WAIT: Duration = Duration::from_secs(3);
 
 /// A membership change refused because the cluster could lose the ability to commit.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
