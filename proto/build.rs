@@ -1,5 +1,6 @@
 //! Generates the gRPC code for the public API and the internal service with the vendored
-//! protoc (no system protoc needed), plus a descriptor set for server reflection.
+//! protoc (no system protoc needed), plus a descriptor set for server reflection. Every
+//! generated client and server uses [`proto::codec::ProtoCodec`] (see `src/codec.rs`).
 
 use std::path::PathBuf;
 
@@ -9,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc);
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        // Decode failures are the sender's mistake: INVALID_ARGUMENT, not INTERNAL.
+        .codec_path("crate::codec::ProtoCodec")
         .file_descriptor_set_path(out.join("descriptors.bin"))
         .compile_with_config(
             config,

@@ -352,6 +352,11 @@ struct FileLimits {
     max_batch_tasks: Option<usize>,
     max_deps: Option<usize>,
     max_pending_tasks: Option<u64>,
+    max_worker_slots: Option<u32>,
+    max_cpu_milli: Option<u64>,
+    max_memory_mib: Option<u64>,
+    max_named_amount: Option<u64>,
+    max_named_resources: Option<usize>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -467,6 +472,21 @@ impl Config {
         }
         if let Some(v) = l.max_pending_tasks {
             c.limits.max_pending_tasks = v;
+        }
+        if let Some(v) = l.max_worker_slots {
+            c.limits.fields.max_worker_slots = v;
+        }
+        if let Some(v) = l.max_cpu_milli {
+            c.limits.fields.max_cpu_milli = v;
+        }
+        if let Some(v) = l.max_memory_mib {
+            c.limits.fields.max_memory_mib = v;
+        }
+        if let Some(v) = l.max_named_amount {
+            c.limits.fields.max_named_amount = v;
+        }
+        if let Some(v) = l.max_named_resources {
+            c.limits.fields.max_named_resources = v;
         }
         let p = &file.planner;
         if let Some(v) = p.max_assignments_per_round {

@@ -14,7 +14,10 @@
 //! | idempotency key reused with a different body | FAILED_PRECONDITION | idempotency_conflict |
 //! | task in the wrong state, does not fit, worker dead/draining | FAILED_PRECONDITION | invalid_state / does_not_fit / worker_unavailable |
 //! | no leader, forward failed, write not committed in time, node stopping | UNAVAILABLE | unavailable / not_leader |
-//! | an undecodable peer message | INVALID_ARGUMENT | invalid_argument |
+//! | a membership change that would lose a reachable majority, a learner not caught up | FAILED_PRECONDITION | invalid_state |
+//! | an undecodable peer message, or one with implausible values (`raft::plausible`) | INVALID_ARGUMENT | invalid_argument |
+//! | a Raft message from a node that is not a member here | FAILED_PRECONDITION | invalid_state |
+//! | a request body that is not valid protobuf (built by `proto::codec` before any handler runs) | INVALID_ARGUMENT | invalid_argument |
 //! | a peer speaking another internal encoding | FAILED_PRECONDITION | invalid_state |
 //! | a followed task was purged | NOT_FOUND | not_found |
 //! | a watch resumes before the retained events | OUT_OF_RANGE | out_of_range |
@@ -138,7 +141,7 @@ impl From<NodeError> for Status {
                 Reason::NotLeader,
                 leader.as_ref(),
             ),
-            NodeError::Admin(AdminError::Invalid(_)) => {
+            NodeError::Admin(AdminError::Invalid(_) | AdminError::Unsafe(_)) => {
                 with_meta(Code::FailedPrecondition, msg, Reason::InvalidState, None)
             }
             NodeError::Admin(AdminError::Unavailable(_) | AdminError::Fatal(_)) => {
@@ -147,10 +150,11 @@ impl From<NodeError> for Status {
             NodeError::Exhausted(_) => {
                 with_meta(Code::ResourceExhausted, msg, Reason::LimitExceeded, None)
             }
-            NodeError::Rpc(RpcError::Undecodable { .. }) | NodeError::Malformed(_) => {
+            NodeError::Rpc(RpcError::Undecodable { .. } | RpcError::Implausible(_))
+            | NodeError::Malformed(_) => {
                 with_meta(Code::InvalidArgument, msg, Reason::InvalidArgument, None)
             }
-            NodeError::Rpc(RpcError::Version { .. }) => {
+            NodeError::Rpc(RpcError::Version { .. } | RpcError::Stranger(_)) => {
                 with_meta(Code::FailedPrecondition, msg, Reason::InvalidState, None)
             }
             NodeError::Rpc(RpcError::Stopped) => {
@@ -203,6 +207,24 @@ mod tests {
         .into();
         assert_eq!(s.code(), Code::FailedPrecondition);
         assert_eq!(reason(&s), "stale_fence");
+
+        // Neither the current token nor the holder reaches the text; the reason still tells.
+        let s: Status = NodeError::from(Rejection::StaleFence {
+            task: TaskId(1),
+            current: Some(Fence(777)),
+            given: Fence(3),
+        })
+        .into();
+        assert!(!s.message().contains("777"), "{}", s.message());
+        assert_eq!(reason(&s), "stale_fence");
+        let s: Status = NodeError::from(Rejection::WrongWorker {
+            task: TaskId(1),
+            holder: Some(state_machine::WorkerId("the-holder".into())),
+            given: state_machine::WorkerId("w2".into()),
+        })
+        .into();
+        assert!(!s.message().contains("the-holder"), "{}", s.message());
+        assert_eq!(reason(&s), "wrong_worker");
 
         let s: Status = NodeError::from(Rejection::TaskNotFound { task: TaskId(9) }).into();
         assert_eq!(s.code(), Code::NotFound);

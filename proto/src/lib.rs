@@ -9,6 +9,8 @@
 //!   one-hop forwarding mark;
 //! * [`convert`]: conversions between wire messages and the domain types of the
 //!   `state-machine` crate (they live here because of the orphan rule);
+//! * [`codec`]: the protobuf codec of every generated client and server (a message that
+//!   does not decode is `INVALID_ARGUMENT`, not tonic's `INTERNAL`);
 //! * [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
 //!
 //! Wire-level checks that need no state (enum values, required messages) happen in the
@@ -16,6 +18,7 @@
 //! is validated by `state_machine::validate`.
 
 pub mod auth;
+pub mod codec;
 pub mod convert;
 pub mod status;
 

@@ -10,7 +10,8 @@
 //!   written to sled atomically with `last_applied`; copy-on-write snapshots streamed to files;
 //! * [`snapshot`]: the snapshot file format; [`events`]: applied changes for watchers;
 //! * [`network`]: openraft's RPCs to peers over `RaftService` (the channel pool is shared
-//!   with the `node` crate's peer service); [`service`]: the handlers that answer them;
+//!   with the `node` crate's peer service); [`service`]: the handlers that answer them, after
+//!   [`plausible`] has refused absurd values and strangers;
 //! * [`node`]: one cluster member and what the server asks of consensus — propose (batched),
 //!   confirm a linearizable read, readiness, membership, snapshots, status;
 //! * [`config`]: settings with fast-failover defaults.
@@ -32,6 +33,7 @@ pub mod log;
 pub mod network;
 pub mod node;
 mod persister;
+pub mod plausible;
 pub mod service;
 pub mod sm_store;
 pub mod snapshot;

@@ -83,6 +83,8 @@ pub struct PeerHealth {
     failures: u64,
     /// Set while the peer counts as unreachable.
     down: Option<Down>,
+    /// When it last answered (any answer, including a refusal).
+    last_answer: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -145,6 +147,7 @@ impl PeerHealth {
 
     /// An answer from the peer at `now`: the line to log, if any.
     pub fn success(&mut self, now: Instant) -> Option<PeerEvent> {
+        self.last_answer = Some(now);
         let failures = std::mem::take(&mut self.failures);
         self.down.take().map(|d| PeerEvent::Reachable {
             failures,
@@ -155,6 +158,11 @@ impl PeerHealth {
     /// Whether the peer counts as unreachable.
     pub fn is_unreachable(&self) -> bool {
         self.down.is_some()
+    }
+
+    /// Whether the peer answered at most `window` before `now`.
+    pub fn answered_within(&self, window: Duration, now: Instant) -> bool {
+        self.last_answer.is_some_and(|t| now.saturating_duration_since(t) <= window)
     }
 }
 
@@ -185,6 +193,20 @@ impl Peers {
     pub fn set_tls(&self, tls: Option<ClientTlsConfig>) {
         *self.tls.lock().unwrap_or_else(|e| e.into_inner()) = tls;
         self.channels.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// The peers among `ids` that answered an RPC of this node within `window` (the leader's
+    /// heartbeats make that every heartbeat interval for a live follower).
+    pub fn answered_within(
+        &self,
+        ids: impl IntoIterator<Item = NodeId>,
+        window: Duration,
+    ) -> std::collections::BTreeSet<NodeId> {
+        let now = Instant::now();
+        let map = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        ids.into_iter()
+            .filter(|id| map.get(id).is_some_and(|h| h.answered_within(window, now)))
+            .collect()
     }
 
     /// Record the outcome of one RPC from `node_id` to `peer` and log a change of its
@@ -418,12 +440,22 @@ impl Drop for Attempt<'_> {
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>;
 
 /// A peer that refused or dropped the connection is `Unreachable`: openraft backs off before
-/// trying again. A deadline (tonic reports its own as `Cancelled: Timeout expired`) is only a
+/// trying again. So is a peer that refused the message itself (INVALID_ARGUMENT or
+/// FAILED_PRECONDITION from its `plausible` checks, e.g. it does not count this node as a
+/// member yet): it will not change its mind at once, and retrying without a pause would be a
+/// hot loop. A deadline (tonic reports its own as `Cancelled: Timeout expired`) is only a
 /// `Network` error and is retried at once: a slow AppendEntries must not pause replication.
 fn call_to_rpc<E: std::error::Error>(e: CallError) -> RPCError<NodeId, NodeInfo, E> {
     match &e {
         CallError::Status(s)
-            if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) =>
+            if matches!(
+                s.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::Unknown
+                    | tonic::Code::InvalidArgument
+                    | tonic::Code::FailedPrecondition
+                    | tonic::Code::PermissionDenied
+            ) =>
         {
             RPCError::Unreachable(Unreachable::new(&e))
         }

@@ -5,6 +5,11 @@
 //!
 //! A Raft-level refusal (e.g. a stale term) is not an [`RpcError`]: it travels inside the
 //! reply, encoded, so the calling node's openraft sees its own error type.
+//!
+//! Every request is checked by [`crate::plausible`] before openraft sees it — bounded terms
+//! and indexes, consecutive entries, a sender that is a member here — and refused with
+//! [`RpcError::Implausible`] or [`RpcError::Stranger`] otherwise: openraft trusts its peers,
+//! and one absurd term used to make every node panic.
 
 use std::sync::{Arc, Weak};
 
@@ -13,6 +18,7 @@ use proto::internal::v1 as ipb;
 
 use crate::network::codec;
 use crate::node::RaftNode;
+use crate::plausible::{self, Implausible, Members, Stranger};
 use crate::{NodeId, TypeConfig};
 
 /// Why a Raft RPC could not be handled.
@@ -37,6 +43,12 @@ pub enum RpcError {
     /// This node is shutting down.
     #[error("node is shutting down")]
     Stopped,
+    /// A value in the message is out of bounds or inconsistent ([`crate::plausible`]).
+    #[error("refused raft message: {0}")]
+    Implausible(#[from] Implausible),
+    /// The sender is not a member here ([`crate::plausible::Members::admit`]).
+    #[error("refused raft message: {0}")]
+    Stranger(#[from] Stranger),
 }
 
 /// The Raft RPC handlers of one node.
@@ -78,6 +90,12 @@ impl RaftRpcs {
         self.node.upgrade().ok_or(RpcError::Stopped)
     }
 
+    /// Who `node` hears Raft messages from right now.
+    fn members(node: &RaftNode) -> Members {
+        let m = node.raft().metrics().borrow().membership_config.clone();
+        Members::of(node.id(), m.membership())
+    }
+
     /// AppendEntries (also the leader's heartbeat).
     pub async fn append_entries(&self, req: ipb::RaftRequest) -> Result<ipb::RaftReply, RpcError> {
         check_version(req.version)?;
@@ -90,14 +108,20 @@ impl RaftRpcs {
             leader_commit: wire.leader_commit,
             entries,
         };
-        Ok(reply(self.node()?.raft().append_entries(rpc).await))
+        let sender = plausible::append_request(&rpc)?;
+        let node = self.node()?;
+        Self::members(&node).admit("leader", sender.leader, sender.named_by_entries)?;
+        Ok(reply(node.raft().append_entries(rpc).await))
     }
 
     /// RequestVote.
     pub async fn vote(&self, req: ipb::RaftRequest) -> Result<ipb::RaftReply, RpcError> {
         check_version(req.version)?;
         let rpc: VoteRequest<NodeId> = codec::decode(&req.data).map_err(undecodable("vote"))?;
-        Ok(reply(self.node()?.raft().vote(rpc).await))
+        let candidate = plausible::vote_request(&rpc)?;
+        let node = self.node()?;
+        Self::members(&node).admit("candidate", candidate, false)?;
+        Ok(reply(node.raft().vote(rpc).await))
     }
 
     /// One chunk of a snapshot.
@@ -108,6 +132,9 @@ impl RaftRpcs {
         check_version(req.version)?;
         let rpc: InstallSnapshotRequest<TypeConfig> =
             codec::decode(&req.data).map_err(undecodable("snapshot chunk"))?;
-        Ok(reply(self.node()?.raft().install_snapshot(rpc).await))
+        let leader = plausible::snapshot_request(&rpc)?;
+        let node = self.node()?;
+        Self::members(&node).admit("leader", leader, false)?;
+        Ok(reply(node.raft().install_snapshot(rpc).await))
     }
 }

@@ -280,6 +280,38 @@ async fn vote_and_committed_round_trip() -> Result<()> {
     Ok(())
 }
 
+/// A vote persisted with an absurd term (by a build that accepted one from a hostile peer)
+/// is refused at open with an error naming the remedy, instead of a panic at the next
+/// election; a term at the bound still opens.
+#[tokio::test]
+async fn an_absurd_persisted_term_is_refused_at_open() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("log");
+    let opts = LogOptions::default();
+    let mut store = open(&dir, &opts)?;
+    store.save_vote(&Vote::new(raft::plausible::MAX_STORED_TERM, 2)).await?;
+    drop(store);
+    let mut store = open(&dir, &opts)?;
+    ensure!(store.read_vote().await? == Some(Vote::new(raft::plausible::MAX_STORED_TERM, 2)));
+    store.save_vote(&Vote::new(u64::MAX, 2)).await?;
+    drop(store);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let opened = loop {
+        match LogStore::open(&dir, opts.clone()) {
+            Err(LogError::Locked { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            other => break other,
+        }
+    };
+    match opened {
+        Err(LogError::ImplausibleVote { term, .. }) => ensure!(term == u64::MAX),
+        Err(e) => return Err(anyhow!("wrong error: {e}")),
+        Ok(_) => return Err(anyhow!("a vote with term u64::MAX was accepted at open")),
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn reopen_restores_everything() -> Result<()> {
     let tmp = tempfile::tempdir()?;

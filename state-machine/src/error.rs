@@ -67,27 +67,34 @@ pub enum Rejection {
         reason: String,
     },
     /// A report or decision quoted a fencing token that is not the task's current one.
-    #[error("stale fencing token {given} for task {task} ({})", match current {
-        Some(c) => format!("the current attempt has token {c}"),
-        None => "no attempt is in progress".to_string(),
+    ///
+    /// The text never shows the current token: whoever sends a stale token must not learn the
+    /// live one (it is what lets a report through). `current` stays in the value for tests
+    /// and audits of the log.
+    #[error("stale fencing token {given} for task {task}{}", match current {
+        Some(_) => "",
+        None => " (no attempt is in progress)",
     })]
     StaleFence {
         /// The task.
         task: TaskId,
-        /// The current attempt's token, if one is in progress.
+        /// The current attempt's token, if one is in progress. Never shown in the text.
         current: Option<Fence>,
         /// The token quoted.
         given: Fence,
     },
     /// A report came from a worker that does not hold the task.
+    ///
+    /// The text never names the holder: a worker id is what a report must quote, so telling
+    /// it to another worker would be half of a forged report.
     #[error("task {task} is not held by worker {given} ({})", match holder {
-        Some(h) => format!("worker {h} holds it"),
-        None => "no worker holds it".to_string(),
+        Some(_) => "another worker holds it",
+        None => "no worker holds it",
     })]
     WrongWorker {
         /// The task.
         task: TaskId,
-        /// Who holds it, if anyone.
+        /// Who holds it, if anyone. Never shown in the text.
         holder: Option<WorkerId>,
         /// Who reported.
         given: WorkerId,

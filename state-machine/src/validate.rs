@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::command::{DepRef, NewTask};
 use crate::error::Rejection;
-use crate::model::{RetryPolicy, TaskSpec, WorkerId, WorkerSpec};
+use crate::model::{Resources, RetryPolicy, TaskSpec, WorkerId, WorkerSpec};
 
 /// Size and count limits. The node's configured limits must not exceed [`HARD`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +36,15 @@ pub struct Limits {
     pub max_worker_queues: usize,
     /// Slots a worker may offer.
     pub max_worker_slots: u32,
+    /// CPU (millicores) a worker may offer or a task may request.
+    pub max_cpu_milli: u64,
+    /// Memory (MiB) a worker may offer or a task may request.
+    pub max_memory_mib: u64,
+    /// Amount of one named resource (`gpu`, `license`, ...) a worker may offer or a task may
+    /// request.
+    pub max_named_amount: u64,
+    /// Distinct named resources in one worker's capacity or one task's request.
+    pub max_named_resources: usize,
 }
 
 /// The limits apply enforces. Configured limits can only be tighter.
@@ -52,11 +61,25 @@ pub const HARD: Limits = Limits {
     max_duration_ms: 7 * 24 * 3600 * 1000,
     max_worker_queues: 64,
     max_worker_slots: 100_000,
+    max_cpu_milli: 1 << 32,
+    max_memory_mib: 1 << 32,
+    max_named_amount: 1 << 32,
+    max_named_resources: 64,
 };
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_payload_bytes: 256 << 10, max_result_bytes: 64 << 10, ..HARD }
+        Limits {
+            max_payload_bytes: 256 << 10,
+            max_result_bytes: 64 << 10,
+            // 4096 cores, 64 TiB, a million of any named resource, 32 kinds: far beyond any
+            // machine, far below anything that could swamp the planner's sums.
+            max_cpu_milli: 4_096_000,
+            max_memory_mib: 64 << 20,
+            max_named_amount: 1_000_000,
+            max_named_resources: 32,
+            ..HARD
+        }
     }
 }
 
@@ -76,6 +99,10 @@ impl Limits {
             max_duration_ms: self.max_duration_ms.min(HARD.max_duration_ms),
             max_worker_queues: self.max_worker_queues.min(HARD.max_worker_queues),
             max_worker_slots: self.max_worker_slots.min(HARD.max_worker_slots),
+            max_cpu_milli: self.max_cpu_milli.min(HARD.max_cpu_milli),
+            max_memory_mib: self.max_memory_mib.min(HARD.max_memory_mib),
+            max_named_amount: self.max_named_amount.min(HARD.max_named_amount),
+            max_named_resources: self.max_named_resources.min(HARD.max_named_resources),
         }
     }
 }
@@ -233,6 +260,39 @@ pub fn fmt_ms(ms: u64) -> String {
     }
 }
 
+/// A worker's capacity or a task's request: every amount at most its maximum and at most
+/// [`Limits::max_named_resources`] names, each a valid identifier. The maxima keep every sum
+/// the planner and apply compute far from overflow, and stop one registration from claiming
+/// an absurd share of the cluster (a worker offering `u64::MAX` of everything).
+///
+/// Like an overlong duration, an amount beyond its maximum is a malformed value
+/// (INVALID_ARGUMENT naming the field and the maximum), not an exhausted resource: no amount
+/// of waiting makes it acceptable.
+fn resources(field: &Field, r: &Resources, limits: &Limits) -> Result<(), Rejection> {
+    let check = |f: Field, amount: u64, max: u64| {
+        if amount > max {
+            return Err(too_much(f, amount, max));
+        }
+        Ok(())
+    };
+    check(field.child("cpu_milli"), r.cpu_milli, limits.max_cpu_milli)?;
+    check(field.child("memory_mib"), r.memory_mib, limits.max_memory_mib)?;
+    if r.named.is_empty() {
+        return Ok(());
+    }
+    check(field.child("named"), r.named.len() as u64, limits.max_named_resources as u64)?;
+    for (name, &amount) in &r.named {
+        let f = Field::Key(field, name);
+        ident_at(&f, name, limits)?;
+        check(f, amount, limits.max_named_amount)?;
+    }
+    Ok(())
+}
+
+fn too_much(field: Field<'_>, amount: u64, max: u64) -> Rejection {
+    Rejection::invalid(field.to_string(), format!("{amount} exceeds the maximum of {max}"))
+}
+
 /// One task spec, without its dependencies. `now` bounds `not_before`.
 pub fn task_spec(field: &str, spec: &TaskSpec, now: u64, limits: &Limits) -> Result<(), Rejection> {
     task_spec_at(&Field::Root(field), spec, now, limits)
@@ -259,19 +319,7 @@ fn task_spec_at(
     if !spec.metadata.is_empty() {
         string_map(&field.child("metadata"), &spec.metadata, limits)?;
     }
-    if !spec.resources.named.is_empty() {
-        let res = field.child("resources");
-        if spec.resources.named.len() > limits.max_map_entries {
-            return Err(Rejection::limit(
-                res.to_string(),
-                limits.max_map_entries as u64,
-                spec.resources.named.len() as u64,
-            ));
-        }
-        for name in spec.resources.named.keys() {
-            ident_at(&Field::Key(&res, name), name, limits)?;
-        }
-    }
+    resources(&field.child("resources"), &spec.resources, limits)?;
     retry(&field.child("retry"), &spec.retry, limits)?;
     if let Some(t) = spec.timeout_ms {
         if t == 0 {
@@ -423,10 +471,7 @@ pub fn worker_spec(spec: &WorkerSpec, limits: &Limits) -> Result<(), Rejection> 
         ident_at(&Field::Index(&queues, i), q, limits)?;
     }
     string_map(&root.child("labels"), &spec.labels, limits)?;
-    let cap = root.child("capacity");
-    for name in spec.capacity.named.keys() {
-        ident_at(&Field::Key(&cap, name), name, limits)?;
-    }
+    resources(&root.child("capacity"), &spec.capacity, limits)?;
     if spec.slots == 0 {
         return Err(Rejection::invalid("worker.slots", "must be at least 1"));
     }
@@ -543,6 +588,107 @@ mod tests {
         assert!(
             matches!(e, Rejection::InvalidArgument { field, .. } if field == "tasks[1].idempotency_key")
         );
+    }
+
+    fn worker(capacity: Resources) -> WorkerSpec {
+        WorkerSpec {
+            id: WorkerId("w".into()),
+            queues: vec!["default".into()],
+            labels: BTreeMap::new(),
+            capacity,
+            slots: 1,
+        }
+    }
+
+    #[test]
+    fn worker_capacity_is_bounded_per_resource_and_named_count() {
+        let l = Limits::default();
+        let at_max = Resources {
+            cpu_milli: l.max_cpu_milli,
+            memory_mib: l.max_memory_mib,
+            named: BTreeMap::from([("gpu".to_string(), l.max_named_amount)]),
+        };
+        assert_eq!(worker_spec(&worker(at_max.clone()), &l), Ok(()));
+
+        let mut r = at_max.clone();
+        r.cpu_milli += 1;
+        assert_eq!(
+            worker_spec(&worker(r), &l),
+            Err(Rejection::invalid(
+                "worker.capacity.cpu_milli",
+                format!("{} exceeds the maximum of {}", l.max_cpu_milli + 1, l.max_cpu_milli)
+            ))
+        );
+        let mut r = at_max.clone();
+        r.memory_mib = u64::MAX;
+        assert_eq!(
+            worker_spec(&worker(r), &l),
+            Err(Rejection::invalid(
+                "worker.capacity.memory_mib",
+                format!("{} exceeds the maximum of {}", u64::MAX, l.max_memory_mib)
+            ))
+        );
+        let mut r = at_max.clone();
+        r.named.insert("gpu".into(), u64::MAX);
+        assert_eq!(
+            worker_spec(&worker(r), &l),
+            Err(Rejection::invalid(
+                "worker.capacity[\"gpu\"]",
+                format!("{} exceeds the maximum of {}", u64::MAX, l.max_named_amount)
+            ))
+        );
+        let mut r = at_max;
+        r.named = (0..=l.max_named_resources).map(|i| (format!("r{i}"), 1)).collect();
+        assert_eq!(
+            worker_spec(&worker(r), &l),
+            Err(Rejection::invalid(
+                "worker.capacity.named",
+                format!(
+                    "{} exceeds the maximum of {}",
+                    l.max_named_resources + 1,
+                    l.max_named_resources
+                )
+            ))
+        );
+    }
+
+    #[test]
+    fn task_requests_are_bounded_like_capacities() {
+        let l = Limits::default();
+        let mut t = nt(vec![]);
+        t.spec.resources.cpu_milli = u64::MAX;
+        assert_eq!(
+            submit_batch(&[t], 0, &l),
+            Err(Rejection::invalid(
+                "tasks[0].resources.cpu_milli",
+                format!("{} exceeds the maximum of {}", u64::MAX, l.max_cpu_milli)
+            ))
+        );
+        let mut t = nt(vec![]);
+        t.spec.resources.named.insert("gpu".into(), l.max_named_amount + 1);
+        assert_eq!(
+            submit_batch(&[t], 0, &l),
+            Err(Rejection::invalid(
+                "tasks[0].resources[\"gpu\"]",
+                format!("{} exceeds the maximum of {}", l.max_named_amount + 1, l.max_named_amount)
+            ))
+        );
+        let mut t = nt(vec![]);
+        t.spec.resources.named.insert("bad name".into(), 1);
+        assert!(matches!(
+            submit_batch(&[t], 0, &l),
+            Err(Rejection::InvalidArgument { field, .. }) if field == "tasks[0].resources[\"bad name\"]"
+        ));
+    }
+
+    #[test]
+    fn the_defaults_are_within_the_hard_limits_and_sums_cannot_overflow() {
+        assert_eq!(Limits::default().clamped(), Limits::default());
+        // A full worker's worth of the largest tasks, summed, stays far below u64::MAX.
+        let most = HARD.max_worker_slots as u128 * HARD.max_cpu_milli as u128;
+        assert!(most < u64::MAX as u128);
+        let most = HARD.max_worker_slots as u128 * HARD.max_named_amount as u128;
+        assert!(most < u64::MAX as u128);
     }
 
     #[test]

@@ -352,6 +352,58 @@ fn stale_fence_and_wrong_worker_are_rejected() {
 }
 
 #[test]
+fn refusal_texts_never_name_the_current_token_or_holder() {
+    let mut h = H::new();
+    h.worker("holder-w1", 2);
+    h.worker("w2", 2);
+    for i in 0..5 {
+        h.submit1(spec(&format!("filler-{i}")));
+    }
+    let a = h.submit1(spec("a"));
+    let f = h.assign(a, "holder-w1").unwrap();
+    assert_ne!(a.0, f.0, "the task id must not look like the token");
+    let given = Fence(f.0 + 1000);
+    let stale = h.complete("w2", a, given).unwrap_err().to_string();
+    let stale_own = h.complete("holder-w1", a, given).unwrap_err().to_string();
+    let wrong = h.complete("w2", a, f).unwrap_err().to_string();
+    for text in [&stale, &stale_own, &wrong] {
+        assert!(!text.contains("holder-w1"), "leaks the holder: {text}");
+        let numbers: Vec<&str> = text.split(|c: char| !c.is_ascii_digit()).collect();
+        assert!(!numbers.contains(&f.0.to_string().as_str()), "leaks the token: {text}");
+    }
+    assert!(stale_own.contains("stale fencing token"), "{stale_own}");
+    assert!(wrong.contains("another worker"), "{wrong}");
+}
+
+#[test]
+fn apply_refuses_absurd_resource_amounts_whatever_the_node_checked() {
+    let mut h = H::new();
+    let mut ws = wspec("greedy", 2);
+    ws.capacity.cpu_milli = u64::MAX;
+    let r = h.apply(Op::RegisterWorker { spec: ws, instance: 1 });
+    assert_eq!(
+        r,
+        Err(Rejection::invalid(
+            "worker.capacity.cpu_milli",
+            format!("{} exceeds the maximum of {}", u64::MAX, validate::HARD.max_cpu_milli)
+        ))
+    );
+    let mut ws = wspec("greedy", 2);
+    ws.capacity.named.insert("gpu".into(), u64::MAX);
+    assert!(matches!(
+        h.apply(Op::RegisterWorker { spec: ws, instance: 1 }),
+        Err(Rejection::InvalidArgument { field, .. }) if field == "worker.capacity[\"gpu\"]"
+    ));
+    let mut t = spec("huge");
+    t.resources.memory_mib = u64::MAX;
+    assert!(matches!(
+        h.apply(Op::Submit { tasks: vec![NewTask::new(t)] }),
+        Err(Rejection::InvalidArgument { field, .. }) if field == "tasks[0].resources.memory_mib"
+    ));
+    assert!(h.s.workers().next().is_none(), "nothing was registered");
+}
+
+#[test]
 fn retryable_failure_backs_off_then_gets_a_new_fence() {
     let mut h = H::new();
     h.worker("w1", 2);

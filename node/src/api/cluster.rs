@@ -1,7 +1,8 @@
 //! The `Cluster` service: initialization, status of every member, membership changes, leader
 //! transfer and snapshots. Membership changes and transfers run on the leader; a follower
 //! passes them on one hop ([`crate::route`]; marked with `x-raftsched-forwarded`, so they never
-//! travel twice).
+//! travel twice). Promotion and voter removal are refused with FAILED_PRECONDITION when they
+//! could leave the cluster without a reachable majority (`raft::node::quorum`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -113,6 +114,14 @@ impl ClusterApi {
     }
 }
 
+/// A node id named by a membership request: positive.
+fn member_id(id: u64) -> NodeResult<()> {
+    if id == 0 {
+        return Err(Rejection::invalid("id", "needs a node id > 0").into());
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl pb::cluster_server::Cluster for ClusterApi {
     async fn init_cluster(
@@ -203,8 +212,18 @@ impl pb::cluster_server::Cluster for ClusterApi {
                 .promote(Self::forwarded(req, Duration::from_secs(30)))
                 .await;
         }
-        let out = self.node.raft.promote(req.into_inner().id).await.map(|_| pb::PromoteResponse {});
-        answer(&self.node, out.map_err(NodeError::from))
+        let id = req.into_inner().id;
+        let out = match member_id(id) {
+            Err(e) => Err(e),
+            Ok(()) => self
+                .node
+                .raft
+                .promote(id)
+                .await
+                .map(|_| pb::PromoteResponse {})
+                .map_err(NodeError::from),
+        };
+        answer(&self.node, out)
     }
 
     async fn remove_node(
@@ -217,9 +236,18 @@ impl pb::cluster_server::Cluster for ClusterApi {
                 .remove_node(Self::forwarded(req, Duration::from_secs(30)))
                 .await;
         }
-        let out =
-            self.node.raft.remove(req.into_inner().id).await.map(|_| pb::RemoveNodeResponse {});
-        answer(&self.node, out.map_err(NodeError::from))
+        let id = req.into_inner().id;
+        let out = match member_id(id) {
+            Err(e) => Err(e),
+            Ok(()) => self
+                .node
+                .raft
+                .remove(id)
+                .await
+                .map(|_| pb::RemoveNodeResponse {})
+                .map_err(NodeError::from),
+        };
+        answer(&self.node, out)
     }
 
     async fn transfer_leader(

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+#[allow(unused_imports)]
 pub use client::local::wait_until;
 use client::local::{LocalCluster, LocalClusterOptions};
 use client::worker::{

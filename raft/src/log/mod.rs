@@ -141,6 +141,24 @@ pub enum LogError {
         /// What is wrong.
         reason: String,
     },
+    /// The persisted vote holds a term no honest cluster reaches (above
+    /// [`crate::plausible::MAX_STORED_TERM`]): it can only have come from a hostile peer
+    /// message accepted by a build without the [`crate::plausible`] checks. Refused at open,
+    /// with this error instead of a panic at the next election (where `term + 1` would
+    /// overflow). A term cannot safely be lowered (this node may have voted in it), so the
+    /// remedy is to re-provision the node: remove it from the cluster, clear its data
+    /// directory, add it back as a learner.
+    #[error(
+        "vote file {path} holds term {term}, beyond the largest plausible term {max}: it came          from a hostile peer message; remove this node from the cluster, clear its data          directory and add it back"
+    )]
+    ImplausibleVote {
+        /// The vote file.
+        path: PathBuf,
+        /// The term it holds.
+        term: u64,
+        /// The largest term accepted at open.
+        max: u64,
+    },
     /// Another open [`LogStore`] (in this or another process) holds the directory.
     #[error("log directory {path} is already in use by another log store")]
     Locked {

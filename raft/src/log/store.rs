@@ -60,6 +60,13 @@ impl LogStore {
             Err(e) => return Err(LogError::Io { path: tmp, source: e }),
         }
         let vote = read_vote_file(dir)?;
+        if let Some(v) = vote.filter(|v| v.leader_id.term > crate::plausible::MAX_STORED_TERM) {
+            return Err(LogError::ImplausibleVote {
+                path: dir.join(super::format::VOTE_FILE),
+                term: v.leader_id.term,
+                max: crate::plausible::MAX_STORED_TERM,
+            });
+        }
         let (recovered, changed) = recover(dir)?;
         if changed {
             dir_file.sync_all().map_err(io_err(dir))?;

@@ -1,6 +1,10 @@
 //! Membership and maintenance: initialize, learners, promotion, removal, snapshots, and the
 //! runtime switches a leader transfer is built from.
 //!
+//! Promotion and voter removal are checked first ([`super::quorum`]): a learner is promoted
+//! only once it has caught up, and no change is proposed unless the current and the new
+//! voters each keep a majority that answered the leader recently.
+//!
 //! Membership changes run on the leader only ([`AdminError::NotLeader`] elsewhere, with the
 //! leader's hint); passing them on is the caller's business. openraft 0.9 has no transfer
 //! call, so the switches ([`RaftNode::set_heartbeat`], [`RaftNode::set_elect`],
@@ -15,6 +19,7 @@ use openraft::ChangeMembers;
 use proto::status::LeaderHint;
 use tracing::info;
 
+use super::quorum::{self, UnsafeChange};
 use super::{forward_hint, RaftNode};
 use crate::{NodeId, NodeInfo};
 
@@ -30,6 +35,9 @@ pub enum AdminError {
     /// The request makes no sense in the current configuration.
     #[error("{0}")]
     Invalid(String),
+    /// The change could leave the cluster unable to commit ([`super::quorum`]).
+    #[error(transparent)]
+    Unsafe(#[from] UnsafeChange),
     /// It did not complete in time or a peer was unreachable.
     #[error("{0}")]
     Unavailable(String),
@@ -52,6 +60,27 @@ impl RaftNode {
                 AdminError::Invalid(e.to_string())
             }
         }
+    }
+
+    /// How recently a voter must have answered this (leading) node to count as reachable:
+    /// an election timeout, and at least three heartbeats.
+    fn reachable_window(&self) -> Duration {
+        let s = &self.settings;
+        Duration::from_millis(s.election_max_ms.max(3 * s.heartbeat_ms))
+    }
+
+    /// The current voters and those of them that answered recently (this node included).
+    fn voters_and_reachable(&self) -> (BTreeSet<NodeId>, BTreeSet<NodeId>) {
+        let voters: BTreeSet<NodeId> =
+            self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        let mut reachable = self.peers.answered_within(
+            voters.iter().copied().filter(|id| *id != self.id),
+            self.reachable_window(),
+        );
+        if voters.contains(&self.id) {
+            reachable.insert(self.id);
+        }
+        (voters, reachable)
     }
 
     fn require_leader(&self) -> Result<(), AdminError> {
@@ -137,13 +166,49 @@ impl RaftNode {
         }
     }
 
-    /// Make a learner a voter.
+    /// Make a learner a voter, once it has caught up (waiting up to
+    /// [`quorum::PROMOTE_CATCH_UP_WAIT`] for that) and if the new voters keep a reachable
+    /// majority ([`quorum::caught_up`], [`quorum::keeps_majority`]).
     pub async fn promote(&self, id: NodeId) -> Result<(), AdminError> {
         self.require_leader()?;
-        if !self.members().contains_key(&id) {
+        let members = self.members();
+        let Some((_, voter)) = members.get(&id) else {
             return Err(AdminError::Invalid(format!(
                 "node {id} is not a member; add it as a learner first"
             )));
+        };
+        if !*voter {
+            // A learner replicating under load may be a little behind at this instant: give
+            // it a moment before refusing.
+            let lag = |m: &openraft::RaftMetrics<NodeId, NodeInfo>| {
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id).copied().flatten())
+                    .map(|l| l.index);
+                (matched, m.last_log_index.unwrap_or(0))
+            };
+            let waited = self
+                .raft
+                .wait(Some(quorum::PROMOTE_CATCH_UP_WAIT))
+                .metrics(
+                    |m| {
+                        let (matched, last) = lag(m);
+                        quorum::caught_up(id, matched, last).is_ok()
+                    },
+                    "learner caught up",
+                )
+                .await;
+            let (matched, leader_last) = match waited {
+                Ok(m) => lag(&m),
+                Err(_) => lag(&self.raft.metrics().borrow()),
+            };
+            quorum::caught_up(id, matched, leader_last)?;
+            let (old, mut reachable) = self.voters_and_reachable();
+            reachable.extend(self.peers.answered_within([id], self.reachable_window()));
+            let mut new = old.clone();
+            new.insert(id);
+            quorum::keeps_majority(&old, &new, &reachable)?;
         }
         self.raft
             .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
@@ -153,7 +218,9 @@ impl RaftNode {
         Ok(())
     }
 
-    /// Remove a node (voter or learner) from the cluster.
+    /// Remove a node (voter or learner) from the cluster. Removing a voter needs a reachable
+    /// majority among the current voters and among those that remain (so a dead voter can
+    /// always be removed while the others form one).
     pub async fn remove(&self, id: NodeId) -> Result<(), AdminError> {
         self.require_leader()?;
         let members = self.members();
@@ -164,6 +231,10 @@ impl RaftNode {
             if members.values().filter(|(_, v)| *v).count() == 1 {
                 return Err(AdminError::Invalid("cannot remove the last voter".into()));
             }
+            let (old, reachable) = self.voters_and_reachable();
+            let mut new = old.clone();
+            new.remove(&id);
+            quorum::keeps_majority(&old, &new, &reachable)?;
             self.raft
                 .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
                 .await

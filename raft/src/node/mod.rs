@@ -12,6 +12,7 @@
 //!   on a follower that got the leader's read index) and readiness (`/readyz`, gRPC health).
 //! * [`admin`]: initialize, learners, promotion, removal, snapshots and the runtime switches a
 //!   leader transfer is built from (openraft 0.9 has no transfer call).
+//! * [`quorum`]: whether a membership change keeps a reachable majority (pure).
 //! * [`status`]: this node's view of itself, the members and replication progress.
 //!
 //! openraft's errors are matched by type (`ForwardToLeader`, `ChangeMembershipError`,
@@ -19,6 +20,7 @@
 
 pub mod admin;
 pub mod propose;
+pub mod quorum;
 pub mod read;
 pub mod status;
 
