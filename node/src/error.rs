@@ -22,7 +22,7 @@
 //! | a followed task was purged | NOT_FOUND | not_found |
 //! | a watch resumes before the retained events | OUT_OF_RANGE | out_of_range |
 //! | no token, or an unknown one | UNAUTHENTICATED | unauthenticated |
-//! | the token's role does not allow it, a worker id outside the token's prefix | PERMISSION_DENIED | permission_denied |
+//! | the token's role does not allow it, a worker id outside the token's prefix, a live worker registered by another token | PERMISSION_DENIED | permission_denied |
 //! | a bug | INTERNAL | internal |
 //!
 //! The reason codes, the metadata keys and the hint format are the wire contract in
@@ -116,6 +116,9 @@ impl From<NodeError> for Status {
                     }
                     Rejection::WorkerUnavailable { .. } => {
                         (Code::FailedPrecondition, Reason::WorkerUnavailable)
+                    }
+                    Rejection::WorkerOwned { .. } => {
+                        (Code::PermissionDenied, Reason::PermissionDenied)
                     }
                 };
                 with_meta(code, msg, reason, None)

@@ -29,10 +29,12 @@ impl Drop for Logs<'_> {
 async fn secure_cluster(n: u64) -> LocalCluster {
     let mut gpu = TokenSpec::new("gpu-pool", "worker");
     gpu.worker_id_prefix = Some("gpu-".into());
+    let mut gpu2 = TokenSpec::new("gpu-other", "worker");
+    gpu2.worker_id_prefix = Some("gpu-".into());
     let opts = LocalClusterOptions::new(env!("CARGO_BIN_EXE_schedulerd"), n)
         .env("SCHED_LOG", "info,openraft=warn")
         .http(true)
-        .secure([TokenSpec::new("ci", "submitter"), TokenSpec::new("dash", "reader"), gpu]);
+        .secure([TokenSpec::new("ci", "submitter"), TokenSpec::new("dash", "reader"), gpu, gpu2]);
     LocalCluster::start(opts).await.expect("a secure cluster starts")
 }
 
@@ -139,7 +141,23 @@ async fn roles_are_enforced_and_fences_hidden_on_a_tls_cluster() {
             outcome: Some(pb::task_report::Outcome::Succeeded(pb::Succeeded { result: vec![] })),
         }],
     };
-    let e = client(&sec, &all, Some("ci")).report(forged).await.unwrap_err();
+    let e = client(&sec, &all, Some("ci")).report(forged.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    // Nor from another worker token allowed the same prefix: the live session is bound to
+    // the token that opened it, for reports and for take-overs by re-registering.
+    let other = client(&sec, &all, Some("gpu-other"));
+    let e = other.report(forged).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    let takeover = pb::RegisterWorkerRequest {
+        worker: Some(pb::WorkerSpec {
+            id: "gpu-1".into(),
+            queues: vec!["default".into()],
+            slots: 1,
+            ..Default::default()
+        }),
+        instance: 99,
+    };
+    let e = other.register_worker(takeover).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e}");
     let after = admin.get_task(id).await.unwrap();
     assert_ne!(after.state, pb::TaskState::Succeeded as i32, "the forgery changed nothing");

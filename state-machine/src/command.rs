@@ -102,6 +102,18 @@ pub enum Op {
         /// Upper bound on tasks removed by this command.
         limit: u32,
     },
+    /// [`Op::RegisterWorker`] by an authenticated caller: the session is bound to `owner`
+    /// (the token's name). While the worker is live, a registration of the same id by another
+    /// owner is refused. (A variant of its own, last, so entries written before it still
+    /// decode.)
+    RegisterWorkerAs {
+        /// The worker's description.
+        spec: WorkerSpec,
+        /// The worker process's nonce.
+        instance: u64,
+        /// The token that registers it.
+        owner: String,
+    },
 }
 
 impl Op {

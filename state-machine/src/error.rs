@@ -56,6 +56,12 @@ pub enum Rejection {
         /// The id.
         worker: WorkerId,
     },
+    /// The worker is live and was registered with another token.
+    #[error("worker {worker} is live and registered with another token; use that token, or another worker id")]
+    WorkerOwned {
+        /// The id.
+        worker: WorkerId,
+    },
     /// The worker exists but cannot do this (dead, draining, wrong session).
     #[error("worker {worker} is {status}: {reason}")]
     WorkerUnavailable {

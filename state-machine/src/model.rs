@@ -584,6 +584,9 @@ pub struct Worker {
     pub status: WorkerStatus,
     /// When this session registered.
     pub registered_at: Millis,
+    /// The token that registered it (empty: registered without authentication). Only that
+    /// token may act for the worker while it is live.
+    pub owner: String,
 }
 
 /// Counters that must survive restarts and snapshots (one record).

@@ -21,7 +21,10 @@ use crate::model::{Meta, Task, TaskId, Worker, WorkerId};
 use crate::state::SchedulerState;
 
 /// Format version of encoded records (first byte of every value).
-pub const RECORD_VERSION: u8 = 2;
+pub const RECORD_VERSION: u8 = 3;
+
+/// The previous format, still read: version 2 workers had no `owner`.
+const RECORD_VERSION_2: u8 = 2;
 
 /// Tasks per chunk record (a power of two: the chunk of task `id` is `id >> CHUNK_BITS`).
 pub const CHUNK_TASKS: u64 = 1 << CHUNK_BITS;
@@ -130,8 +133,51 @@ impl Record {
             Some((&RECORD_VERSION, rest)) => {
                 postcard::from_bytes(rest).map_err(|e| RecordError::BadValue(e.to_string()))
             }
+            Some((&RECORD_VERSION_2, rest)) => postcard::from_bytes::<v2::Record>(rest)
+                .map(Record::from)
+                .map_err(|e| RecordError::BadValue(e.to_string())),
             Some((v, _)) => Err(RecordError::UnknownVersion(*v)),
             None => Err(RecordError::BadValue("empty value".into())),
+        }
+    }
+}
+
+/// Version 2 of the record format: as 3, without a worker's `owner`.
+mod v2 {
+    use serde::Deserialize;
+
+    use crate::model::{Meta, Millis, Task, WorkerSpec, WorkerStatus};
+
+    #[derive(Deserialize)]
+    pub(super) enum Record {
+        Meta(Meta),
+        TaskChunk(Vec<Task>),
+        Worker(Worker),
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct Worker {
+        spec: WorkerSpec,
+        instance: u64,
+        session: u64,
+        status: WorkerStatus,
+        registered_at: Millis,
+    }
+
+    impl From<Record> for super::Record {
+        fn from(r: Record) -> super::Record {
+            match r {
+                Record::Meta(m) => super::Record::Meta(m),
+                Record::TaskChunk(t) => super::Record::TaskChunk(t),
+                Record::Worker(w) => super::Record::Worker(crate::model::Worker {
+                    spec: w.spec,
+                    instance: w.instance,
+                    session: w.session,
+                    status: w.status,
+                    registered_at: w.registered_at,
+                    owner: String::new(),
+                }),
+            }
         }
     }
 }
@@ -302,5 +348,37 @@ mod tests {
         let mut bad = v.clone();
         bad[0] = 9;
         assert_eq!(Record::decode(&bad), Err(RecordError::UnknownVersion(9)));
+    }
+
+    #[test]
+    fn version_2_workers_decode_without_an_owner() {
+        use crate::model::{Resources, WorkerSpec, WorkerStatus};
+        // The version 2 shape, written the way version 2 wrote it.
+        #[derive(serde::Serialize)]
+        enum RecordV2 {
+            _Meta(Meta),
+            _TaskChunk(Vec<Task>),
+            Worker(WorkerSpec, u64, u64, WorkerStatus, u64),
+        }
+        let spec = WorkerSpec {
+            id: WorkerId("w1".into()),
+            queues: vec!["default".into()],
+            labels: Default::default(),
+            capacity: Resources::default(),
+            slots: 2,
+        };
+        let mut bytes = vec![2u8];
+        bytes.extend(
+            postcard::to_allocvec(&RecordV2::Worker(spec.clone(), 7, 3, WorkerStatus::Alive, 99))
+                .unwrap(),
+        );
+        let Record::Worker(w) = Record::decode(&bytes).unwrap() else { panic!("a worker") };
+        assert_eq!((&w.spec, w.instance, w.session, w.registered_at), (&spec, 7, 3, 99));
+        assert_eq!(w.owner, "");
+        // Written again, it is version 3 and keeps the owner.
+        let w = Worker { owner: "ci".into(), ..w };
+        let v3 = RecordRef::Worker(&w).encode();
+        assert_eq!(v3[0], RECORD_VERSION);
+        assert_eq!(Record::decode(&v3).unwrap(), Record::Worker(w));
     }
 }

@@ -254,7 +254,10 @@ impl SchedulerState {
         match op {
             Op::Submit { tasks } => self.submit(now, tasks),
             Op::Cancel { ids, reason } => Ok(self.cancel(now, ids, reason)),
-            Op::RegisterWorker { spec, instance } => self.register_worker(now, spec, *instance),
+            Op::RegisterWorker { spec, instance } => self.register_worker(now, spec, *instance, ""),
+            Op::RegisterWorkerAs { spec, instance, owner } => {
+                self.register_worker(now, spec, *instance, owner)
+            }
             Op::DrainWorker { worker } => self.drain_worker(now, worker),
             Op::DeregisterWorker { worker, session } => {
                 self.end_worker(now, worker, *session, DeathReason::Left)

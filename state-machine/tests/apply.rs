@@ -376,6 +376,39 @@ fn refusal_texts_never_name_the_current_token_or_holder() {
 }
 
 #[test]
+fn a_live_worker_is_bound_to_the_token_that_registered_it() {
+    let mut h = H::new();
+    let reg = |owner: &str, instance: u64| Op::RegisterWorkerAs {
+        spec: wspec("gpu-1", 1),
+        instance,
+        owner: owner.into(),
+    };
+    let Ok(Output::Registered { session, .. }) = h.apply(reg("pool-a", 1)) else { panic!() };
+    // Another token can neither reconnect nor restart (and so requeue) it.
+    for instance in [1, 2] {
+        assert_eq!(
+            h.apply(reg("pool-b", instance)),
+            Err(Rejection::WorkerOwned { worker: w("gpu-1") })
+        );
+    }
+    assert_eq!(h.s.worker(&w("gpu-1")).unwrap().owner, "pool-a");
+    // Its own token reconnects to the same session.
+    assert!(
+        matches!(h.apply(reg("pool-a", 1)), Ok(Output::Registered { session: s, .. }) if s == session)
+    );
+    // Once it is dead, the id is free for another token.
+    h.apply(Op::ExpireWorker { worker: w("gpu-1"), session }).unwrap();
+    assert!(h.apply(reg("pool-b", 3)).is_ok());
+    assert_eq!(h.s.worker(&w("gpu-1")).unwrap().owner, "pool-b");
+    // A worker registered before tokens were on is claimed by the first token.
+    h.apply(Op::RegisterWorker { spec: wspec("old", 1), instance: 1 }).unwrap();
+    assert!(h
+        .apply(Op::RegisterWorkerAs { spec: wspec("old", 1), instance: 1, owner: "pool-a".into() })
+        .is_ok());
+    assert_eq!(h.s.worker(&w("old")).unwrap().owner, "pool-a");
+}
+
+#[test]
 fn apply_refuses_absurd_resource_amounts_whatever_the_node_checked() {
     let mut h = H::new();
     let mut ws = wspec("greedy", 2);

@@ -165,6 +165,8 @@ impl Model {
                     .collect(),
             ),
             Op::RegisterWorker { spec, instance } => self.register(spec, *instance),
+            // Ownership is covered by the unit tests; this generator registers without owners.
+            Op::RegisterWorkerAs { .. } => panic!("the generator makes no owned registrations"),
             Op::DrainWorker { worker } => match self.workers.get_mut(&worker.0) {
                 Some(w) if w.alive => {
                     w.draining = true;

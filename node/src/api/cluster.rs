@@ -215,15 +215,9 @@ impl pb::cluster_server::Cluster for ClusterApi {
         let id = req.into_inner().id;
         let out = match member_id(id) {
             Err(e) => Err(e),
-            Ok(()) => self
-                .node
-                .raft
-                .promote(id)
-                .await
-                .map(|_| pb::PromoteResponse {})
-                .map_err(NodeError::from),
+            Ok(()) => self.node.raft.promote(id).await.map_err(NodeError::from),
         };
-        answer(&self.node, out)
+        answer(&self.node, out.map(|_| pb::PromoteResponse {}))
     }
 
     async fn remove_node(
@@ -239,15 +233,9 @@ impl pb::cluster_server::Cluster for ClusterApi {
         let id = req.into_inner().id;
         let out = match member_id(id) {
             Err(e) => Err(e),
-            Ok(()) => self
-                .node
-                .raft
-                .remove(id)
-                .await
-                .map(|_| pb::RemoveNodeResponse {})
-                .map_err(NodeError::from),
+            Ok(()) => self.node.raft.remove(id).await.map_err(NodeError::from),
         };
-        answer(&self.node, out)
+        answer(&self.node, out.map(|_| pb::RemoveNodeResponse {}))
     }
 
     async fn transfer_leader(

@@ -49,11 +49,19 @@ impl WorkersApi {
     async fn register(
         &self,
         req: pb::RegisterWorkerRequest,
+        caller: Option<auth::Caller>,
     ) -> NodeResult<pb::RegisterWorkerResponse> {
         let node = &self.node;
         let spec = convert::worker_spec_from_pb(req.worker)?;
         validate::worker_spec(&spec, &node.cfg.limits.fields)?;
-        let (_, out) = node.write(Op::RegisterWorker { spec, instance: req.instance }).await?;
+        let instance = req.instance;
+        let op = match caller {
+            // The session is bound to the token; apply refuses another token's registration
+            // of a live worker.
+            Some(c) => Op::RegisterWorkerAs { spec, instance, owner: c.name },
+            None => Op::RegisterWorker { spec, instance },
+        };
+        let (_, out) = node.write(op).await?;
         let Output::Registered { session, requeued } = out else {
             return Err(NodeError::Internal(format!("register answered {out:?}")));
         };
@@ -320,9 +328,27 @@ impl ActsFor for pb::RegisterWorkerRequest {
 impl WorkersApi {
     /// The request, once its caller may act for the worker it names (a worker token is held
     /// to its `worker_id_prefix`; authentication off: anyone may).
+    ///
+    /// A live worker registered with a token may only be acted for with that token (admins
+    /// excepted). This reads this node's applied state, so a follower a moment behind may
+    /// judge by the previous registration; the state machine still checks the session and
+    /// the fencing token of everything written.
     fn permitted<T: ActsFor>(&self, req: Request<T>) -> Result<T, Status> {
-        let allowed = auth::check_worker(auth::caller_of(&req), req.get_ref().worker_id());
-        answer(&self.node, allowed.map_err(NodeError::from))?;
+        let caller = auth::caller_of(&req);
+        let id = req.get_ref().worker_id();
+        let mut allowed = auth::check_worker(caller, id).map_err(NodeError::from);
+        if let (Ok(()), Some(c)) = (&allowed, caller) {
+            if c.role != auth::Role::Admin {
+                let worker = WorkerId(id.to_string());
+                let owner = self.node.local(|s| {
+                    s.worker(&worker).filter(|w| w.status.is_live()).map(|w| w.owner.clone())
+                });
+                if owner.is_some_and(|o| !o.is_empty() && o != c.name) {
+                    allowed = Err(Rejection::WorkerOwned { worker }.into());
+                }
+            }
+        }
+        answer(&self.node, allowed)?;
         Ok(req.into_inner())
     }
 }
@@ -333,8 +359,9 @@ impl pb::workers_server::Workers for WorkersApi {
         &self,
         req: Request<pb::RegisterWorkerRequest>,
     ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
+        let caller = auth::caller_of(&req).cloned();
         let r = self.permitted(req)?;
-        answer(&self.node, self.register(r).await)
+        answer(&self.node, self.register(r, caller).await)
     }
 
     type OpenAssignmentsStream = BoxStream<pb::WorkerMessage>;

@@ -21,9 +21,17 @@ impl SchedulerState {
         now: Millis,
         spec: &WorkerSpec,
         instance: u64,
+        owner: &str,
     ) -> Response {
         validate::worker_spec(spec, &HARD)?;
         let id = spec.id.clone();
+        if let Some(w) = self.workers.get(&id) {
+            // Another token cannot take over (and requeue) a live worker's tasks. A worker
+            // registered before authentication was on (no owner) is claimed by the first token.
+            if w.status.is_live() && !w.owner.is_empty() && w.owner != owner {
+                return Err(Rejection::WorkerOwned { worker: id });
+            }
+        }
         if let Some(w) = self.workers.get(&id) {
             if w.status.is_live() && w.instance == instance {
                 // A reconnect of the same process: keep session, status and tasks. A changed
@@ -42,8 +50,10 @@ impl SchedulerState {
                     ));
                 }
                 let session = w.session;
-                if w.spec != *spec {
-                    self.workers.get_mut(&id).expect("worker").spec = spec.clone();
+                if w.spec != *spec || w.owner != owner {
+                    let w = self.workers.get_mut(&id).expect("worker");
+                    w.spec = spec.clone();
+                    w.owner = owner.to_string();
                     self.touch(RecordKey::Worker(id.clone()));
                 }
                 return Ok(Output::Registered { session, requeued: Vec::new() });
@@ -69,6 +79,7 @@ impl SchedulerState {
                 session,
                 status: WorkerStatus::Alive,
                 registered_at: now,
+                owner: owner.to_string(),
             },
         );
         self.idx.loads.entry(id.clone()).or_default();
