@@ -326,7 +326,7 @@ async fn peer_rpcs_need_a_node_certificate_and_bad_certificates_fail() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn certificates_reload_on_sighup_and_expired_ones_fail() {
+async fn certificates_reload_on_sighup_and_on_file_change_and_expired_ones_fail() {
     let mut c = secure_cluster(1).await;
     let logs = Logs(&c);
     let sec = c.security().unwrap().clone();
@@ -375,9 +375,17 @@ async fn certificates_reload_on_sighup_and_expired_ones_fail() {
     )
     .await
     .unwrap();
+    // The original files back, and no signal: the node notices the change by itself.
     std::fs::write(&sec.pki.cert, keep.0).unwrap();
     std::fs::write(&sec.pki.key, keep.1).unwrap();
     std::fs::write(&sec.pki.ca, keep.2).unwrap();
+    client::local::wait_until(
+        "the original certificate to be served again after a file change",
+        Duration::from_secs(30),
+        || async { fresh(&sec).cluster_status().await.is_ok() },
+    )
+    .await
+    .unwrap();
     drop(logs);
     all_alive(&mut c).await;
 }
