@@ -778,6 +778,12 @@ mod tests {
             ..tokens_only
         };
         assert!(Config::load(&protected).unwrap().tls.is_some());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "tls_cert = \"n.pem\"\ntls_key = \"k.pem\"\ntls_ca = \"ca.pem\"\n")
+            .unwrap();
+        let from_file = Config::load(&Args { config: Some(file), ..Default::default() }).unwrap();
+        assert_eq!(from_file.tls.unwrap().ca, PathBuf::from("ca.pem"), "the file layer sets TLS");
         let half = Args { tls_cert: Some("n.pem".into()), ..Default::default() };
         let e = Config::load(&half).unwrap_err().to_string();
         assert!(e.contains("all three"), "{e}");
