@@ -34,7 +34,7 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, tls: Option<Arc<NodeT
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let node = node.clone();
-                let acceptor = tls.as_ref().map(|t| t.acceptor());
+                let acceptor = tls.as_ref().map(|t| t.http_acceptor());
                 tokio::spawn(async move {
                     let served = async {
                         match acceptor {

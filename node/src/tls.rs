@@ -88,7 +88,11 @@ pub enum TlsError {
 }
 
 struct Loaded {
+    /// For the gRPC listener (ALPN h2).
     server: Arc<rustls::ServerConfig>,
+    /// For the HTTP listener (ALPN http/1.1: it speaks HTTP/1.1 only, so a client such as
+    /// curl or Prometheus must not be offered h2).
+    http: Arc<rustls::ServerConfig>,
     client: ClientTlsConfig,
     stamps: Vec<Option<SystemTime>>,
 }
@@ -156,12 +160,14 @@ fn load(files: &TlsFiles) -> Result<Loaded, TlsError> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(|e| config_err(&e))?;
-    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let mut http = server.clone();
+    server.alpn_protocols = vec![b"h2".to_vec()];
+    http.alpn_protocols = vec![b"http/1.1".to_vec()];
     let client = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&ca_pem))
         .identity(Identity::from_pem(&cert_pem, &key_pem))
         .domain_name(PEER_NAME);
-    Ok(Loaded { server: Arc::new(server), client, stamps })
+    Ok(Loaded { server: Arc::new(server), http: Arc::new(http), client, stamps })
 }
 
 impl NodeTls {
@@ -175,9 +181,14 @@ impl NodeTls {
         self.current.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// An acceptor with the current certificate.
+    /// An acceptor for the gRPC listener with the current certificate.
     pub fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(self.current().server.clone())
+    }
+
+    /// An acceptor for the HTTP listener with the current certificate.
+    pub fn http_acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.current().http.clone())
     }
 
     /// How to connect to peers with the current certificate.

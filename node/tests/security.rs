@@ -204,8 +204,10 @@ async fn https_get(sec: &Security, addr: &str, path: &str, token: Option<&str>) 
     for c in rustls_pki_types::CertificateDer::pem_slice_iter(&ca) {
         roots.add(c.unwrap()).unwrap();
     }
-    let config =
+    let mut config =
         rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    // Offer what curl and Prometheus offer; the server must pick HTTP/1.1.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
