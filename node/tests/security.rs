@@ -309,7 +309,8 @@ async fn peer_rpcs_need_a_node_certificate_and_bad_certificates_fail() {
         ..ClientConfig::new([addr.clone()])
     })
     .unwrap();
-    assert!(plain.get_task(id).await.is_err(), "plaintext is not served");
+    let e = plain.get_task(id).await.unwrap_err();
+    assert!(e.to_string().contains("--ca-cert"), "plaintext is not served, and says why: {e}");
     let elsewhere = tempfile::tempdir().unwrap();
     let other_ca = DevCa::new("elsewhere").unwrap();
     let other_ca_file = elsewhere.path().join("ca.pem");

@@ -211,6 +211,12 @@ impl Client {
                 Ok(Err(status)) => Error::from_status(status, &addr),
                 Err(_) => Error::Timeout { endpoint: addr.clone(), after: self.call_timeout },
             };
+            if self.pool.tuning.ca_pem.is_none() && answers_with_tls(&err) {
+                return Err(Error::Config(format!(
+                    "the node at {addr} speaks TLS: pass the cluster's CA certificate with \
+                     --ca-cert / SCHED_CA_CERT (and a token with --token / SCHED_TOKEN)"
+                )));
+            }
             if !err.is_retryable() {
                 return Err(err);
             }
@@ -277,6 +283,13 @@ pub(super) fn clone_final(e: &Error) -> Error {
         },
         other => Error::Protocol(other.to_string()),
     }
+}
+
+/// Whether a plaintext HTTP/2 connection failed because the server answered with TLS: the
+/// TLS record header then reads as an HTTP/2 frame of impossible size. hyper reports this
+/// only as text, so it is recognised by it; retrying would never help.
+fn answers_with_tls(e: &Error) -> bool {
+    matches!(e, Error::Transport { message, .. } if message.contains("frame with invalid size"))
 }
 
 #[cfg(test)]
