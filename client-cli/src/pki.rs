@@ -210,3 +210,52 @@ fn validity(from_days: i64, to_days: i64) -> (OffsetDateTime, OffsetDateTime) {
     let now = OffsetDateTime::now_utc();
     (now + time::Duration::days(from_days), now + time::Duration::days(to_days))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_entries_record_the_digest_and_never_the_secret() {
+        let mut t = TokenSpec::new("gpu-pool", "worker");
+        t.worker_id_prefix = Some("gpu-\"x".into());
+        let (secret, entry) = t.generate().unwrap();
+        assert_eq!(secret.len(), 64, "32 random bytes, hex");
+        assert!(!entry.contains(&secret), "{entry}");
+        assert!(entry.contains(&proto::auth::secret_digest_hex(&secret)), "{entry}");
+        assert!(entry.contains("worker_id_prefix = \"gpu-\\\"x\""), "quotes are escaped: {entry}");
+        let (other, _) = t.generate().unwrap();
+        assert_ne!(secret, other, "every secret is new");
+    }
+
+    #[test]
+    fn bad_token_specs_are_named() {
+        for (spec, needle) in [
+            (TokenSpec::new("", "admin"), "token name"),
+            (TokenSpec::new("a b", "admin"), "token name"),
+            (TokenSpec::new("ops", "root"), "token role"),
+            (
+                TokenSpec { worker_id_prefix: Some("x".into()), ..TokenSpec::new("ops", "admin") },
+                "worker id prefix",
+            ),
+        ] {
+            let e = spec.generate().unwrap_err().to_string();
+            assert!(e.contains(needle), "{spec:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn node_certificates_are_pem_and_expired_ones_can_be_made() {
+        let ca = DevCa::new("test").unwrap();
+        assert!(ca.cert_pem().starts_with("-----BEGIN CERTIFICATE-----"));
+        let n = ca.node_cert(&["node-a.example"], 30).unwrap();
+        assert!(n.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(n.key_pem.contains("PRIVATE KEY"));
+        assert!(ca.node_cert(&[], -1).is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let files = ca.write_node_files(dir.path(), &[]).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&files.key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the key is private");
+    }
+}
