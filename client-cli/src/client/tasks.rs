@@ -152,72 +152,23 @@ impl Client {
     /// stream starts with the task's current state, so no final state is missed (intermediate
     /// states during the gap may be). The stream yields an error and ends when reopening fails.
     pub async fn watch_task(&self, id: u64) -> Result<TaskStream, Error> {
-        let open = {
-            let client = self.clone();
-            move || {
-                let client = client.clone();
-                async move {
-                    client
-                        .call_at(
-                            "watch_task",
-                            Kind::Stream,
-                            pb::WatchTaskRequest { id },
-                            |ch, r| async move { tasks(ch).watch_task(r).await },
-                        )
-                        .await
-                }
+        let client = self.clone();
+        let open = move |_: &()| {
+            let client = client.clone();
+            async move {
+                client
+                    .call_at(
+                        "watch_task",
+                        Kind::Stream,
+                        pb::WatchTaskRequest { id },
+                        |ch, r| async move { tasks(ch).watch_task(r).await },
+                    )
+                    .await
             }
         };
-        let first = open().await?;
-        let (tx, rx) = mpsc::channel(16);
-        let client = self.clone();
-        tokio::spawn(async move {
-            let (mut stream, mut addr) = first;
-            let mut backoff = Backoff::new(client.backoff);
-            let mut empty_reconnects = 0u32;
-            loop {
-                let ended = loop {
-                    let msg = tokio::select! {
-                        _ = tx.closed() => return,
-                        m = stream.message() => m,
-                    };
-                    match msg {
-                        Ok(Some(task)) => {
-                            backoff.reset();
-                            empty_reconnects = 0;
-                            let done = is_terminal(task.state);
-                            if tx.send(Ok(task)).await.is_err() || done {
-                                return;
-                            }
-                        }
-                        Ok(None) => break None,
-                        Err(s) => break Some(Error::from_status(s, &addr)),
-                    }
-                };
-                if let Some(e) = ended.as_ref().filter(|e| !e.is_retryable()) {
-                    let _ = tx.send(Err(clone_final(e))).await;
-                    return;
-                }
-                empty_reconnects += 1;
-                if empty_reconnects > MAX_EMPTY_RECONNECTS {
-                    let _ = tx
-                        .send(Err(Error::Protocol(format!("the watch of task {id} keeps ending"))))
-                        .await;
-                    return;
-                }
-                tracing::debug!(task_id = id, endpoint = %addr, "reopening task watch");
-                client.pool.on_failure(&addr, ended.as_ref().and_then(|e| e.leader_hint()));
-                tokio::time::sleep(backoff.next_delay()).await;
-                match open().await {
-                    Ok((s, a)) => (stream, addr) = (s, a),
-                    Err(e) => {
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(ReceiverStream::new(rx).boxed())
+        let first = open(&()).await?;
+        let watch = Resumable { what: format!("the watch of task {id}"), buffer: 16 };
+        Ok(watch.run(self.clone(), first, (), open, |task: &pb::Task, _| is_terminal(task.state)))
     }
 
     /// Waits until the task is terminal and returns its final state (with the result).
@@ -252,28 +203,61 @@ impl Client {
     /// OUT_OF_RANGE error means the node no longer retains that index: list the tasks and
     /// watch again from a newer index.
     pub async fn watch_events(&self, from_index: u64) -> Result<EventStream, Error> {
-        let open = {
-            let client = self.clone();
-            move |from: u64| {
-                let client = client.clone();
-                async move {
-                    client
-                        .call_at(
-                            "watch_events",
-                            Kind::Stream,
-                            pb::WatchEventsRequest { from_index: from },
-                            |ch, r| async move { tasks(ch).watch_events(r).await },
-                        )
-                        .await
-                }
+        let client = self.clone();
+        let open = move |from: &u64| {
+            let client = client.clone();
+            let from_index = *from;
+            async move {
+                client
+                    .call_at(
+                        "watch_events",
+                        Kind::Stream,
+                        pb::WatchEventsRequest { from_index },
+                        |ch, r| async move { tasks(ch).watch_events(r).await },
+                    )
+                    .await
             }
         };
-        let first = open(from_index).await?;
-        let (tx, rx) = mpsc::channel(64);
-        let client = self.clone();
+        let first = open(&from_index).await?;
+        let watch = Resumable { what: "the event watch".into(), buffer: 64 };
+        Ok(watch.run(self.clone(), first, from_index, open, |b: &pb::EventBatch, next| {
+            *next = b.index + 1;
+            false
+        }))
+    }
+}
+
+/// A server stream that is reopened where it left off when it breaks: `open(&cursor)` opens
+/// it, `advance(&item, &mut cursor)` records each item delivered and says whether it was the
+/// last one wanted. Reopening goes to the leader hint or the next node after a backoff; an
+/// error no retry can fix ends the stream with that error, and so do
+/// [`MAX_EMPTY_RECONNECTS`] reopenings in a row without an item.
+struct Resumable {
+    /// Names the watch in errors.
+    what: String,
+    /// Items buffered for a slow reader.
+    buffer: usize,
+}
+
+impl Resumable {
+    fn run<T, C, O, Fut, A>(
+        self,
+        client: Client,
+        first: (tonic::Streaming<T>, String),
+        mut cursor: C,
+        open: O,
+        mut advance: A,
+    ) -> futures::stream::BoxStream<'static, Result<T, Error>>
+    where
+        T: Send + 'static,
+        C: Send + 'static,
+        O: Fn(&C) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(tonic::Streaming<T>, String), Error>> + Send,
+        A: FnMut(&T, &mut C) -> bool + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(self.buffer);
         tokio::spawn(async move {
             let (mut stream, mut addr) = first;
-            let mut next = from_index;
             let mut backoff = Backoff::new(client.backoff);
             let mut empty_reconnects = 0u32;
             loop {
@@ -283,11 +267,11 @@ impl Client {
                         m = stream.message() => m,
                     };
                     match msg {
-                        Ok(Some(batch)) => {
+                        Ok(Some(item)) => {
                             backoff.reset();
                             empty_reconnects = 0;
-                            next = batch.index + 1;
-                            if tx.send(Ok(batch)).await.is_err() {
+                            let done = advance(&item, &mut cursor);
+                            if tx.send(Ok(item)).await.is_err() || done {
                                 return;
                             }
                         }
@@ -302,13 +286,13 @@ impl Client {
                 empty_reconnects += 1;
                 if empty_reconnects > MAX_EMPTY_RECONNECTS {
                     let _ =
-                        tx.send(Err(Error::Protocol("the event watch keeps ending".into()))).await;
+                        tx.send(Err(Error::Protocol(format!("{} keeps ending", self.what)))).await;
                     return;
                 }
-                tracing::debug!(from_index = next, endpoint = %addr, "reopening event watch");
+                tracing::debug!(watch = %self.what, endpoint = %addr, "reopening the watch");
                 client.pool.on_failure(&addr, ended.as_ref().and_then(|e| e.leader_hint()));
                 tokio::time::sleep(backoff.next_delay()).await;
-                match open(next).await {
+                match open(&cursor).await {
                     Ok((s, a)) => (stream, addr) = (s, a),
                     Err(e) => {
                         let _ = tx.send(Err(e)).await;
@@ -317,6 +301,6 @@ impl Client {
                 }
             }
         });
-        Ok(ReceiverStream::new(rx).boxed())
+        ReceiverStream::new(rx).boxed()
     }
 }
