@@ -367,14 +367,14 @@ impl Tokens {
         found
     }
 
-    /// Authenticates a request to `path` with these headers: `Ok(None)` for an open method,
-    /// `Ok(Some(caller))` when allowed.
+    /// Authenticates a request to `path`, which needs `need` ([`need_of`]), with these
+    /// headers: `Ok(None)` for an open or peer method, `Ok(Some(caller))` when allowed.
     pub fn check(
         &self,
+        need: Need,
         path: &str,
         headers: &http::HeaderMap,
     ) -> Result<Option<Caller>, AuthError> {
-        let need = need_of(path);
         if matches!(need, Need::Open | Need::Peer) {
             return Ok(None);
         }
@@ -474,17 +474,13 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let path = req.uri().path();
-        let verdict = if need_of(path) == Need::Peer {
-            if self.peer_certs && !crate::tls::is_peer(req.extensions()) {
+        let need = need_of(path);
+        let verdict = match (need, &self.tokens) {
+            (Need::Peer, _) if self.peer_certs && !crate::tls::is_peer(req.extensions()) => {
                 Err(AuthError::NotPeer { method: path.trim_start_matches('/').to_string() })
-            } else {
-                Ok(None)
             }
-        } else {
-            match &self.tokens {
-                Some(tokens) => tokens.check(path, req.headers()),
-                None => Ok(None),
-            }
+            (_, Some(tokens)) => tokens.check(need, path, req.headers()),
+            (_, None) => Ok(None),
         };
         match verdict {
             Ok(Some(caller)) => {
@@ -540,6 +536,10 @@ worker_id_prefix = "gpu-"
         Tokens::parse(&text, Path::new("tokens.toml")).unwrap()
     }
 
+    fn check(t: &Tokens, path: &str, h: &http::HeaderMap) -> Result<Option<Caller>, AuthError> {
+        t.check(need_of(path), path, h)
+    }
+
     fn headers(secret: Option<&str>) -> http::HeaderMap {
         let mut h = http::HeaderMap::new();
         if let Some(s) = secret {
@@ -587,15 +587,15 @@ worker_id_prefix = "gpu-"
                 ("read-secret", read),
                 ("work-secret", work),
             ] {
-                let r = t.check(path, &headers(Some(secret)));
+                let r = check(&t, path, &headers(Some(secret)));
                 assert_eq!(r.is_ok(), *allowed, "{secret} on {path}: {r:?}");
                 if let Err(e) = r {
                     assert!(matches!(e, AuthError::Denied { .. }), "{e:?}");
                     assert!(e.to_string().contains("needs"), "{e}");
                 }
             }
-            assert_eq!(t.check(path, &headers(None)), Err(AuthError::Missing), "{path}");
-            assert_eq!(t.check(path, &headers(Some("guess"))), Err(AuthError::Unknown), "{path}");
+            assert_eq!(check(&t, path, &headers(None)), Err(AuthError::Missing), "{path}");
+            assert_eq!(check(&t, path, &headers(Some("guess"))), Err(AuthError::Unknown), "{path}");
         }
     }
 
@@ -664,10 +664,10 @@ worker_id_prefix = "gpu-"
     #[test]
     fn health_and_peer_methods_need_no_token_and_unknown_methods_do() {
         let t = tokens();
-        assert_eq!(t.check("/grpc.health.v1.Health/Check", &headers(None)), Ok(None));
-        assert_eq!(t.check("/raftsched.internal.v1.RaftService/Vote", &headers(None)), Ok(None));
-        assert_eq!(t.check("/scheduler.v1.Tasks/Nope", &headers(None)), Err(AuthError::Missing));
-        assert_eq!(t.check("garbage", &headers(None)), Err(AuthError::Missing));
+        assert_eq!(check(&t, "/grpc.health.v1.Health/Check", &headers(None)), Ok(None));
+        assert_eq!(check(&t, "/raftsched.internal.v1.RaftService/Vote", &headers(None)), Ok(None));
+        assert_eq!(check(&t, "/scheduler.v1.Tasks/Nope", &headers(None)), Err(AuthError::Missing));
+        assert_eq!(check(&t, "garbage", &headers(None)), Err(AuthError::Missing));
     }
 
     #[test]

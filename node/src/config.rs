@@ -577,6 +577,21 @@ impl Config {
         Ok(c)
     }
 
+    /// A non-loopback address this node serves while TLS or tokens are off, and what is
+    /// missing; `None` when every address is loopback or both protections are on.
+    pub fn unprotected_exposure(&self) -> Option<(SocketAddr, Vec<&'static str>)> {
+        let addr =
+            [Some(self.listen), self.http].into_iter().flatten().find(|a| !a.ip().is_loopback())?;
+        let missing: Vec<&'static str> = [
+            self.tls.is_none().then_some("TLS (--tls-cert/--tls-key/--tls-ca)"),
+            self.auth_tokens.is_none().then_some("tokens (--auth-tokens)"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        (!missing.is_empty()).then_some((addr, missing))
+    }
+
     fn check(&mut self) -> Result<(), ConfigError> {
         if self.id == 0 {
             return Err(invalid("id", "must be a positive integer (pass --id N)"));
@@ -587,20 +602,8 @@ impl Config {
                 "listening on a wildcard address needs --advertise HOST:PORT that peers can reach",
             ));
         }
-        let exposed: Vec<SocketAddr> = [Some(self.listen), self.http]
-            .into_iter()
-            .flatten()
-            .filter(|a| !a.ip().is_loopback())
-            .collect();
-        if let Some(addr) = exposed.first() {
-            let missing: Vec<&str> = [
-                self.tls.is_none().then_some("TLS (--tls-cert/--tls-key/--tls-ca)"),
-                self.auth_tokens.is_none().then_some("tokens (--auth-tokens)"),
-            ]
-            .into_iter()
-            .flatten()
-            .collect();
-            if !missing.is_empty() && !self.insecure {
+        if let Some((addr, missing)) = self.unprotected_exposure() {
+            if !self.insecure {
                 return Err(invalid(
                     "listen",
                     format!(

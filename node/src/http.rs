@@ -83,7 +83,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                 .lines()
                 .skip(1)
                 .filter_map(|l| l.split_once(':'))
-                .find(|(k, _)| k.trim().eq_ignore_ascii_case("authorization"))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case(proto::auth::AUTHORIZATION_KEY))
                 .map(|(_, v)| v.trim());
             let tokens = node.tokens.as_ref().expect("checked");
             match tokens.authorize(header, Need::Reader, "GET /metrics") {

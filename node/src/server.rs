@@ -105,12 +105,11 @@ pub async fn run(
         }
         None => None,
     };
-    let exposed = !cfg.listen.ip().is_loopback() || cfg.http.is_some_and(|a| !a.ip().is_loopback());
-    if cfg.insecure && exposed && (tls.is_none() || tokens.is_none()) {
+    // Config::load refused this unless --insecure was given.
+    if let Some((addr, missing)) = cfg.unprotected_exposure() {
         warn!(
-            listen = %cfg.listen,
-            tls = tls.is_some(),
-            tokens = tokens.is_some(),
+            %addr,
+            missing = %missing.join(", "),
             "INSECURE: serving a non-loopback address without TLS and tokens; anyone who reaches \
              this port can read and change tasks, workers and cluster membership"
         );

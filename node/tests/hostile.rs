@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -26,22 +25,12 @@ use tonic::Code;
 /// assertion about timing).
 const LET_ELECTIONS_RUN: Duration = Duration::from_secs(2);
 
-/// Whether a live (not zombie) `schedulerd` process serves the data directory `data`.
-fn process_alive(data: &Path) -> bool {
-    let want = data.to_string_lossy().to_string();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return false };
-    dir.flatten().any(|e| {
-        let p = e.path();
-        let Ok(cmd) = std::fs::read(p.join("cmdline")) else { return false };
-        let args: Vec<String> =
-            cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).to_string()).collect();
-        if !args.iter().any(|a| a == &want) || !args[0].ends_with("schedulerd") {
-            return false;
-        }
-        // Field 3 of /proc/<pid>/stat is the state; Z = exited, not yet reaped.
-        std::fs::read_to_string(p.join("stat"))
-            .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
-    })
+/// Fails the test if node `i`'s process has exited (the harness reaps and reports it).
+fn assert_process_runs(c: &mut Cluster, i: usize) {
+    let id = c.nodes[i].id;
+    if let Err(e) = c.nodes[i].process_mut().check_running() {
+        panic!("node {id} exited: {e}");
+    }
 }
 
 async fn cluster_status(addr: &str) -> Result<pb::ClusterStatusResponse, tonic::Status> {
@@ -50,9 +39,10 @@ async fn cluster_status(addr: &str) -> Result<pb::ClusterStatusResponse, tonic::
 }
 
 /// Every node's process runs and answers ClusterStatus with a leader and a plausible term.
-async fn all_alive(c: &Cluster) {
-    for n in &c.nodes {
-        assert!(process_alive(&n.data_dir), "node {} exited", n.id);
+async fn all_alive(c: &mut Cluster) {
+    for i in 0..c.nodes.len() {
+        assert_process_runs(c, i);
+        let n = &c.nodes[i];
         let s = cluster_status(&n.addr)
             .await
             .unwrap_or_else(|e| panic!("node {} does not answer ClusterStatus: {e}", n.id));
@@ -141,7 +131,7 @@ async fn tasks_with_a_holder(c: &Cluster) -> (SilentWorker, pb::Assignment) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn h1_absurd_terms_indexes_and_strangers_are_refused_by_every_node() {
-    let c = Cluster::start(3, &[]).await;
+    let mut c = Cluster::start(3, &[]).await;
     let leader = c.wait_leader().await;
     let (_w, _a) = tasks_with_a_holder(&c).await;
     let before_tasks = task_facts(&c).await;
@@ -212,7 +202,7 @@ async fn h1_absurd_terms_indexes_and_strangers_are_refused_by_every_node() {
     }
 
     tokio::time::sleep(LET_ELECTIONS_RUN).await;
-    all_alive(&c).await;
+    all_alive(&mut c).await;
     assert_eq!(membership(&c).await, before_members, "membership changed");
     assert_eq!(task_facts(&c).await, before_tasks, "a task changed");
     // And the cluster still commits.
@@ -276,16 +266,14 @@ async fn h2_unserved_learners_are_not_promoted_and_a_dead_voter_can_be_removed()
     })
     .await
     .expect("a write after the removal commits");
-    for (i, n) in c.nodes.iter().enumerate() {
-        if i != dead {
-            assert!(process_alive(&n.data_dir), "node {} exited", n.id);
-        }
+    for i in (0..c.nodes.len()).filter(|i| *i != dead) {
+        assert_process_runs(&mut c, i);
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn h3_absurd_resource_amounts_are_invalid_arguments_naming_field_and_maximum() {
-    let c = Cluster::start(3, &[]).await;
+    let mut c = Cluster::start(3, &[]).await;
     let leader = c.wait_leader().await;
     let mut w = WorkersClient::new(channel(&c.nodes[leader].addr).await);
     let greedy = |capacity: pb::Resources| pb::RegisterWorkerRequest {
@@ -343,12 +331,12 @@ async fn h3_absurd_resource_amounts_are_invalid_arguments_naming_field_and_maxim
         .into_inner();
     assert!(workers.workers.is_empty(), "nothing was registered: {:?}", workers.workers);
     assert!(task_facts(&c).await.is_empty(), "nothing was submitted");
-    all_alive(&c).await;
+    all_alive(&mut c).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn h4_a_malformed_protobuf_body_is_an_invalid_argument() {
-    let c = Cluster::start(3, &[]).await;
+    let mut c = Cluster::start(3, &[]).await;
     let leader = c.wait_leader().await;
     // A RaftRequest's field 1 is a varint; SubmitTasksRequest's field 1 is a repeated
     // message: the same bytes are a wire-type error there.
@@ -367,7 +355,7 @@ async fn h4_a_malformed_protobuf_body_is_an_invalid_argument() {
     assert!(e.message().contains("malformed protobuf"), "{}", e.message());
     assert_eq!(proto::status::reason_of(&e), Some(proto::status::Reason::InvalidArgument));
     assert!(task_facts(&c).await.is_empty(), "nothing was submitted");
-    all_alive(&c).await;
+    all_alive(&mut c).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

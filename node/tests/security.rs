@@ -45,6 +45,17 @@ fn client(sec: &Security, endpoints: &[String], token: Option<&str>) -> Client {
     Client::with_config(c).unwrap()
 }
 
+/// A one-slot worker on the default queue registering as `id`.
+fn registration(id: &str, instance: u64) -> pb::RegisterWorkerRequest {
+    let worker = pb::WorkerSpec {
+        id: id.into(),
+        queues: vec!["default".into()],
+        slots: 1,
+        ..Default::default()
+    };
+    pb::RegisterWorkerRequest { worker: Some(worker), instance }
+}
+
 fn spec(name: &str) -> pb::TaskSpec {
     pb::TaskSpec { name: name.into(), idempotency_key: format!("k-{name}"), ..Default::default() }
 }
@@ -89,15 +100,7 @@ async fn roles_are_enforced_and_fences_hidden_on_a_tls_cluster() {
 
     // A worker token runs workers only under its prefix; one that strays is refused.
     let gpu = client(&sec, &all, Some("gpu-pool"));
-    let stray = pb::RegisterWorkerRequest {
-        worker: Some(pb::WorkerSpec {
-            id: "cpu-1".into(),
-            queues: vec!["default".into()],
-            slots: 1,
-            ..Default::default()
-        }),
-        instance: 1,
-    };
+    let stray = registration("cpu-1", 1);
     let e = gpu.register_worker(stray).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e}");
     assert!(e.message().contains("gpu-"), "{e}");
@@ -148,15 +151,7 @@ async fn roles_are_enforced_and_fences_hidden_on_a_tls_cluster() {
     let other = client(&sec, &all, Some("gpu-other"));
     let e = other.report(forged).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e}");
-    let takeover = pb::RegisterWorkerRequest {
-        worker: Some(pb::WorkerSpec {
-            id: "gpu-1".into(),
-            queues: vec!["default".into()],
-            slots: 1,
-            ..Default::default()
-        }),
-        instance: 99,
-    };
+    let takeover = registration("gpu-1", 99);
     let e = other.register_worker(takeover).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e}");
     let after = admin.get_task(id).await.unwrap();

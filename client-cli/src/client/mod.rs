@@ -57,6 +57,7 @@ mod retry;
 mod tasks;
 mod workers;
 
+pub(crate) use retry::node_endpoint;
 use retry::{Node, Pool, PoolState, Tuning};
 
 /// Largest message the client sends or accepts (lists with payloads can be large).

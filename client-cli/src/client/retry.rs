@@ -56,10 +56,24 @@ pub(super) struct Pool {
     pub(super) state: Mutex<PoolState>,
 }
 
+/// The endpoint of the node at `host:port`: plaintext, or TLS verifying the node's
+/// certificate against `ca_pem` for the name it is dialled by.
+pub(crate) fn node_endpoint(
+    hostport: &str,
+    ca_pem: Option<&[u8]>,
+) -> Result<Endpoint, tonic::transport::Error> {
+    let Some(ca) = ca_pem else { return Endpoint::from_shared(format!("http://{hostport}")) };
+    let host = hostport.rsplit_once(':').map_or(hostport, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+        .domain_name(host);
+    Endpoint::from_shared(format!("https://{hostport}"))?.tls_config(tls)
+}
+
 impl Pool {
     pub(super) fn endpoint(&self, addr: &str) -> Result<(String, Endpoint), Error> {
         let addr = addr.trim();
-        let scheme = if self.tuning.ca_pem.is_some() { "https" } else { "http" };
         let key = addr
             .strip_prefix("http://")
             .or_else(|| addr.strip_prefix("https://"))
@@ -79,19 +93,8 @@ impl Pool {
         if key.is_empty() || !key.contains(':') {
             return Err(Error::Config(format!("{addr:?} is not a host:port address")));
         }
-        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{key}"))
-            .map_err(|e| Error::Config(format!("{addr:?} is not a valid address: {e}")))?;
-        if let Some(ca) = &self.tuning.ca_pem {
-            let host = key.rsplit_once(':').map_or(key.as_str(), |(h, _)| h);
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            let tls = tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-                .domain_name(host);
-            endpoint = endpoint
-                .tls_config(tls)
-                .map_err(|e| Error::Config(format!("TLS settings for {addr}: {e}")))?;
-        }
-        let endpoint = endpoint
+        let endpoint = node_endpoint(&key, self.tuning.ca_pem.as_deref())
+            .map_err(|e| Error::Config(format!("{addr:?}: {e}")))?
             .tcp_nodelay(true)
             .connect_timeout(self.tuning.connect_timeout)
             .http2_keep_alive_interval(self.tuning.keepalive_interval)
@@ -196,7 +199,7 @@ impl Client {
             attempts += 1;
             let mut request = tonic::Request::new(req.clone());
             if let Some(a) = &self.authorization {
-                request.metadata_mut().insert("authorization", a.clone());
+                request.metadata_mut().insert(proto::auth::AUTHORIZATION_KEY, a.clone());
             }
             if kind != Kind::Stream {
                 request.set_timeout(self.call_timeout);
@@ -211,7 +214,10 @@ impl Client {
                 Ok(Err(status)) => Error::from_status(status, &addr),
                 Err(_) => Error::Timeout { endpoint: addr.clone(), after: self.call_timeout },
             };
-            if self.pool.tuning.ca_pem.is_none() && answers_with_tls(&err) {
+            if self.pool.tuning.ca_pem.is_none()
+                && matches!(err, Error::Transport { maybe_sent: true, .. })
+                && answers_with_tls(&addr).await
+            {
                 return Err(Error::Config(format!(
                     "the node at {addr} speaks TLS: pass the cluster's CA certificate with \
                      --ca-cert / SCHED_CA_CERT (and a token with --token / SCHED_TOKEN)"
@@ -285,11 +291,20 @@ pub(super) fn clone_final(e: &Error) -> Error {
     }
 }
 
-/// Whether a plaintext HTTP/2 connection failed because the server answered with TLS: the
-/// TLS record header then reads as an HTTP/2 frame of impossible size. hyper reports this
-/// only as text, so it is recognised by it; retrying would never help.
-fn answers_with_tls(e: &Error) -> bool {
-    matches!(e, Error::Transport { message, .. } if message.contains("frame with invalid size"))
+/// Whether the server at `addr` speaks TLS: sent a plaintext HTTP/2 preface, a TLS server
+/// answers with an alert record (content type 21). Asked only after a plaintext call failed
+/// on an established connection, so a cluster that merely lost a node pays one refused or
+/// unanswered probe, bounded by a second.
+async fn answers_with_tls(addr: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+        tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.ok()?;
+        let mut first = [0u8; 1];
+        tcp.read_exact(&mut first).await.ok()?;
+        Some(first[0] == 21)
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(1), probe).await, Ok(Some(true)))
 }
 
 #[cfg(test)]

@@ -166,9 +166,8 @@ impl Client {
                     .await
             }
         };
-        let first = open(&()).await?;
         let watch = Resumable { what: format!("the watch of task {id}"), buffer: 16 };
-        Ok(watch.run(self.clone(), first, (), open, |task: &pb::Task, _| is_terminal(task.state)))
+        watch.start(self.clone(), (), open, |task: &pb::Task, _| is_terminal(task.state)).await
     }
 
     /// Waits until the task is terminal and returns its final state (with the result).
@@ -218,18 +217,19 @@ impl Client {
                     .await
             }
         };
-        let first = open(&from_index).await?;
         let watch = Resumable { what: "the event watch".into(), buffer: 64 };
-        Ok(watch.run(self.clone(), first, from_index, open, |b: &pb::EventBatch, next| {
-            *next = b.index + 1;
-            false
-        }))
+        watch
+            .start(self.clone(), from_index, open, |b: &pb::EventBatch, next| {
+                *next = b.index + 1;
+                false
+            })
+            .await
     }
 }
 
 /// A server stream that is reopened where it left off when it breaks: `open(&cursor)` opens
-/// it, `advance(&item, &mut cursor)` records each item delivered and says whether it was the
-/// last one wanted. Reopening goes to the leader hint or the next node after a backoff; an
+/// it (a failure of the first open is returned to the caller), `advance(&item, &mut cursor)`
+/// records each item delivered and says whether it was the last one wanted. Reopening goes to the leader hint or the next node after a backoff; an
 /// error no retry can fix ends the stream with that error, and so do
 /// [`MAX_EMPTY_RECONNECTS`] reopenings in a row without an item.
 struct Resumable {
@@ -240,14 +240,13 @@ struct Resumable {
 }
 
 impl Resumable {
-    fn run<T, C, O, Fut, A>(
+    async fn start<T, C, O, Fut, A>(
         self,
         client: Client,
-        first: (tonic::Streaming<T>, String),
         mut cursor: C,
         open: O,
         mut advance: A,
-    ) -> futures::stream::BoxStream<'static, Result<T, Error>>
+    ) -> Result<futures::stream::BoxStream<'static, Result<T, Error>>, Error>
     where
         T: Send + 'static,
         C: Send + 'static,
@@ -255,9 +254,9 @@ impl Resumable {
         Fut: std::future::Future<Output = Result<(tonic::Streaming<T>, String), Error>> + Send,
         A: FnMut(&T, &mut C) -> bool + Send + 'static,
     {
+        let (mut stream, mut addr) = open(&cursor).await?;
         let (tx, rx) = mpsc::channel(self.buffer);
         tokio::spawn(async move {
-            let (mut stream, mut addr) = first;
             let mut backoff = Backoff::new(client.backoff);
             let mut empty_reconnects = 0u32;
             loop {
@@ -301,6 +300,6 @@ impl Resumable {
                 }
             }
         });
-        ReceiverStream::new(rx).boxed()
+        Ok(ReceiverStream::new(rx).boxed())
     }
 }

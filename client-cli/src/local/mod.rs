@@ -411,19 +411,7 @@ fn free_addr() -> Result<SocketAddr, Error> {
 /// Whether the gRPC server at `addr` answers: any answer of its health service counts.
 /// With `ca` (PEM), over TLS verified against it.
 async fn serving(addr: &str, ca: Option<&[u8]>) -> bool {
-    let scheme = if ca.is_some() { "https" } else { "http" };
-    let Ok(mut endpoint) = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
-    else {
-        return false;
-    };
-    if let Some(ca) = ca {
-        let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-        let tls = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-            .domain_name(host);
-        let Ok(e) = endpoint.tls_config(tls) else { return false };
-        endpoint = e;
-    }
+    let Ok(endpoint) = crate::client::node_endpoint(addr, ca) else { return false };
     let endpoint = endpoint.connect_timeout(Duration::from_secs(1)).timeout(Duration::from_secs(2));
     let Ok(ch) = endpoint.connect().await else { return false };
     let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
