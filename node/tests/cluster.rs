@@ -139,6 +139,43 @@ async fn t10_dag_through_a_follower_respects_dependencies_and_priorities() {
 
 /// The leader is SIGKILLed mid-run: every task still completes, with exactly one accepted
 /// completion, and the leader change by itself reassigns nothing.
+/// A task's assignment carries the results of its dependencies, in submitted order, so a
+/// chain step can take what the step before it returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t15_assignment_carries_dependency_results() {
+    let c = Cluster::start(1, &[]).await;
+    let addrs = c.addrs();
+    let mut w = SilentWorker::register(&addrs, "w-deps").await;
+    let (a, b) = (spec("a", 0), spec("b", 0));
+    let mut joined = spec("joined", 0);
+    joined.depends_on_batch = vec![1, 0];
+    let ids: Vec<u64> = retry(&addrs, |ch| {
+        let tasks = vec![a.clone(), b.clone(), joined.clone()];
+        async move {
+            TasksClient::new(ch)
+                .submit_tasks(pb::SubmitTasksRequest { tasks })
+                .await
+                .map(|r| r.into_inner())
+        }
+    })
+    .await
+    .unwrap()
+    .tasks
+    .iter()
+    .map(|t| t.id)
+    .collect();
+    for _ in 0..2 {
+        let first = w.next_assignment().await;
+        assert!(first.dependencies.is_empty(), "{first:?}");
+        assert!(w.report_success(first.task, first.fence).await.accepted);
+    }
+    let last = w.next_assignment().await;
+    assert_eq!(last.task, ids[2]);
+    let deps: Vec<(u64, &[u8])> =
+        last.dependencies.iter().map(|d| (d.task, d.result.as_slice())).collect();
+    assert_eq!(deps, vec![(ids[1], &b"done"[..]), (ids[0], &b"done"[..])]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t20_leader_killed_mid_run_every_task_completes_once() {
     let mut c = Cluster::start(3, &["--failover-grace", "5s"]).await;

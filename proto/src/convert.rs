@@ -271,8 +271,9 @@ pub fn worker_spec_to_pb(w: &sm::WorkerSpec) -> pb::WorkerSpec {
     }
 }
 
-/// A task a worker holds -> the assignment message that (re)delivers it.
-pub fn assignment_to_pb(t: &sm::Task) -> Option<pb::Assignment> {
+/// A task a worker holds -> the assignment message that (re)delivers it, with the results of
+/// its dependencies read from `state` (a task is only assigned once they all succeeded).
+pub fn assignment_to_pb(state: &sm::SchedulerState, t: &sm::Task) -> Option<pb::Assignment> {
     let (fence, deadline, started) = match &t.state {
         sm::TaskState::Assigned { fence, deadline, .. } => (*fence, *deadline, false),
         sm::TaskState::Running { fence, deadline, .. } => (*fence, *deadline, true),
@@ -287,6 +288,16 @@ pub fn assignment_to_pb(t: &sm::Task) -> Option<pb::Assignment> {
         deadline_ms: deadline.unwrap_or(0),
         metadata: t.spec.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         started,
+        dependencies: t
+            .deps
+            .iter()
+            .filter_map(|d| match &state.task(*d)?.state {
+                sm::TaskState::Succeeded { result, .. } => {
+                    Some(pb::DependencyResult { task: d.0, result: result.clone() })
+                }
+                _ => None,
+            })
+            .collect(),
     })
 }
 

@@ -726,6 +726,9 @@ impl Core {
             deadline_ms: t.deadline_ms,
             metadata: spec.metadata,
             started: t.state == pb::TaskState::Running as i32,
+            // A task read back carries no dependency results; payload-only handlers (all this
+            // runtime runs) do not need them.
+            dependencies: Vec::new(),
         });
     }
 

@@ -199,7 +199,7 @@ async fn send_held(
     tx: &mpsc::Sender<Result<pb::WorkerMessage, Status>>,
 ) -> bool {
     let held: Vec<pb::Assignment> =
-        node.local(|s| s.held_by(me).filter_map(convert::assignment_to_pb).collect());
+        node.local(|s| s.held_by(me).filter_map(|t| convert::assignment_to_pb(s, t)).collect());
     let resync = pb::Resync {
         tasks: held.iter().map(|a| a.task).collect(),
         fences: held.iter().map(|a| a.fence).collect(),
@@ -259,7 +259,7 @@ async fn assignment_stream(
                         .iter()
                         .filter_map(|(t, f)| {
                             s.task(*t)
-                                .and_then(convert::assignment_to_pb)
+                                .and_then(|t| convert::assignment_to_pb(s, t))
                                 .filter(|a| a.fence == f.0)
                         })
                         .collect();
