@@ -34,60 +34,7 @@ use std::task::{Context, Poll};
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-/// What a token may do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Read tasks, events, workers and cluster status.
-    Reader,
-    /// Reader, plus submit and cancel tasks.
-    Submitter,
-    /// Run tasks: the Workers service for its own worker ids.
-    Worker,
-    /// Everything, including membership, leader transfer, snapshots and tokens.
-    Admin,
-}
-
-impl Role {
-    /// The spelling in token files and messages.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Reader => "reader",
-            Role::Submitter => "submitter",
-            Role::Worker => "worker",
-            Role::Admin => "admin",
-        }
-    }
-
-    /// Parses a role name.
-    pub fn parse(s: &str) -> Option<Role> {
-        match s {
-            "reader" => Some(Role::Reader),
-            "submitter" => Some(Role::Submitter),
-            "worker" => Some(Role::Worker),
-            "admin" => Some(Role::Admin),
-            _ => None,
-        }
-    }
-
-    /// Whether this role may call a method that needs `need`.
-    pub fn allows(self, need: Need) -> bool {
-        match need {
-            Need::Open | Need::Peer => true,
-            Need::Reader => matches!(self, Role::Reader | Role::Submitter | Role::Admin),
-            Need::Submitter => matches!(self, Role::Submitter | Role::Admin),
-            Need::Worker => matches!(self, Role::Worker | Role::Admin),
-            Need::ReaderOrWorker => true,
-            Need::Admin => self == Role::Admin,
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use state_machine::Role;
 
 /// What a method requires of its caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,6 +56,18 @@ pub enum Need {
 }
 
 impl Need {
+    /// Whether `role` may call a method that needs this.
+    pub fn allows(self, role: Role) -> bool {
+        match self {
+            Need::Open | Need::Peer => true,
+            Need::Reader => matches!(role, Role::Reader | Role::Submitter | Role::Admin),
+            Need::Submitter => matches!(role, Role::Submitter | Role::Admin),
+            Need::Worker => matches!(role, Role::Worker | Role::Admin),
+            Need::ReaderOrWorker => true,
+            Need::Admin => role == Role::Admin,
+        }
+    }
+
     /// The role to name in a PERMISSION_DENIED message.
     fn named(self) -> &'static str {
         match self {
@@ -276,17 +235,28 @@ impl fmt::Debug for Token {
     }
 }
 
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c))
-}
+use state_machine::valid_token_name as valid_name;
 
-/// The tokens a node accepts.
-#[derive(Clone, Debug)]
+/// Looks up a replicated token by the digest of its secret: the caller, if the token exists
+/// and has not expired by this node's clock.
+pub type ReplicatedLookup = Arc<dyn Fn(&[u8; 32]) -> Option<Caller> + Send + Sync>;
+
+/// The tokens a node accepts: its token file's, and (once the node runs) the replicated ones.
+#[derive(Clone)]
 pub struct Tokens {
     tokens: Vec<Token>,
+    replicated: Option<ReplicatedLookup>,
 }
+
+impl fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tokens")
+            .field("file", &self.tokens)
+            .field("replicated", &self.replicated.is_some())
+            .finish()
+    }
+}
+
 
 impl Tokens {
     /// Parses a token file's text (`[[token]]` tables with `name`, `role`, `secret_sha256`
@@ -334,7 +304,24 @@ impl Tokens {
                 digest,
             });
         }
-        Ok(Tokens { tokens })
+        Ok(Tokens { tokens, replicated: None })
+    }
+
+    /// These tokens, and the replicated ones `lookup` finds (a file token wins a name clash;
+    /// creating a replicated token with a file token's name is refused).
+    pub fn with_replicated(mut self, lookup: ReplicatedLookup) -> Tokens {
+        self.replicated = Some(lookup);
+        self
+    }
+
+    /// The token file's tokens, by name and role.
+    pub fn file_tokens(&self) -> impl Iterator<Item = &Caller> {
+        self.tokens.iter().map(|t| &t.caller)
+    }
+
+    /// Whether the token file defines `name`.
+    pub fn in_file(&self, name: &str) -> bool {
+        self.tokens.iter().any(|t| t.caller.name == name)
     }
 
     /// How many tokens there are.
@@ -354,9 +341,10 @@ impl Tokens {
         Tokens::parse(&text, path)
     }
 
-    /// The token whose secret this is. Every token's digest is compared in constant time, so
-    /// the time taken does not tell which (or whether a prefix) matched.
-    pub fn find(&self, secret: &str) -> Option<&Caller> {
+    /// The token whose secret this is. Every file token's digest is compared in constant
+    /// time, so the time taken does not tell which (or whether a prefix) matched; replicated
+    /// tokens are found by digest (a lookup keyed by a SHA-256 tells nothing about secrets).
+    pub fn find(&self, secret: &str) -> Option<Caller> {
         let digest = proto::auth::secret_digest(secret);
         let mut found = None;
         for t in &self.tokens {
@@ -364,7 +352,10 @@ impl Tokens {
                 found = Some(&t.caller);
             }
         }
-        found
+        match found {
+            Some(c) => Some(c.clone()),
+            None => self.replicated.as_ref().and_then(|lookup| lookup(&digest)),
+        }
     }
 
     /// Authenticates a request to `path`, which needs `need` ([`need_of`]), with these
@@ -392,7 +383,7 @@ impl Tokens {
     ) -> Result<Caller, AuthError> {
         let secret = header.and_then(proto::auth::bearer_secret).ok_or(AuthError::Missing)?;
         let caller = self.find(secret).ok_or(AuthError::Unknown)?;
-        if !caller.role.allows(need) {
+        if !need.allows(caller.role) {
             return Err(AuthError::Denied {
                 token: caller.name.clone(),
                 role: caller.role,
@@ -400,7 +391,7 @@ impl Tokens {
                 need: need.named(),
             });
         }
-        Ok(caller.clone())
+        Ok(caller)
     }
 }
 
@@ -574,6 +565,9 @@ worker_id_prefix = "gpu-"
         ("/scheduler.v1.Cluster/RemoveNode", true, false, false, false),
         ("/scheduler.v1.Cluster/TransferLeader", true, false, false, false),
         ("/scheduler.v1.Cluster/TriggerSnapshot", true, false, false, false),
+        ("/scheduler.v1.Cluster/CreateToken", true, false, false, false),
+        ("/scheduler.v1.Cluster/ListTokens", true, false, false, false),
+        ("/scheduler.v1.Cluster/RevokeToken", true, false, false, false),
         ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", true, true, true, false),
     ];
 
@@ -673,13 +667,13 @@ worker_id_prefix = "gpu-"
     #[test]
     fn worker_tokens_are_held_to_their_prefix() {
         let t = tokens();
-        let w = t.find("work-secret").unwrap().clone();
+        let w = t.find("work-secret").unwrap();
         assert!(check_worker(Some(&w), "gpu-7").is_ok());
         let e = check_worker(Some(&w), "cpu-1").unwrap_err();
         assert!(e.to_string().contains("\"gpu-\""), "{e}");
         let admin = t.find("admin-secret").unwrap();
-        assert!(check_worker(Some(admin), "anything").is_ok());
-        assert!(check_worker(Some(t.find("sub-secret").unwrap()), "gpu-1").is_err());
+        assert!(check_worker(Some(&admin), "anything").is_ok());
+        assert!(check_worker(Some(&t.find("sub-secret").unwrap()), "gpu-1").is_err());
         assert!(check_worker(None, "anything").is_ok(), "authentication off");
         // Fences: the admin and the workers that may act for the holder, nobody else.
         assert!(w.sees_fence_of("gpu-7") && !w.sees_fence_of("cpu-1"));

@@ -10,6 +10,8 @@
 //! | malformed field (`Rejection::InvalidArgument`, unknown dependency, cycle) | INVALID_ARGUMENT | invalid_argument / unknown_dependency / dependency_cycle |
 //! | size or count limit, too many pending tasks | RESOURCE_EXHAUSTED | limit_exceeded |
 //! | unknown task or worker | NOT_FOUND | not_found |
+//! | unknown token (revoke) | NOT_FOUND | not_found |
+//! | another token of that name (create) | ALREADY_EXISTS | already_exists |
 //! | stale fencing token, wrong worker | FAILED_PRECONDITION | stale_fence / wrong_worker |
 //! | idempotency key reused with a different body | FAILED_PRECONDITION | idempotency_conflict |
 //! | task in the wrong state, does not fit, worker dead/draining | FAILED_PRECONDITION | invalid_state / does_not_fit / worker_unavailable |
@@ -100,9 +102,10 @@ impl From<NodeError> for Status {
                     Rejection::LimitExceeded { .. } => {
                         (Code::ResourceExhausted, Reason::LimitExceeded)
                     }
-                    Rejection::TaskNotFound { .. } | Rejection::WorkerNotFound { .. } => {
-                        (Code::NotFound, Reason::NotFound)
-                    }
+                    Rejection::TaskNotFound { .. }
+                    | Rejection::WorkerNotFound { .. }
+                    | Rejection::TokenNotFound { .. } => (Code::NotFound, Reason::NotFound),
+                    Rejection::TokenExists { .. } => (Code::AlreadyExists, Reason::AlreadyExists),
                     Rejection::StaleFence { .. } => (Code::FailedPrecondition, Reason::StaleFence),
                     Rejection::WrongWorker { .. } => {
                         (Code::FailedPrecondition, Reason::WrongWorker)

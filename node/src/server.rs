@@ -82,6 +82,20 @@ pub enum ServerError {
     Fatal(String),
 }
 
+/// Replicated tokens as this node's state holds them, refused once expired by its clock.
+fn replicated_tokens(raft: Arc<RaftNode>) -> crate::auth::ReplicatedLookup {
+    Arc::new(move |digest| {
+        let now = raft::node::now_ms();
+        raft.sm().read(|s| {
+            s.token_by_digest(digest).filter(|t| !t.expired_at(now)).map(|t| crate::auth::Caller {
+                name: t.name.clone(),
+                role: t.role,
+                worker_id_prefix: t.worker_id_prefix.clone(),
+            })
+        })
+    })
+}
+
 /// Run a node until `shutdown` completes or Raft fails.
 pub async fn run(
     cfg: Config,
@@ -93,7 +107,7 @@ pub async fn run(
         Some(path) => {
             let t = Tokens::load(path)?;
             info!(file = %path.display(), tokens = t.len(), "authentication on: requests need a bearer token");
-            Some(Arc::new(t))
+            Some(t)
         }
         None => None,
     };
@@ -130,6 +144,7 @@ pub async fn run(
     if let Some(t) = &tls {
         raft.peers().set_tls(Some(t.peer_client()));
     }
+    let tokens = tokens.map(|t| Arc::new(t.with_replicated(replicated_tokens(raft.clone()))));
     let (stop_tx, stop_rx) = watch::channel(false);
     let node = Arc::new(Node {
         liveness: Liveness::new(cfg.workers.heartbeat_ttl, cfg.workers.failover_grace),

@@ -388,3 +388,134 @@ async fn certificates_reload_on_sighup_and_on_file_change_and_expired_ones_fail(
     drop(logs);
     all_alive(&mut c).await;
 }
+
+/// A client holding the raw secret `secret`.
+fn client_with_secret(sec: &Security, endpoints: &[String], secret: &str) -> Client {
+    let mut c = sec.client_config(endpoints, None);
+    c.token = Some(secret.to_string());
+    c.retry_budget = Duration::from_secs(20);
+    c.fail_fast_when_refused = true;
+    Client::with_config(c).unwrap()
+}
+
+fn create_req(name: &str, role: &str, secret: &str, ttl_ms: u64) -> pb::CreateTokenRequest {
+    pb::CreateTokenRequest {
+        name: name.into(),
+        role: role.into(),
+        secret_sha256: proto::auth::secret_digest_hex(secret),
+        worker_id_prefix: String::new(),
+        ttl_ms,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicated_tokens_are_created_listed_expired_and_revoked_on_every_node() {
+    let mut c = secure_cluster(3).await;
+    let logs = Logs(&c);
+    let sec = c.security().unwrap().clone();
+    let all = c.endpoints();
+    let admin = client(&sec, &all, Some("admin"));
+
+    // Only an admin creates tokens; a submitter is refused and nothing is stored.
+    let e = client(&sec, &all, Some("ci"))
+        .create_token(create_req("sneaky", "admin", "s3cret-sneaky", 0))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+
+    // Created through a follower; a retry of the same create is the same token.
+    let leader = c.wait_leader(Duration::from_secs(30)).await.unwrap();
+    let via_follower = vec![c.nodes[(leader + 1) % 3].addr.clone()];
+    let admin_f = client(&sec, &via_follower, Some("admin"));
+    let r = admin_f.create_token(create_req("ci-2", "submitter", "secret-ci-2", 0)).await.unwrap();
+    assert!(r.created);
+    let r = admin_f.create_token(create_req("ci-2", "submitter", "secret-ci-2", 0)).await.unwrap();
+    assert!(!r.created, "a retried create is idempotent");
+    let e = admin.create_token(create_req("ci-2", "admin", "other", 0)).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e}");
+    let e = admin.create_token(create_req("ci", "reader", "other", 0)).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "a token file name cannot be shadowed: {e}");
+    let e = admin.create_token(create_req("bad name", "reader", "x", 0)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("name"), "{e}");
+    let e = admin.create_token(create_req("r", "root", "x", 0)).await.unwrap_err();
+    assert!(e.code() == Code::InvalidArgument && e.message().contains("role"), "{e}");
+
+    // The new token works on every node (replicated), with its role and no more.
+    for n in &c.nodes {
+        let one = client_with_secret(&sec, &[n.addr.clone()], "secret-ci-2");
+        client::local::wait_until("the token to reach the node", Duration::from_secs(20), || {
+            let one = one.clone();
+            async move { one.submit(spec("via-new-token")).await.ok() }
+        })
+        .await
+        .unwrap();
+        let e = one.trigger_snapshot().await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    }
+
+    // Listing names roles and sources, never a secret or digest.
+    let listed = admin.list_tokens().await.unwrap();
+    let ci2 = listed.iter().find(|t| t.name == "ci-2").expect("listed");
+    assert_eq!((ci2.role.as_str(), ci2.source.as_str(), ci2.expired), ("submitter", "replicated", false));
+    assert!(listed.iter().any(|t| t.name == "admin" && t.source == "file"));
+    let text = format!("{listed:?}");
+    assert!(!text.contains("secret-ci-2") && !text.contains(&proto::auth::secret_digest_hex("secret-ci-2")));
+
+    // A token with a short lifetime stops working once it expired.
+    admin.create_token(create_req("brief", "reader", "secret-brief", 1_000)).await.unwrap();
+    let brief = client_with_secret(&sec, &all, "secret-brief");
+    client::local::wait_until("the short-lived token to expire", Duration::from_secs(20), || {
+        let brief = brief.clone();
+        async move {
+            match brief.list_workers(false).await {
+                Err(e) if e.code() == Code::Unauthenticated => Some(()),
+                _ => None,
+            }
+        }
+    })
+    .await
+    .unwrap();
+
+    // Revoked: refused by every node; revoking a file token or an unknown one is refused.
+    admin.revoke_token("ci-2").await.unwrap();
+    for n in &c.nodes {
+        let one = client_with_secret(&sec, &[n.addr.clone()], "secret-ci-2");
+        client::local::wait_until("the revocation to reach the node", Duration::from_secs(20), || {
+            let one = one.clone();
+            async move {
+                match one.list_workers(false).await {
+                    Err(e) if e.code() == Code::Unauthenticated => Some(()),
+                    _ => None,
+                }
+            }
+        })
+        .await
+        .unwrap();
+    }
+    let e = admin.revoke_token("ci-2").await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    let e = admin.revoke_token("ci").await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("token file"), "{e}");
+
+    // Tokens are replicated state: they survive a restart of every node.
+    admin.create_token(create_req("kept", "reader", "secret-kept", 0)).await.unwrap();
+    drop(logs);
+    for i in 0..3 {
+        c.kill(i);
+    }
+    for i in 0..3 {
+        c.start_node(i).unwrap();
+    }
+    let logs = Logs(&c);
+    let kept = client_with_secret(&sec, &all, "secret-kept");
+    client::local::wait_until("the kept token after a restart", Duration::from_secs(30), || {
+        let kept = kept.clone();
+        async move { kept.list_workers(false).await.ok() }
+    })
+    .await
+    .unwrap();
+    drop(logs);
+    all_alive(&mut c).await;
+}

@@ -42,6 +42,8 @@ pub enum Reason {
     DependencyCycle,
     /// No such task or worker.
     NotFound,
+    /// Something of that name exists already (a token).
+    AlreadyExists,
     /// A report quoted a fencing token that is not the current attempt's.
     StaleFence,
     /// A report came from a worker that does not hold the task.
@@ -79,6 +81,7 @@ impl Reason {
             "unknown_dependency" => Reason::UnknownDependency,
             "dependency_cycle" => Reason::DependencyCycle,
             "not_found" => Reason::NotFound,
+            "already_exists" => Reason::AlreadyExists,
             "stale_fence" => Reason::StaleFence,
             "wrong_worker" => Reason::WrongWorker,
             "invalid_state" => Reason::InvalidState,
@@ -103,6 +106,7 @@ impl Reason {
             Reason::UnknownDependency => "unknown_dependency",
             Reason::DependencyCycle => "dependency_cycle",
             Reason::NotFound => "not_found",
+            Reason::AlreadyExists => "already_exists",
             Reason::StaleFence => "stale_fence",
             Reason::WrongWorker => "wrong_worker",
             Reason::InvalidState => "invalid_state",
@@ -221,6 +225,7 @@ mod tests {
             Reason::UnknownDependency,
             Reason::DependencyCycle,
             Reason::NotFound,
+            Reason::AlreadyExists,
             Reason::StaleFence,
             Reason::WrongWorker,
             Reason::InvalidState,

@@ -8,7 +8,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::Rejection;
-use crate::model::{Fence, Millis, TaskId, TaskSpec, TaskStateKind, WorkerId, WorkerSpec};
+use crate::model::{
+    ApiToken, Fence, Millis, Role, TaskId, TaskSpec, TaskStateKind, WorkerId, WorkerSpec,
+};
 
 /// One entry of the replicated log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +116,33 @@ pub enum Op {
         /// The token that registers it.
         owner: String,
     },
+    /// Create a replicated API token. Creating the same token again (same name, role, secret
+    /// digest and prefix) is a no-op, so a retried create is safe; another token of that name
+    /// is refused. (Appended after the variants older entries use, so they still decode.)
+    CreateToken {
+        /// The token.
+        token: NewToken,
+    },
+    /// Revoke a replicated token: from the apply on, it is refused everywhere.
+    RevokeToken {
+        /// Its name.
+        name: String,
+    },
+}
+
+/// A token to create.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewToken {
+    /// Unique name.
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    /// SHA-256 of the secret (the client made the secret; it is never sent to the log).
+    pub secret_sha256: [u8; 32],
+    /// Worker tokens only: the worker ids it may act for start with this.
+    pub worker_id_prefix: Option<String>,
+    /// Lifetime from the apply's log time (`None`: until revoked).
+    pub ttl_ms: Option<u64>,
 }
 
 impl Op {
@@ -258,6 +287,15 @@ pub enum Output {
     Noop,
     /// One response per operation of a [`Op::Batch`], in order.
     Batch(Vec<Response>),
+    /// A token exists as asked (`created`: false when an identical create came before).
+    TokenCreated {
+        /// The stored token.
+        token: ApiToken,
+        /// Whether this command created it.
+        created: bool,
+    },
+    /// A token was revoked.
+    TokenRevoked,
     /// Retention applied.
     Purged {
         /// Tasks removed.

@@ -139,6 +139,18 @@ pub enum Rejection {
         /// What does not fit.
         reason: String,
     },
+    /// No replicated token has this name.
+    #[error("no token named {name:?} (tokens of a node's token file are changed in that file)")]
+    TokenNotFound {
+        /// The name.
+        name: String,
+    },
+    /// Another token already has this name or this secret.
+    #[error("a different token named {name:?} already exists; revoke it first or pick another name")]
+    TokenExists {
+        /// The name.
+        name: String,
+    },
 }
 
 impl Rejection {

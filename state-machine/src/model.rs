@@ -589,6 +589,72 @@ pub struct Worker {
     pub owner: String,
 }
 
+/// What a token may do. The method table (which RPC needs which role) is the node's; the
+/// state machine only stores the role of the tokens it replicates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read tasks, events, workers and cluster status.
+    Reader,
+    /// Reader, plus submit and cancel tasks.
+    Submitter,
+    /// Run tasks: the Workers service for its own worker ids.
+    Worker,
+    /// Everything, including membership, leader transfer, snapshots and tokens.
+    Admin,
+}
+
+impl Role {
+    /// Every role, weakest first.
+    pub const ALL: [Role; 4] = [Role::Reader, Role::Submitter, Role::Worker, Role::Admin];
+
+    /// The spelling in token files, commands and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Reader => "reader",
+            Role::Submitter => "submitter",
+            Role::Worker => "worker",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// Parses a role name.
+    pub fn parse(s: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A token created through the API and replicated (tokens of a node's token file are not).
+/// Only the SHA-256 of the secret is stored; the secret itself never enters the log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiToken {
+    /// Unique name (1-64 of `[A-Za-z0-9._-@]`); what workers are bound to and logs show.
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    /// SHA-256 of the secret.
+    pub secret_sha256: [u8; 32],
+    /// Worker tokens: the worker ids it may act for start with this.
+    pub worker_id_prefix: Option<String>,
+    /// Log time of the creation.
+    pub created_at: Millis,
+    /// Log time after which it is no longer accepted (`None`: never expires).
+    pub expires_at: Option<Millis>,
+}
+
+impl ApiToken {
+    /// Whether it has expired at `now` (unix ms).
+    pub fn expired_at(&self, now: Millis) -> bool {
+        self.expires_at.is_some_and(|e| now >= e)
+    }
+}
+
 /// Counters that must survive restarts and snapshots (one record).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Meta {

@@ -17,7 +17,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Meta, Task, TaskId, Worker, WorkerId};
+use crate::model::{ApiToken, Meta, Task, TaskId, Worker, WorkerId};
 use crate::state::SchedulerState;
 
 /// Format version of encoded records (first byte of every value).
@@ -39,11 +39,14 @@ pub enum RecordKey {
     TaskChunk(u64),
     /// One worker.
     Worker(WorkerId),
+    /// One replicated API token, by name.
+    Token(String),
 }
 
 const META_PREFIX: u8 = b'm';
 const TASK_PREFIX: u8 = b't';
 const WORKER_PREFIX: u8 = b'w';
+const TOKEN_PREFIX: u8 = b'x';
 
 impl RecordKey {
     /// The record holding task `id`.
@@ -56,7 +59,8 @@ impl RecordKey {
         TaskId(chunk << CHUNK_BITS)..TaskId((chunk + 1) << CHUNK_BITS)
     }
 
-    /// Bytes of the key: `m`, `t` + big-endian chunk number, `w` + worker id.
+    /// Bytes of the key: `m`, `t` + big-endian chunk number, `w` + worker id, `x` + token
+    /// name.
     pub fn encode(&self) -> Vec<u8> {
         match self {
             RecordKey::Meta => vec![META_PREFIX],
@@ -72,6 +76,12 @@ impl RecordKey {
                 k.extend_from_slice(id.0.as_bytes());
                 k
             }
+            RecordKey::Token(name) => {
+                let mut k = Vec::with_capacity(1 + name.len());
+                k.push(TOKEN_PREFIX);
+                k.extend_from_slice(name.as_bytes());
+                k
+            }
         }
     }
 
@@ -85,13 +95,19 @@ impl RecordKey {
             Some((&WORKER_PREFIX, rest)) if !rest.is_empty() => std::str::from_utf8(rest)
                 .map(|s| RecordKey::Worker(WorkerId(s.to_string())))
                 .map_err(|_| RecordError::BadKey(bytes.to_vec())),
+            Some((&TOKEN_PREFIX, rest)) if !rest.is_empty() => std::str::from_utf8(rest)
+                .map(|s| RecordKey::Token(s.to_string()))
+                .map_err(|_| RecordError::BadKey(bytes.to_vec())),
             _ => Err(RecordError::BadKey(bytes.to_vec())),
         }
     }
 
     /// True for bytes that could be a record key (the store keeps its own keys elsewhere).
     pub fn is_record_key(bytes: &[u8]) -> bool {
-        matches!(bytes.first(), Some(&META_PREFIX | &TASK_PREFIX | &WORKER_PREFIX))
+        matches!(
+            bytes.first(),
+            Some(&META_PREFIX | &TASK_PREFIX | &WORKER_PREFIX | &TOKEN_PREFIX)
+        )
     }
 }
 
@@ -104,6 +120,8 @@ pub enum Record {
     TaskChunk(Vec<Task>),
     /// A worker.
     Worker(Worker),
+    /// A replicated API token.
+    Token(ApiToken),
 }
 
 /// A record value, borrowed from the state. Serializes exactly like [`Record`].
@@ -115,6 +133,8 @@ pub enum RecordRef<'a> {
     TaskChunk(Vec<&'a Task>),
     /// A worker.
     Worker(&'a Worker),
+    /// A replicated API token.
+    Token(&'a ApiToken),
 }
 
 impl RecordRef<'_> {
@@ -238,6 +258,7 @@ pub struct StateLoader {
     meta: Option<Meta>,
     tasks: Vec<Task>,
     workers: Vec<Worker>,
+    tokens: Vec<ApiToken>,
 }
 
 impl StateLoader {
@@ -259,6 +280,7 @@ impl StateLoader {
                 self.tasks.extend(tasks);
             }
             (Record::Worker(w), RecordKey::Worker(id)) if w.spec.id == *id => self.workers.push(w),
+            (Record::Token(t), RecordKey::Token(name)) if t.name == *name => self.tokens.push(t),
             _ => return Err(RecordError::Mismatch(key)),
         }
         Ok(())
@@ -271,6 +293,7 @@ impl StateLoader {
             self.meta.unwrap_or_else(Meta::initial),
             self.tasks,
             self.workers,
+            self.tokens,
         )
     }
 }
@@ -286,10 +309,11 @@ impl SchedulerState {
                 (!tasks.is_empty()).then(|| RecordRef::TaskChunk(tasks).encode())
             }
             RecordKey::Worker(id) => self.workers.get(id).map(|w| RecordRef::Worker(w).encode()),
+            RecordKey::Token(name) => self.tokens.get(name).map(|t| RecordRef::Token(t).encode()),
         }
     }
 
-    /// Every record, in key order (meta, task chunks, workers by id).
+    /// Every record, in key order (meta, task chunks, workers by id, tokens by name).
     pub fn records(&self) -> impl Iterator<Item = (RecordKey, RecordRef<'_>)> {
         let mut chunks: Vec<(RecordKey, RecordRef<'_>)> = Vec::new();
         for (id, t) in &self.tasks {
@@ -302,7 +326,12 @@ impl SchedulerState {
         std::iter::once((RecordKey::Meta, RecordRef::Meta(&self.meta))).chain(chunks).chain(
             self.workers
                 .iter()
-                .map(|(id, w)| (RecordKey::Worker(id.clone()), RecordRef::Worker(w))),
+                .map(|(id, w)| (RecordKey::Worker(id.clone()), RecordRef::Worker(w)))
+                .chain(
+                    self.tokens
+                        .iter()
+                        .map(|(n, t)| (RecordKey::Token(n.clone()), RecordRef::Token(t))),
+                ),
         )
     }
 

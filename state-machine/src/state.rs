@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::command::{Command, Op, Output, Response};
 use crate::error::Rejection;
 use crate::model::{
-    DeathReason, Fence, Meta, Millis, Resources, Task, TaskId, TaskState, TaskStateKind, Worker,
+    ApiToken, DeathReason, Fence, Meta, Millis, Resources, Task, TaskId, TaskState, TaskStateKind, Worker,
     WorkerId, WorkerStatus,
 };
 use crate::record::RecordKey;
@@ -36,6 +36,8 @@ use crate::record::RecordKey;
 mod index;
 mod tasks;
 mod time;
+mod tokens;
+pub use tokens::{valid_token_name, MAX_TOKENS, MAX_TOKEN_TTL_MS};
 mod workers;
 
 pub(crate) use index::{misfit, missing_label, Indexes, Load, Shape};
@@ -72,6 +74,10 @@ pub struct SchedulerState {
     /// Boxed so the map's nodes stay small (memory per task matters at millions of tasks).
     pub(crate) tasks: BTreeMap<TaskId, Box<Task>>,
     pub(crate) workers: BTreeMap<WorkerId, Worker>,
+    /// Replicated API tokens by name.
+    pub(crate) tokens: BTreeMap<String, ApiToken>,
+    /// Token names by secret digest (a point lookup per authenticated request).
+    pub(crate) token_digests: std::collections::HashMap<[u8; 32], String>,
     pub(crate) idx: Indexes,
     changes: Changes,
 }
@@ -88,6 +94,8 @@ impl SchedulerState {
             meta: Meta::initial(),
             tasks: BTreeMap::new(),
             workers: BTreeMap::new(),
+            tokens: BTreeMap::new(),
+            token_digests: std::collections::HashMap::new(),
             idx: Indexes::default(),
             changes: Changes::default(),
         }
@@ -98,9 +106,14 @@ impl SchedulerState {
         meta: Meta,
         tasks: impl IntoIterator<Item = Task>,
         workers: impl IntoIterator<Item = Worker>,
+        tokens: impl IntoIterator<Item = ApiToken>,
     ) -> Self {
         let mut s = SchedulerState::new();
         s.meta = meta;
+        for t in tokens {
+            s.token_digests.insert(t.secret_sha256, t.name.clone());
+            s.tokens.insert(t.name.clone(), t);
+        }
         for w in workers {
             if let WorkerStatus::Dead { at, .. } = w.status {
                 s.idx.dead_workers.insert((at, w.spec.id.clone()));
@@ -269,6 +282,8 @@ impl SchedulerState {
             Op::Report { worker, reports } => Ok(self.report(now, worker, reports)),
             Op::AdvanceTime => Ok(self.advance_time(now)),
             Op::Purge { finished_before, limit } => Ok(self.purge(*finished_before, *limit)),
+            Op::CreateToken { token } => self.create_token(now, token),
+            Op::RevokeToken { name } => self.revoke_token(name),
             Op::Batch(ops) => Ok(Output::Batch(
                 ops.iter()
                     .map(|op| match op {

@@ -1,4 +1,5 @@
-//! Calls of the `Cluster` service: init, status, membership, leader transfer and snapshots.
+//! Calls of the `Cluster` service: init, status, membership, leader transfer, snapshots and
+//! tokens.
 //!
 //! Membership changes and leader transfer are writes, so the node that answers becomes the
 //! preferred one; status is a read any node answers.
@@ -84,5 +85,36 @@ impl Client {
             )
             .await?;
         Ok(r.snapshot_index)
+    }
+
+    /// Creates a replicated token (idempotent for the same name, role, digest and prefix).
+    pub async fn create_token(
+        &self,
+        req: pb::CreateTokenRequest,
+    ) -> Result<pb::CreateTokenResponse, Error> {
+        self.call("create_token", Kind::Write, req, |ch, r| async move {
+            cluster(ch).create_token(r).await
+        })
+        .await
+    }
+
+    /// The token file's tokens (of the node that answers) and the replicated ones.
+    pub async fn list_tokens(&self) -> Result<Vec<pb::TokenInfo>, Error> {
+        let r = self
+            .call("list_tokens", Kind::Read, pb::ListTokensRequest {}, |ch, r| async move {
+                cluster(ch).list_tokens(r).await
+            })
+            .await?;
+        Ok(r.tokens)
+    }
+
+    /// Revokes a replicated token.
+    pub async fn revoke_token(&self, name: &str) -> Result<(), Error> {
+        let req = pb::RevokeTokenRequest { name: name.to_string() };
+        self.call("revoke_token", Kind::Write, req, |ch, r| async move {
+            cluster(ch).revoke_token(r).await
+        })
+        .await?;
+        Ok(())
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use proto::internal::v1 as ipb;
 use proto::pb;
 use proto::pb::cluster_client::ClusterClient;
-use state_machine::Rejection;
+use state_machine::{ApiToken, NewToken, Op, Output, Rejection, Role};
 use tonic::{Request, Response, Status};
 
 use super::answer;
@@ -111,6 +111,86 @@ impl ClusterApi {
             nodes.push(n);
         }
         Ok(pb::ClusterStatusResponse { leader_id: local.leader_id, term: local.term, nodes })
+    }
+}
+
+impl ClusterApi {
+    /// Tokens need authentication on: without a token file nothing would check them.
+    fn tokens(&self) -> NodeResult<&crate::auth::Tokens> {
+        self.node.tokens.as_deref().ok_or_else(|| {
+            NodeError::Relayed(Status::failed_precondition(
+                "authentication is off on this node: start the nodes with --auth-tokens FILE, \
+                 then create tokens",
+            ))
+        })
+    }
+
+    async fn create_token(&self, r: pb::CreateTokenRequest) -> NodeResult<pb::CreateTokenResponse> {
+        let file = self.tokens()?;
+        let role = Role::parse(&r.role).ok_or_else(|| {
+            Rejection::invalid("role", "expected admin, submitter, worker or reader")
+        })?;
+        let mut digest = [0u8; 32];
+        hex::decode_to_slice(r.secret_sha256.trim(), &mut digest).map_err(|_| {
+            Rejection::invalid("secret_sha256", "expected 64 hex digits (the SHA-256 of the secret)")
+        })?;
+        if file.in_file(&r.name) {
+            return Err(Rejection::TokenExists { name: r.name }.into());
+        }
+        let token = NewToken {
+            name: r.name,
+            role,
+            secret_sha256: digest,
+            worker_id_prefix: (!r.worker_id_prefix.is_empty()).then_some(r.worker_id_prefix),
+            ttl_ms: (r.ttl_ms > 0).then_some(r.ttl_ms),
+        };
+        let (_, out) = self.node.write(Op::CreateToken { token }).await?;
+        let Output::TokenCreated { token, created } = out else {
+            return Err(NodeError::Internal(format!("create token answered {out:?}")));
+        };
+        Ok(pb::CreateTokenResponse { token: Some(token_info(&token)), created })
+    }
+
+    async fn list_tokens(&self) -> NodeResult<pb::ListTokensResponse> {
+        let file = self.tokens()?;
+        let mut tokens: Vec<pb::TokenInfo> = file
+            .file_tokens()
+            .map(|c| pb::TokenInfo {
+                name: c.name.clone(),
+                role: c.role.as_str().into(),
+                worker_id_prefix: c.worker_id_prefix.clone().unwrap_or_default(),
+                source: "file".into(),
+                ..Default::default()
+            })
+            .collect();
+        let replicated = self.node.read(false, |s| s.tokens().map(token_info).collect::<Vec<_>>());
+        tokens.extend(replicated.await?);
+        Ok(pb::ListTokensResponse { tokens })
+    }
+
+    async fn revoke_token(&self, r: pb::RevokeTokenRequest) -> NodeResult<pb::RevokeTokenResponse> {
+        if self.tokens()?.in_file(&r.name) {
+            return Err(NodeError::Relayed(Status::failed_precondition(format!(
+                "token {:?} comes from the token file: remove it from the file on every node \
+                 and restart them",
+                r.name
+            ))));
+        }
+        self.node.write(Op::RevokeToken { name: r.name }).await?;
+        Ok(pb::RevokeTokenResponse {})
+    }
+}
+
+/// A replicated token as listed.
+fn token_info(t: &ApiToken) -> pb::TokenInfo {
+    pb::TokenInfo {
+        name: t.name.clone(),
+        role: t.role.as_str().into(),
+        worker_id_prefix: t.worker_id_prefix.clone().unwrap_or_default(),
+        created_at_ms: t.created_at,
+        expires_at_ms: t.expires_at.unwrap_or(0),
+        expired: t.expired_at(raft::node::now_ms()),
+        source: "replicated".into(),
     }
 }
 
@@ -265,5 +345,26 @@ impl pb::cluster_server::Cluster for ClusterApi {
             out.map(|snapshot_index| pb::TriggerSnapshotResponse { snapshot_index })
                 .map_err(NodeError::from),
         )
+    }
+
+    async fn create_token(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        answer(&self.node, self.create_token(req.into_inner()).await)
+    }
+
+    async fn list_tokens(
+        &self,
+        _req: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        answer(&self.node, self.list_tokens().await)
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        answer(&self.node, self.revoke_token(req.into_inner()).await)
     }
 }
