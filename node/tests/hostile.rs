@@ -1,6 +1,9 @@
-//! Hostile input against a real 3-node cluster: each attack a security review found is
-//! replayed over the wire and must be refused with the right code, change nothing (tasks keep
-//! their state and fence, membership stays, no absurd term), and leave every node alive.
+//! Hostile input against a real 3-node cluster with TLS, peer certificates and tokens: each
+//! attack a security review found is replayed over the wire and must be refused with the right
+//! code, change nothing (tasks keep their state and fence, membership stays, no absurd term),
+//! and leave every node alive. The raw channels present the node certificate and the admin
+//! token, so each attack gets past the trust boundary and meets the checks behind it — what a
+//! buggy or compromised member could send (the boundary itself is `security.rs`'s subject).
 //! Real `schedulerd` processes on loopback; waits poll conditions with deadlines.
 
 mod common;
@@ -131,7 +134,7 @@ async fn tasks_with_a_holder(c: &Cluster) -> (SilentWorker, pb::Assignment) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn h1_absurd_terms_indexes_and_strangers_are_refused_by_every_node() {
-    let mut c = Cluster::start(3, &[]).await;
+    let mut c = Cluster::start_secure(3, &[]).await;
     let leader = c.wait_leader().await;
     let (_w, _a) = tasks_with_a_holder(&c).await;
     let before_tasks = task_facts(&c).await;
@@ -217,7 +220,7 @@ async fn h1_absurd_terms_indexes_and_strangers_are_refused_by_every_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn h2_unserved_learners_are_not_promoted_and_a_dead_voter_can_be_removed() {
-    let c = Cluster::start(3, &[]).await;
+    let c = Cluster::start_secure(3, &[]).await;
     let leader = c.wait_leader().await;
     let before = membership(&c).await;
     let mut admin = ClusterClient::new(channel(&c.nodes[leader].addr).await);
@@ -273,7 +276,7 @@ async fn h2_unserved_learners_are_not_promoted_and_a_dead_voter_can_be_removed()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn h3_absurd_resource_amounts_are_invalid_arguments_naming_field_and_maximum() {
-    let mut c = Cluster::start(3, &[]).await;
+    let mut c = Cluster::start_secure(3, &[]).await;
     let leader = c.wait_leader().await;
     let mut w = WorkersClient::new(channel(&c.nodes[leader].addr).await);
     let greedy = |capacity: pb::Resources| pb::RegisterWorkerRequest {
@@ -336,7 +339,7 @@ async fn h3_absurd_resource_amounts_are_invalid_arguments_naming_field_and_maxim
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn h4_a_malformed_protobuf_body_is_an_invalid_argument() {
-    let mut c = Cluster::start(3, &[]).await;
+    let mut c = Cluster::start_secure(3, &[]).await;
     let leader = c.wait_leader().await;
     // A RaftRequest's field 1 is a varint; SubmitTasksRequest's field 1 is a repeated
     // message: the same bytes are a wire-type error there.
@@ -360,7 +363,7 @@ async fn h4_a_malformed_protobuf_body_is_an_invalid_argument() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn h5_refusals_never_reveal_the_current_fence_or_holder() {
-    let c = Cluster::start(3, &[]).await;
+    let c = Cluster::start_secure(3, &[]).await;
     let (_w, a) = tasks_with_a_holder(&c).await;
     let before = task_facts(&c).await;
     let leader = c.wait_leader().await;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 #[allow(unused_imports)]
 pub use client::local::wait_until;
-use client::local::{LocalCluster, LocalClusterOptions};
+use client::local::{LocalCluster, LocalClusterOptions, Security};
 use client::worker::{
     Job, Outcome, ReportAnswer, ReportKind, StopSignal, Worker, WorkerConfig, WorkerEvent,
     WorkerHandle,
@@ -19,7 +19,8 @@ use client::worker::{
 use proto::pb;
 use proto::pb::tasks_client::TasksClient;
 use proto::pb::workers_client::WorkersClient;
-use tonic::transport::Channel;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 /// A cluster of the harness with raw gRPC clients on top. When a test panics, the end of
 /// every node log is printed.
@@ -49,12 +50,66 @@ impl Drop for Cluster {
     }
 }
 
-pub async fn channel(addr: &str) -> Channel {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+/// The credentials of this test binary's secure clusters, once [`Cluster::start_secure`]
+/// ran: every cluster it starts shares one development CA, node certificate and token file.
+static SECURE: std::sync::OnceLock<(tempfile::TempDir, Security)> = std::sync::OnceLock::new();
+
+fn security() -> Option<&'static Security> {
+    SECURE.get().map(|(_, s)| s)
+}
+
+/// The channel type the raw clients use: a connection plus the admin bearer token (when the
+/// binary's clusters are secure).
+pub type Ch = InterceptedService<Channel, Bearer>;
+
+/// Adds `authorization: Bearer <secret>` to every request (nothing when `None`).
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert(proto::auth::AUTHORIZATION_KEY, v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A raw channel to `addr`. On a secure cluster it speaks TLS and presents the node
+/// certificate — a member's credentials, so peer RPCs get past the certificate check and
+/// meet the checks a buggy or compromised member would — and carries the admin token.
+pub async fn channel(addr: &str) -> Ch {
+    let Some(sec) = security() else {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_timeout(Duration::from_millis(500))
+            .timeout(Duration::from_secs(10))
+            .connect_lazy();
+        return InterceptedService::new(ch, Bearer(None));
+    };
+    let read = |p: &std::path::Path| std::fs::read(p).expect("credentials of the test CA");
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&sec.pki.ca)))
+        .identity(Identity::from_pem(read(&sec.pki.cert), read(&sec.pki.key)))
+        .domain_name("127.0.0.1");
+    let ch = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
         .unwrap()
         .connect_timeout(Duration::from_millis(500))
         .timeout(Duration::from_secs(10))
-        .connect_lazy()
+        .connect_lazy();
+    let secret = sec.secret("admin").expect("an admin token");
+    InterceptedService::new(ch, Bearer(Some(format!("Bearer {secret}").parse().unwrap())))
+}
+
+/// A library client for `addrs`, with the admin token and the CA on a secure cluster.
+pub fn library_client(addrs: Vec<String>) -> client::Client {
+    match security() {
+        Some(sec) => client::Client::with_config(sec.client_config(&addrs, Some("admin"))),
+        None => client::Client::new(addrs),
+    }
+    .expect("valid endpoints")
 }
 
 impl Cluster {
@@ -62,15 +117,30 @@ impl Cluster {
     /// leader and for every node to be reachable (a node that failed to start would make
     /// fault tests meaningless: killing the leader would leave no quorum).
     pub async fn start(n: u64, extra: &[&str]) -> Cluster {
-        let opts = LocalClusterOptions::new(env!("CARGO_BIN_EXE_schedulerd"), n)
+        let mut opts = LocalClusterOptions::new(env!("CARGO_BIN_EXE_schedulerd"), n)
             .args(extra.iter().copied())
             .env("SCHED_LOG", "info,openraft=warn")
             .http(true);
+        if let Some(sec) = security() {
+            opts = opts.with_security(sec.clone());
+        }
         let mut c = Cluster { local: LocalCluster::prepare(opts).expect("cluster layout") };
         if let Err(e) = c.local.start_all().await {
             panic!("starting the cluster: {e}");
         }
         c
+    }
+
+    /// [`Cluster::start`] with TLS, peer certificates and tokens; from the first call on,
+    /// every cluster and raw channel of this test binary is secure (use it for all tests of
+    /// a binary, or none).
+    pub async fn start_secure(n: u64, extra: &[&str]) -> Cluster {
+        SECURE.get_or_init(|| {
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            let sec = Security::create(dir.path(), &[]).expect("development credentials");
+            (dir, sec)
+        });
+        Cluster::start(n, extra).await
     }
 
     pub fn addrs(&self) -> Vec<String> {
@@ -85,11 +155,11 @@ impl Cluster {
         self.local.start_node(i).unwrap_or_else(|e| panic!("{e}"));
     }
 
-    pub async fn tasks(&self, i: usize) -> TasksClient<Channel> {
+    pub async fn tasks(&self, i: usize) -> TasksClient<Ch> {
         TasksClient::new(channel(&self.nodes[i].addr).await)
     }
 
-    pub async fn workers(&self, i: usize) -> WorkersClient<Channel> {
+    pub async fn workers(&self, i: usize) -> WorkersClient<Ch> {
         WorkersClient::new(channel(&self.nodes[i].addr).await)
     }
 }
@@ -97,7 +167,7 @@ impl Cluster {
 /// Retry an RPC on UNAVAILABLE across the given endpoints (the same request each time).
 pub async fn retry<T, F, Fut>(addrs: &[String], mut f: F) -> Result<T, tonic::Status>
 where
-    F: FnMut(Channel) -> Fut,
+    F: FnMut(Ch) -> Fut,
     Fut: std::future::Future<Output = Result<T, tonic::Status>>,
 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -162,7 +232,7 @@ impl Drop for TestWorker {
 impl TestWorker {
     pub fn spawn(addrs: Vec<String>, id: &str, slots: u32, run: Duration) -> TestWorker {
         let execs = Arc::new(Mutex::new(Vec::new()));
-        let client = client::Client::new(addrs).expect("valid endpoints");
+        let client = library_client(addrs);
         let mut config = WorkerConfig::new(id);
         config.slots = slots;
         config.capacity =
