@@ -257,7 +257,6 @@ impl fmt::Debug for Tokens {
     }
 }
 
-
 impl Tokens {
     /// Parses a token file's text (`[[token]]` tables with `name`, `role`, `secret_sha256`
     /// and, for workers, an optional `worker_id_prefix`).

@@ -443,7 +443,7 @@ async fn replicated_tokens_are_created_listed_expired_and_revoked_on_every_node(
 
     // The new token works on every node (replicated), with its role and no more.
     for n in &c.nodes {
-        let one = client_with_secret(&sec, &[n.addr.clone()], "secret-ci-2");
+        let one = client_with_secret(&sec, std::slice::from_ref(&n.addr), "secret-ci-2");
         client::local::wait_until("the token to reach the node", Duration::from_secs(20), || {
             let one = one.clone();
             async move { one.submit(spec("via-new-token")).await.ok() }
@@ -457,10 +457,16 @@ async fn replicated_tokens_are_created_listed_expired_and_revoked_on_every_node(
     // Listing names roles and sources, never a secret or digest.
     let listed = admin.list_tokens().await.unwrap();
     let ci2 = listed.iter().find(|t| t.name == "ci-2").expect("listed");
-    assert_eq!((ci2.role.as_str(), ci2.source.as_str(), ci2.expired), ("submitter", "replicated", false));
+    assert_eq!(
+        (ci2.role.as_str(), ci2.source.as_str(), ci2.expired),
+        ("submitter", "replicated", false)
+    );
     assert!(listed.iter().any(|t| t.name == "admin" && t.source == "file"));
     let text = format!("{listed:?}");
-    assert!(!text.contains("secret-ci-2") && !text.contains(&proto::auth::secret_digest_hex("secret-ci-2")));
+    assert!(
+        !text.contains("secret-ci-2")
+            && !text.contains(&proto::auth::secret_digest_hex("secret-ci-2"))
+    );
 
     // A token with a short lifetime stops working once it expired.
     admin.create_token(create_req("brief", "reader", "secret-brief", 1_000)).await.unwrap();
@@ -480,16 +486,20 @@ async fn replicated_tokens_are_created_listed_expired_and_revoked_on_every_node(
     // Revoked: refused by every node; revoking a file token or an unknown one is refused.
     admin.revoke_token("ci-2").await.unwrap();
     for n in &c.nodes {
-        let one = client_with_secret(&sec, &[n.addr.clone()], "secret-ci-2");
-        client::local::wait_until("the revocation to reach the node", Duration::from_secs(20), || {
-            let one = one.clone();
-            async move {
-                match one.list_workers(false).await {
-                    Err(e) if e.code() == Code::Unauthenticated => Some(()),
-                    _ => None,
+        let one = client_with_secret(&sec, std::slice::from_ref(&n.addr), "secret-ci-2");
+        client::local::wait_until(
+            "the revocation to reach the node",
+            Duration::from_secs(20),
+            || {
+                let one = one.clone();
+                async move {
+                    match one.list_workers(false).await {
+                        Err(e) if e.code() == Code::Unauthenticated => Some(()),
+                        _ => None,
+                    }
                 }
-            }
-        })
+            },
+        )
         .await
         .unwrap();
     }

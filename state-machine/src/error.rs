@@ -146,7 +146,9 @@ pub enum Rejection {
         name: String,
     },
     /// Another token already has this name or this secret.
-    #[error("a different token named {name:?} already exists; revoke it first or pick another name")]
+    #[error(
+        "a different token named {name:?} already exists; revoke it first or pick another name"
+    )]
     TokenExists {
         /// The name.
         name: String,

@@ -28,18 +28,21 @@ pub mod state;
 pub mod validate;
 
 pub use command::{
-    NewToken, Assignment, CancelOutcome, Command, DepRef, NewTask, Op, Output, Report, ReportKind,
+    Assignment, CancelOutcome, Command, DepRef, NewTask, NewToken, Op, Output, Report, ReportKind,
     ReportOutcome, Response, Submitted,
 };
 pub use error::Rejection;
 pub use explain::{Blocker, Explanation};
 pub use model::{
-    ApiToken, Role, AttemptFailure, DeathReason, FailureKind, Fence, Meta, Millis, Resources, RetryPolicy, Task,
-    TaskId, TaskSpec, TaskState, TaskStateKind, Worker, WorkerId, WorkerSpec, WorkerStatus,
+    ApiToken, AttemptFailure, DeathReason, FailureKind, Fence, Meta, Millis, Resources,
+    RetryPolicy, Role, Task, TaskId, TaskSpec, TaskState, TaskStateKind, Worker, WorkerId,
+    WorkerSpec, WorkerStatus,
 };
 pub use planner::{plan, plan_after_reports, Plan, PlanPolicy, Reservation};
 pub use record::{Record, RecordKey, RecordRef, StateLoader};
-pub use state::{Changes, SchedulerState, TaskEvent, valid_token_name, MAX_TOKENS, MAX_TOKEN_TTL_MS};
+pub use state::{
+    valid_token_name, Changes, SchedulerState, TaskEvent, MAX_TOKENS, MAX_TOKEN_TTL_MS,
+};
 pub use validate::Limits;
 
 /// The queue a task goes to when none is named.

@@ -104,10 +104,7 @@ impl RecordKey {
 
     /// True for bytes that could be a record key (the store keeps its own keys elsewhere).
     pub fn is_record_key(bytes: &[u8]) -> bool {
-        matches!(
-            bytes.first(),
-            Some(&META_PREFIX | &TASK_PREFIX | &WORKER_PREFIX | &TOKEN_PREFIX)
-        )
+        matches!(bytes.first(), Some(&META_PREFIX | &TASK_PREFIX | &WORKER_PREFIX | &TOKEN_PREFIX))
     }
 }
 

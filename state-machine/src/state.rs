@@ -28,8 +28,8 @@ use serde::{Deserialize, Serialize};
 use crate::command::{Command, Op, Output, Response};
 use crate::error::Rejection;
 use crate::model::{
-    ApiToken, DeathReason, Fence, Meta, Millis, Resources, Task, TaskId, TaskState, TaskStateKind, Worker,
-    WorkerId, WorkerStatus,
+    ApiToken, DeathReason, Fence, Meta, Millis, Resources, Task, TaskId, TaskState, TaskStateKind,
+    Worker, WorkerId, WorkerStatus,
 };
 use crate::record::RecordKey;
 

@@ -167,6 +167,10 @@ impl Model {
             Op::RegisterWorker { spec, instance } => self.register(spec, *instance),
             // Ownership is covered by the unit tests; this generator registers without owners.
             Op::RegisterWorkerAs { .. } => panic!("the generator makes no owned registrations"),
+            // Tokens touch no task or worker; their unit tests cover them.
+            Op::CreateToken { .. } | Op::RevokeToken { .. } => {
+                panic!("the generator makes no token commands")
+            }
             Op::DrainWorker { worker } => match self.workers.get_mut(&worker.0) {
                 Some(w) if w.alive => {
                     w.draining = true;

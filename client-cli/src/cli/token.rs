@@ -138,7 +138,13 @@ async fn list(ctx: &Ctx) -> Result<u8> {
             "tokens": tokens.iter().map(token_json).collect::<Vec<_>>(),
         })),
         Format::Table => {
-            outln!("{:<24} {:<10} {:<12} {:<16} EXPIRES", "NAME", "ROLE", "SOURCE", "WORKER PREFIX");
+            outln!(
+                "{:<24} {:<10} {:<12} {:<16} EXPIRES",
+                "NAME",
+                "ROLE",
+                "SOURCE",
+                "WORKER PREFIX"
+            );
             for t in &tokens {
                 let expires = match (t.expires_at_ms, t.expired) {
                     (0, _) => "never".to_string(),

@@ -132,7 +132,10 @@ impl ClusterApi {
         })?;
         let mut digest = [0u8; 32];
         hex::decode_to_slice(r.secret_sha256.trim(), &mut digest).map_err(|_| {
-            Rejection::invalid("secret_sha256", "expected 64 hex digits (the SHA-256 of the secret)")
+            Rejection::invalid(
+                "secret_sha256",
+                "expected 64 hex digits (the SHA-256 of the secret)",
+            )
         })?;
         if file.in_file(&r.name) {
             return Err(Rejection::TokenExists { name: r.name }.into());

@@ -81,7 +81,11 @@ impl SchedulerState {
             ));
         }
         if self.tokens.len() >= MAX_TOKENS {
-            return Err(Rejection::limit("tokens", MAX_TOKENS as u64, self.tokens.len() as u64 + 1));
+            return Err(Rejection::limit(
+                "tokens",
+                MAX_TOKENS as u64,
+                self.tokens.len() as u64 + 1,
+            ));
         }
         let token = ApiToken {
             name: t.name.clone(),
@@ -177,7 +181,10 @@ mod tests {
         let stored = s.token("short").unwrap().clone();
         assert_eq!(stored.expires_at, Some(1_100));
         assert!(!stored.expired_at(1_099) && stored.expired_at(1_100));
-        assert_eq!(apply(&mut s, 200, Op::RevokeToken { name: "short".into() }), Ok(Output::TokenRevoked));
+        assert_eq!(
+            apply(&mut s, 200, Op::RevokeToken { name: "short".into() }),
+            Ok(Output::TokenRevoked)
+        );
         assert!(s.token_by_digest(&[7; 32]).is_none());
         assert_eq!(
             apply(&mut s, 300, Op::RevokeToken { name: "short".into() }),
@@ -199,6 +206,9 @@ mod tests {
         }
         let back = loader.finish();
         assert_eq!(back.digest(), s.digest());
-        assert_eq!(back.token_by_digest(&[4; 32]).unwrap().worker_id_prefix.as_deref(), Some("gpu-"));
+        assert_eq!(
+            back.token_by_digest(&[4; 32]).unwrap().worker_id_prefix.as_deref(),
+            Some("gpu-")
+        );
     }
 }
