@@ -206,7 +206,9 @@ class AsyncResult(Generic[R]):
         """The stored task once it is terminal; ``TimeoutError`` after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         task_id = self.id
-        t = self.app._conn.call("GetTask", pb.GetTaskRequest(id=task_id))
+        # A stale read is enough: a terminal state (and its result) never changes, and a
+        # non-terminal one only makes us watch.
+        t = self.app._conn.call("GetTask", pb.GetTaskRequest(id=task_id, stale_ok=True))
         while t.state not in TERMINAL:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
