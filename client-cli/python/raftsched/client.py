@@ -208,7 +208,13 @@ class AsyncResult(Generic[R]):
         task_id = self.id
         # A stale read is enough: a terminal state (and its result) never changes, and a
         # non-terminal one only makes us watch.
-        t = self.app._conn.call("GetTask", pb.GetTaskRequest(id=task_id, stale_ok=True))
+        try:
+            t = self.app._conn.call("GetTask", pb.GetTaskRequest(id=task_id, stale_ok=True))
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                raise
+            # This node has not applied the submit yet: ask the leader.
+            t = self.app._conn.call("GetTask", pb.GetTaskRequest(id=task_id))
         while t.state not in TERMINAL:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
