@@ -87,9 +87,11 @@ fn install_stamp(dir: &Path) -> String {
 #[test]
 fn python_sdk_pytest_suite_passes_against_real_clusters() {
     let py_dir = python_dir();
-    let bin_dir = Path::new(env!("CARGO_BIN_EXE_schedctl")).parent().expect("bin dir").to_path_buf();
-    let schedulerd = client::local::find_schedulerd(Some(Path::new(env!("CARGO_BIN_EXE_schedctl"))))
-        .expect("schedulerd next to schedctl; build with cargo build --release");
+    let bin_dir =
+        Path::new(env!("CARGO_BIN_EXE_schedctl")).parent().expect("bin dir").to_path_buf();
+    let schedulerd =
+        client::local::find_schedulerd(Some(Path::new(env!("CARGO_BIN_EXE_schedctl"))))
+            .expect("schedulerd next to schedctl; build with cargo build --release");
     let venv = bin_dir.parent().unwrap_or(&bin_dir).join("python-venv");
     let python = venv.join("bin").join("python");
     if !python.is_file() {
