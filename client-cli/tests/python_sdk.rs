@@ -3,7 +3,7 @@
 //!
 //! The suite runs in a virtualenv under `target/python-venv`, created when missing; the pinned
 //! requirements and the package are (re)installed only when their content hash differs from the
-//! one stamped in the venv. Needs `python3` (>= 3.9) with `venv`, and PyPI the first time.
+//! one stamped in the venv. Needs `python3` (>= 3.10) with `venv`, and PyPI the first time.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
