@@ -1,0 +1,71 @@
+"""Against a secure (TLS + bearer token) cluster started by `schedctl dev up`."""
+
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from cluster import Cluster, WorkerProc, find_binary, free_port, wait_until
+from raftsched import App, SubmitError
+
+
+@pytest.fixture(scope="module")
+def secure_cluster():
+    d = tempfile.mkdtemp(prefix="raftsched-py-secure-")
+    out = open(os.path.join(d, "dev-up.out"), "wb")
+    p = subprocess.Popen([find_binary("schedctl"), "dev", "up", "--nodes", "3", "--workers", "0",
+                          "--dir", d, "--base-port", str(free_port())],
+                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                         start_new_session=True)
+    try:
+        wait_until(lambda: "is up" in open(os.path.join(d, "dev-up.out")).read()
+                   or p.poll() is not None, 60, "schedctl dev up")
+        assert p.poll() is None, open(os.path.join(d, "dev-up.out")).read()
+        nodes = json.load(open(os.path.join(d, "cluster.json")))["nodes"]
+        c = Cluster(0)
+        c.dir = d
+        c.addrs = {n["id"]: n["grpc"] for n in nodes}
+        c.ids = sorted(c.addrs)
+        c.ca_cert = os.path.join(d, "pki", "ca.pem")
+        c.token = open(os.path.join(d, "admin.token")).read().strip()
+        yield c
+    finally:
+        p.send_signal(signal.SIGINT)
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+        try:  # never leave a node behind
+            for n in json.load(open(os.path.join(d, "cluster.json")))["nodes"]:
+                try:
+                    os.kill(n["pid"], signal.SIGKILL)
+                except (ProcessLookupError, KeyError):
+                    pass
+        except (OSError, ValueError):
+            pass
+
+
+def test_tls_and_token_end_to_end(secure_cluster):
+    c = secure_cluster
+    app = App(c.endpoints, ca_cert=c.ca_cert, token=c.token)
+    w = WorkerProc(c, "tasks_app:app", "--concurrency", "2")
+    try:
+        add = app.task(name="tasks_app.add")(lambda x, y: x + y)  # run by the worker's App
+        assert add.delay(20, 22).get(timeout=60) == 42
+    finally:
+        w.stop()
+        app.close()
+
+
+def test_wrong_token_is_refused_clearly(secure_cluster):
+    c = secure_cluster
+    app = App(c.endpoints, ca_cert=c.ca_cert, token="not-a-real-token")
+    add = app.task(name="tasks_app.add")(lambda x, y: x + y)
+    with pytest.raises(SubmitError, match="UNAUTHENTICATED|PERMISSION_DENIED"):
+        add.delay(1, 2).id
+    app.close()
