@@ -32,6 +32,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use serde::Deserialize;
+use state_machine::valid_token_name;
 use subtle::ConstantTimeEq;
 
 pub use state_machine::Role;
@@ -235,8 +236,6 @@ impl fmt::Debug for Token {
     }
 }
 
-use state_machine::valid_token_name as valid_name;
-
 /// Looks up a replicated token by the digest of its secret: the caller, if the token exists
 /// and has not expired by this node's clock.
 pub type ReplicatedLookup = Arc<dyn Fn(&[u8; 32]) -> Option<Caller> + Send + Sync>;
@@ -272,7 +271,7 @@ impl Tokens {
         let mut tokens = Vec::new();
         for (i, t) in file.token.into_iter().enumerate() {
             let at = format!("token[{i}]");
-            if !valid_name(&t.name) {
+            if !valid_token_name(&t.name) {
                 return Err(invalid(format!(
                     "{at}.name {:?}: use 1-64 of [A-Za-z0-9._-@]",
                     t.name

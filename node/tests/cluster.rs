@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use common::*;
 use proto::pb;
-use proto::pb::tasks_client::TasksClient;
 use proto::pb::workers_client::WorkersClient;
 
 fn batch_state(e: &pb::TaskEvent) -> &'static str {
@@ -149,21 +148,7 @@ async fn t15_assignment_carries_dependency_results() {
     let (a, b) = (spec("a", 0), spec("b", 0));
     let mut joined = spec("joined", 0);
     joined.depends_on_batch = vec![1, 0];
-    let ids: Vec<u64> = retry(&addrs, |ch| {
-        let tasks = vec![a.clone(), b.clone(), joined.clone()];
-        async move {
-            TasksClient::new(ch)
-                .submit_tasks(pb::SubmitTasksRequest { tasks })
-                .await
-                .map(|r| r.into_inner())
-        }
-    })
-    .await
-    .unwrap()
-    .tasks
-    .iter()
-    .map(|t| t.id)
-    .collect();
+    let ids = submit(&addrs, vec![a, b, joined]).await;
     for _ in 0..2 {
         let first = w.next_assignment().await;
         assert!(first.dependencies.is_empty(), "{first:?}");
@@ -183,21 +168,7 @@ async fn t20_leader_killed_mid_run_every_task_completes_once() {
     let w1 = TestWorker::spawn(addrs.clone(), "w1", 2, Duration::from_millis(200));
     let w2 = TestWorker::spawn(addrs.clone(), "w2", 2, Duration::from_millis(200));
     let tasks: Vec<pb::TaskSpec> = (0..40).map(|i| spec(&format!("t{i}"), 0)).collect();
-    let ids: Vec<u64> = retry(&addrs, |ch| {
-        let tasks = tasks.clone();
-        async move {
-            TasksClient::new(ch)
-                .submit_tasks(pb::SubmitTasksRequest { tasks })
-                .await
-                .map(|r| r.into_inner())
-        }
-    })
-    .await
-    .unwrap()
-    .tasks
-    .iter()
-    .map(|t| t.id)
-    .collect();
+    let ids = submit(&addrs, tasks).await;
     wait_until("some tasks done", Duration::from_secs(60), || async {
         w1.accepted().len() + w2.accepted().len() >= 6
     })
@@ -243,19 +214,7 @@ async fn t30_silent_worker_loses_its_task_and_its_late_completion_is_rejected() 
     let mut slow = SilentWorker::register(&addrs, "z-silent").await;
     let mut t = spec("victim", 0);
     t.retry = Some(pb::RetryPolicy { max_attempts: 5, ..Default::default() });
-    let id = retry(&addrs, |ch| {
-        let t = t.clone();
-        async move {
-            TasksClient::new(ch)
-                .submit_tasks(pb::SubmitTasksRequest { tasks: vec![t] })
-                .await
-                .map(|r| r.into_inner())
-        }
-    })
-    .await
-    .unwrap()
-    .tasks[0]
-        .id;
+    let id = submit(&addrs, vec![t]).await[0];
     let first = slow.next_assignment().await;
     assert_eq!(first.task, id, "the silent worker got the task");
     let first_fence = first.fence;

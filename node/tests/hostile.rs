@@ -109,24 +109,9 @@ async fn tasks_with_a_holder(c: &Cluster) -> (SilentWorker, pb::Assignment) {
     let queued: Vec<pb::TaskSpec> = (0..3)
         .map(|i| pb::TaskSpec { queue: "nobody-serves".into(), ..spec(&format!("queued-{i}"), 0) })
         .collect();
-    retry(&c.addrs(), |ch| {
-        let tasks = queued.clone();
-        async move {
-            proto::pb::tasks_client::TasksClient::new(ch)
-                .submit_tasks(pb::SubmitTasksRequest { tasks })
-                .await
-        }
-    })
-    .await
-    .expect("submit");
+    submit(&c.addrs(), queued).await;
     let mut w = SilentWorker::register(&c.addrs(), "holder-w1").await;
-    retry(&c.addrs(), |ch| async move {
-        proto::pb::tasks_client::TasksClient::new(ch)
-            .submit_tasks(pb::SubmitTasksRequest { tasks: vec![spec("held", 5)] })
-            .await
-    })
-    .await
-    .expect("submit");
+    submit(&c.addrs(), vec![spec("held", 5)]).await;
     let a = w.next_assignment().await;
     assert_ne!(a.task, a.fence, "the held task's id must not look like its fence");
     (w, a)

@@ -398,6 +398,18 @@ fn client_with_secret(sec: &Security, endpoints: &[String], secret: &str) -> Cli
     Client::with_config(c).unwrap()
 }
 
+/// Waits (bounded) until `client` is refused as UNAUTHENTICATED.
+async fn until_unauthenticated(what: &str, client: &Client) {
+    client::local::wait_until(what, Duration::from_secs(20), || async {
+        match client.list_workers(false).await {
+            Err(e) if e.code() == Code::Unauthenticated => Some(()),
+            _ => None,
+        }
+    })
+    .await
+    .unwrap();
+}
+
 fn create_req(name: &str, role: &str, secret: &str, ttl_ms: u64) -> pb::CreateTokenRequest {
     pb::CreateTokenRequest {
         name: name.into(),
@@ -471,37 +483,13 @@ async fn replicated_tokens_are_created_listed_expired_and_revoked_on_every_node(
     // A token with a short lifetime stops working once it expired.
     admin.create_token(create_req("brief", "reader", "secret-brief", 1_000)).await.unwrap();
     let brief = client_with_secret(&sec, &all, "secret-brief");
-    client::local::wait_until("the short-lived token to expire", Duration::from_secs(20), || {
-        let brief = brief.clone();
-        async move {
-            match brief.list_workers(false).await {
-                Err(e) if e.code() == Code::Unauthenticated => Some(()),
-                _ => None,
-            }
-        }
-    })
-    .await
-    .unwrap();
+    until_unauthenticated("the short-lived token to expire", &brief).await;
 
     // Revoked: refused by every node; revoking a file token or an unknown one is refused.
     admin.revoke_token("ci-2").await.unwrap();
     for n in &c.nodes {
         let one = client_with_secret(&sec, std::slice::from_ref(&n.addr), "secret-ci-2");
-        client::local::wait_until(
-            "the revocation to reach the node",
-            Duration::from_secs(20),
-            || {
-                let one = one.clone();
-                async move {
-                    match one.list_workers(false).await {
-                        Err(e) if e.code() == Code::Unauthenticated => Some(()),
-                        _ => None,
-                    }
-                }
-            },
-        )
-        .await
-        .unwrap();
+        until_unauthenticated("the revocation to reach the node", &one).await;
     }
     let e = admin.revoke_token("ci-2").await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e}");

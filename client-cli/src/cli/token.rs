@@ -23,28 +23,11 @@ use super::{parse_duration, Ctx};
 #[derive(Debug, Subcommand)]
 pub enum TokenCmd {
     /// Make a new secret and print its token-file entry and the secret (shown once).
-    Generate {
-        /// The token's name (1-64 of A-Z a-z 0-9 . _ - @), shown in refusals and logs.
-        #[arg(long)]
-        name: String,
-        /// admin, submitter, worker or reader.
-        #[arg(long)]
-        role: String,
-        /// For worker tokens: the worker ids it may use must start with this.
-        #[arg(long, value_name = "PREFIX")]
-        worker_id_prefix: Option<String>,
-    },
+    Generate(#[command(flatten)] NewToken),
     /// Create a replicated token on the cluster and print its secret (shown once).
     Create {
-        /// The token's name (1-64 of A-Z a-z 0-9 . _ - @), unique in the cluster.
-        #[arg(long)]
-        name: String,
-        /// admin, submitter, worker or reader.
-        #[arg(long)]
-        role: String,
-        /// For worker tokens: the worker ids it may use must start with this.
-        #[arg(long, value_name = "PREFIX")]
-        worker_id_prefix: Option<String>,
+        #[command(flatten)]
+        token: NewToken,
         /// Lifetime (30d, 12h, ...); without it the token lasts until revoked.
         #[arg(long, value_parser = parse_duration)]
         ttl: Option<Duration>,
@@ -58,13 +41,31 @@ pub enum TokenCmd {
     },
 }
 
+/// A token's name, role and prefix (for both the token file and the cluster).
+#[derive(Debug, clap::Args)]
+pub struct NewToken {
+    /// The token's name (1-64 of A-Z a-z 0-9 . _ - @), unique, shown in refusals and logs.
+    #[arg(long)]
+    name: String,
+    /// admin, submitter, worker or reader.
+    #[arg(long)]
+    role: String,
+    /// For worker tokens: the worker ids it may use must start with this.
+    #[arg(long, value_name = "PREFIX")]
+    worker_id_prefix: Option<String>,
+}
+
+impl From<NewToken> for TokenSpec {
+    fn from(t: NewToken) -> TokenSpec {
+        TokenSpec { name: t.name, role: t.role, worker_id_prefix: t.worker_id_prefix }
+    }
+}
+
 /// Runs a token command.
 pub async fn run(ctx: &Ctx, cmd: TokenCmd) -> Result<u8> {
-    let (name, role, worker_id_prefix) = match cmd {
-        TokenCmd::Generate { name, role, worker_id_prefix } => (name, role, worker_id_prefix),
-        TokenCmd::Create { name, role, worker_id_prefix, ttl } => {
-            return create(ctx, TokenSpec { name, role, worker_id_prefix }, ttl).await
-        }
+    let spec: TokenSpec = match cmd {
+        TokenCmd::Generate(t) => t.into(),
+        TokenCmd::Create { token, ttl } => return create(ctx, token.into(), ttl).await,
         TokenCmd::List => return list(ctx).await,
         TokenCmd::Revoke { name } => {
             ctx.client()?.revoke_token(&name).await?;
@@ -75,7 +76,6 @@ pub async fn run(ctx: &Ctx, cmd: TokenCmd) -> Result<u8> {
             return Ok(0);
         }
     };
-    let spec = TokenSpec { name, role, worker_id_prefix };
     let (secret, entry) = spec.generate()?;
     match ctx.format {
         Format::Json => print_json(&serde_json::json!({

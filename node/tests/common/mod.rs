@@ -192,6 +192,22 @@ where
     }
 }
 
+/// Submits `tasks` as one batch (retrying on UNAVAILABLE across `addrs`); their ids in order.
+pub async fn submit(addrs: &[String], tasks: Vec<pb::TaskSpec>) -> Vec<u64> {
+    let r = retry(addrs, |ch| {
+        let tasks = tasks.clone();
+        async move {
+            TasksClient::new(ch)
+                .submit_tasks(pb::SubmitTasksRequest { tasks })
+                .await
+                .map(|r| r.into_inner())
+        }
+    })
+    .await
+    .expect("submit");
+    r.tasks.iter().map(|t| t.id).collect()
+}
+
 pub fn spec(name: &str, priority: i32) -> pb::TaskSpec {
     pb::TaskSpec {
         name: name.into(),
