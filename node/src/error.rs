@@ -156,7 +156,11 @@ impl From<NodeError> for Status {
             NodeError::Exhausted(_) => {
                 with_meta(Code::ResourceExhausted, msg, Reason::LimitExceeded, None)
             }
-            NodeError::Rpc(RpcError::Undecodable { .. } | RpcError::Implausible(_))
+            NodeError::Rpc(
+                RpcError::Undecodable { .. }
+                | RpcError::Implausible(_)
+                | RpcError::BadSnapshot { .. },
+            )
             | NodeError::Malformed(_) => {
                 with_meta(Code::InvalidArgument, msg, Reason::InvalidArgument, None)
             }

@@ -20,6 +20,7 @@ use proto::pb;
 use proto::pb::cluster_client::ClusterClient;
 use proto::pb::workers_client::WorkersClient;
 use raft::network::codec;
+use raft::snapshot::{Meta, SnapshotWriter};
 use raft::{NodeInfo, TypeConfig};
 use tonic::Code;
 
@@ -84,18 +85,23 @@ fn append_req(vote: Vote<u64>, prev: Option<LogId<u64>>) -> ipb::RaftRequest {
     raft_req(&codec::AppendWire { vote, prev_log_id: prev, leader_commit: prev, entries: vec![] })
 }
 
+fn snapshot_meta(last: LogId<u64>, id: &str, members: BTreeMap<u64, NodeInfo>) -> Meta {
+    let voters = members.keys().copied().collect::<std::collections::BTreeSet<_>>();
+    SnapshotMeta {
+        last_log_id: Some(last),
+        last_membership: StoredMembership::new(
+            Some(lid(1, 0)),
+            Membership::new(vec![voters], members),
+        ),
+        snapshot_id: id.into(),
+    }
+}
+
 fn snapshot_req(vote: Vote<u64>, id: &str, offset: u64) -> ipb::RaftRequest {
     let members = BTreeMap::from([(1, NodeInfo { addr: "127.0.0.1:1".into() })]);
     let req = InstallSnapshotRequest::<TypeConfig> {
         vote,
-        meta: SnapshotMeta {
-            last_log_id: Some(lid(1, 5)),
-            last_membership: StoredMembership::new(
-                Some(lid(1, 0)),
-                Membership::new(vec![[1].into()], members),
-            ),
-            snapshot_id: id.into(),
-        },
+        meta: snapshot_meta(lid(1, 5), id, members),
         offset,
         data: vec![0; 16],
         done: false,
@@ -377,4 +383,80 @@ async fn h5_refusals_never_reveal_the_current_fence_or_holder() {
         assert!(!e.message().contains("holder-w1"), "the holder leaks: {}", e.message());
     }
     assert_eq!(task_facts(&c).await, before, "a task changed");
+}
+
+/// A snapshot that does not decode, and one whose checksum holds but whose record is forged,
+/// sent as the current leader to each follower: openraft would install it, fail, and stop
+/// the node. Each is refused before install, and nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn h6_an_undecodable_or_forged_snapshot_is_refused_and_every_node_lives() {
+    let mut c = Cluster::start_secure(3, &[]).await;
+    let leader = c.wait_leader().await;
+    let (_w, _a) = tasks_with_a_holder(&c).await;
+    let before_tasks = task_facts(&c).await;
+    let before_members = membership(&c).await;
+    let leader_id = c.nodes[leader].id;
+    let term = cluster_status(&c.nodes[leader].addr).await.expect("status").term;
+    let members: BTreeMap<u64, NodeInfo> =
+        c.nodes.iter().map(|n| (n.id, NodeInfo { addr: n.addr.clone() })).collect();
+    // Far ahead of anything committed, so openraft would take it over the follower's state.
+    let meta = snapshot_meta(lid(term, 1 << 30), "forged-1", members);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let forged = dir.path().join("forged.snap");
+    let mut w = SnapshotWriter::create(&forged, &meta).expect("create");
+    w.record(&state_machine::RecordKey::Meta.encode(), b"\x01 not a record").expect("record");
+    w.finish().expect("finish");
+    let forged = std::fs::read(&forged).expect("read");
+    let garbage = vec![0xAB; 4096];
+
+    for (i, n) in c.nodes.iter().enumerate() {
+        if i == leader {
+            continue;
+        }
+        let mut rc = RaftServiceClient::new(channel(&n.addr).await);
+        for (what, data) in [("undecodable", &garbage), ("forged", &forged)] {
+            // Two chunks, so the spool is exercised across calls.
+            let half = data.len() / 2;
+            for (offset, part, done) in [(0, &data[..half], false), (half, &data[half..], true)] {
+                let req = InstallSnapshotRequest::<TypeConfig> {
+                    vote: Vote::new_committed(term, leader_id),
+                    meta: meta.clone(),
+                    offset: offset as u64,
+                    data: part.to_vec(),
+                    done,
+                };
+                let sent = rc.install_snapshot(raft_req(&req)).await;
+                if !done {
+                    sent.unwrap_or_else(|e| panic!("node {}: first {what} chunk: {e:?}", n.id));
+                    continue;
+                }
+                let e = sent.expect_err("the last chunk of a bad snapshot is refused");
+                assert_eq!(e.code(), Code::InvalidArgument, "node {} {what}: {e:?}", n.id);
+                assert!(e.message().contains("refused snapshot forged-1"), "{}", e.message());
+            }
+        }
+        // A last chunk whose start this node never received is refused too.
+        let req = InstallSnapshotRequest::<TypeConfig> {
+            vote: Vote::new_committed(term, leader_id),
+            meta: Meta { snapshot_id: "forged-2".into(), ..meta.clone() },
+            offset: 100,
+            data: vec![1; 10],
+            done: true,
+        };
+        let e = rc.install_snapshot(raft_req(&req)).await.expect_err("an orphan last chunk");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    }
+
+    tokio::time::sleep(LET_ELECTIONS_RUN).await;
+    all_alive(&mut c).await;
+    assert_eq!(membership(&c).await, before_members, "membership changed");
+    assert_eq!(task_facts(&c).await, before_tasks, "a task changed");
+    retry(&c.addrs(), |ch| async move {
+        proto::pb::tasks_client::TasksClient::new(ch)
+            .submit_tasks(pb::SubmitTasksRequest { tasks: vec![spec("after", 0)] })
+            .await
+    })
+    .await
+    .expect("a write after the attack commits");
 }

@@ -10,7 +10,14 @@
 //! and indexes, consecutive entries, a sender that is a member here — and refused with
 //! [`RpcError::Implausible`] or [`RpcError::Stranger`] otherwise: openraft trusts its peers,
 //! and one absurd term used to make every node panic.
+//!
+//! A snapshot is checked too: its chunks are copied to a spool file as they arrive, and the
+//! last chunk reaches openraft only after the whole spooled snapshot verified
+//! ([`crate::snapshot::verify`]). openraft treats a failed install as a storage fault and
+//! stops the node, so an undecodable snapshot from one member used to stop whoever got it.
 
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 
 use openraft::raft::{InstallSnapshotRequest, VoteRequest};
@@ -49,6 +56,16 @@ pub enum RpcError {
     /// The sender is not a member here ([`crate::plausible::Members::admit`]).
     #[error("refused raft message: {0}")]
     Stranger(#[from] Stranger),
+    /// A snapshot from `leader` failed verification before install; nothing was installed.
+    #[error("refused snapshot {id} from node {leader}: {error}")]
+    BadSnapshot {
+        /// The sending leader.
+        leader: NodeId,
+        /// The snapshot's id.
+        id: String,
+        /// What verification found.
+        error: String,
+    },
 }
 
 /// The Raft RPC handlers of one node.
@@ -59,6 +76,21 @@ pub enum RpcError {
 #[derive(Clone)]
 pub struct RaftRpcs {
     node: Weak<RaftNode>,
+    spool: Arc<tokio::sync::Mutex<Option<Spool>>>,
+}
+
+/// The copy of the snapshot being received (one at a time: a new id at offset 0 replaces
+/// it). Removed once its last chunk was checked; a leftover is removed at the next start.
+struct Spool {
+    id: String,
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 fn undecodable(what: &'static str) -> impl FnOnce(postcard::Error) -> RpcError {
@@ -83,7 +115,7 @@ fn reply<T: serde::Serialize, E: serde::Serialize>(r: Result<T, E>) -> ipb::Raft
 impl RaftRpcs {
     /// The handlers of `node`.
     pub fn new(node: &Arc<RaftNode>) -> Self {
-        RaftRpcs { node: Arc::downgrade(node) }
+        RaftRpcs { node: Arc::downgrade(node), spool: Arc::default() }
     }
 
     fn node(&self) -> Result<Arc<RaftNode>, RpcError> {
@@ -135,6 +167,61 @@ impl RaftRpcs {
         let leader = plausible::snapshot_request(&rpc)?;
         let node = self.node()?;
         Self::members(&node).admit("leader", leader, false)?;
+        self.spool_chunk(&node, leader, &rpc).await?;
         Ok(reply(node.raft().install_snapshot(rpc).await))
+    }
+
+    /// Copy `rpc`'s chunk into the spool; on the last chunk, verify the whole snapshot and
+    /// refuse it (the spool dropped, openraft never told) unless it is sound and its header
+    /// matches the request's metadata.
+    async fn spool_chunk(
+        &self,
+        node: &RaftNode,
+        leader: NodeId,
+        rpc: &InstallSnapshotRequest<TypeConfig>,
+    ) -> Result<(), RpcError> {
+        let id = rpc.meta.snapshot_id.clone();
+        let refuse = |error: String| RpcError::BadSnapshot { leader, id: id.clone(), error };
+        let mut guard = self.spool.lock().await;
+        if rpc.offset == 0 && guard.as_ref().is_none_or(|s| s.id != id) {
+            *guard = None;
+            let path = node.sm().snapshot_dir().join(format!("checking-{id}.tmp"));
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .map_err(|e| refuse(format!("cannot spool it: {e}")))?;
+            *guard = Some(Spool { id: id.clone(), path, file });
+        }
+        let Some(spool) = guard.as_ref().filter(|s| s.id == id) else {
+            // openraft refuses a chunk of a snapshot it did not see start, too; only a last
+            // chunk must never pass unchecked.
+            return match rpc.done {
+                true => Err(refuse("its first chunk never arrived here".into())),
+                false => Ok(()),
+            };
+        };
+        spool
+            .file
+            .write_all_at(&rpc.data, rpc.offset)
+            .map_err(|e| refuse(format!("cannot spool it: {e}")))?;
+        if !rpc.done {
+            return Ok(());
+        }
+        let spool = guard.take().expect("checked above");
+        let path = spool.path.clone();
+        let verified = tokio::task::spawn_blocking(move || crate::snapshot::verify(&path))
+            .await
+            .map_err(|e| refuse(format!("verification failed: {e}")))?;
+        drop(spool);
+        let (meta, _) = verified.map_err(|e| refuse(e.to_string()))?;
+        if meta.last_log_id != rpc.meta.last_log_id
+            || meta.last_membership != rpc.meta.last_membership
+        {
+            return Err(refuse("its header does not match the request's metadata".into()));
+        }
+        Ok(())
     }
 }

@@ -178,6 +178,11 @@ impl SmHandle {
         &self.shared.events
     }
 
+    /// Where snapshot files live (files there not ending in `.snap` are removed at start).
+    pub fn snapshot_dir(&self) -> &Path {
+        &self.shared.snap_dir
+    }
+
     /// The last applied log id.
     pub fn last_applied(&self) -> Option<LogId<NodeId>> {
         read(&self.shared.applied).last
