@@ -507,7 +507,7 @@ async fn run_fault(
             };
             let admin =
                 client::Client::new(any.clone())?.with_retry_budget(Duration::from_secs(20));
-            admin.add_learner(new_id, &addr, 15_000).await.context("add learner")?;
+            admin.add_learner(new_id, &addr, "", 15_000).await.context("add learner")?;
             admin.promote(new_id).await.context("promote")?;
             admin.remove_node(victim).await.context("remove")?;
             members.retain(|m| *m != victim);

@@ -31,6 +31,13 @@ pub struct Args {
     /// Address other nodes and clients use to reach this node (default: --listen).
     #[arg(long, env = "SCHED_ADVERTISE")]
     pub advertise: Option<String>,
+    /// Serve peer (Raft and node-to-node) RPCs on this address of their own instead of
+    /// --listen, which then serves clients only. Needs --tls-* when not loopback.
+    #[arg(long, env = "SCHED_PEER_LISTEN")]
+    pub peer_listen: Option<SocketAddr>,
+    /// Address other nodes use to reach --peer-listen (default: --peer-listen).
+    #[arg(long, env = "SCHED_ADVERTISE_PEER")]
+    pub advertise_peer: Option<String>,
     /// Directory for the Raft log, the state machine and snapshots.
     #[arg(long, env = "SCHED_DATA_DIR", help = with_default(
         "Directory for the Raft log, the state machine and snapshots",
@@ -129,8 +136,12 @@ pub struct Config {
     pub id: u64,
     /// gRPC bind address.
     pub listen: SocketAddr,
-    /// Address peers and clients use.
+    /// Address clients (and, without a peer port, peers) use.
     pub advertise: String,
+    /// Separate bind address for peer RPCs.
+    pub peer_listen: Option<SocketAddr>,
+    /// Address peers use for `peer_listen` (set whenever `peer_listen` is).
+    pub advertise_peer: Option<String>,
     /// Data directory.
     pub data_dir: PathBuf,
     /// HTTP metrics/health bind address.
@@ -219,6 +230,8 @@ impl Default for Config {
             id: 1,
             listen: "127.0.0.1:7001".parse().expect("valid address"),
             advertise: String::new(),
+            peer_listen: None,
+            advertise_peer: None,
             data_dir: PathBuf::from("./data"),
             http: None,
             bootstrap: false,
@@ -301,6 +314,8 @@ struct FileConfig {
     id: Option<u64>,
     listen: Option<SocketAddr>,
     advertise: Option<String>,
+    peer_listen: Option<SocketAddr>,
+    advertise_peer: Option<String>,
     data_dir: Option<PathBuf>,
     http: Option<SocketAddr>,
     bootstrap: Option<bool>,
@@ -408,6 +423,8 @@ impl Config {
         if let Some(v) = file.advertise {
             c.advertise = v;
         }
+        c.peer_listen = file.peer_listen;
+        c.advertise_peer = file.advertise_peer;
         if let Some(v) = file.data_dir {
             c.data_dir = v;
         }
@@ -518,6 +535,8 @@ impl Config {
         if let Some(v) = &args.advertise {
             c.advertise = v.clone();
         }
+        c.peer_listen = args.peer_listen.or(c.peer_listen);
+        c.advertise_peer = args.advertise_peer.clone().or(c.advertise_peer);
         if let Some(v) = &args.data_dir {
             c.data_dir = v.clone();
         }
@@ -573,15 +592,26 @@ impl Config {
         if c.advertise.is_empty() {
             c.advertise = c.listen.to_string();
         }
+        if c.advertise_peer.is_none() {
+            c.advertise_peer = c.peer_listen.map(|a| a.to_string());
+        }
         c.check()?;
         Ok(c)
+    }
+
+    /// This node as the cluster's membership records it: its client address and, with a
+    /// peer port, the address peers use.
+    pub fn node_info(&self) -> raft::NodeInfo {
+        raft::NodeInfo::with_peer(self.advertise.clone(), self.advertise_peer.clone())
     }
 
     /// A non-loopback address this node serves while TLS or tokens are off, and what is
     /// missing; `None` when every address is loopback or both protections are on.
     pub fn unprotected_exposure(&self) -> Option<(SocketAddr, Vec<&'static str>)> {
-        let addr =
-            [Some(self.listen), self.http].into_iter().flatten().find(|a| !a.ip().is_loopback())?;
+        let addr = [Some(self.listen), self.peer_listen, self.http]
+            .into_iter()
+            .flatten()
+            .find(|a| !a.ip().is_loopback())?;
         let missing: Vec<&'static str> = [
             self.tls.is_none().then_some("TLS (--tls-cert/--tls-key/--tls-ca)"),
             self.auth_tokens.is_none().then_some("tokens (--auth-tokens)"),
@@ -601,6 +631,28 @@ impl Config {
                 "advertise",
                 "listening on a wildcard address needs --advertise HOST:PORT that peers can reach",
             ));
+        }
+        match (self.peer_listen, &self.advertise_peer) {
+            (None, Some(_)) => {
+                return Err(invalid("advertise_peer", "needs --peer-listen ADDR to advertise"))
+            }
+            (Some(p), Some(adv)) => {
+                if p == self.listen {
+                    return Err(invalid(
+                        "peer_listen",
+                        "must differ from --listen (leave it out to serve peers on --listen)",
+                    ));
+                }
+                if p.ip().is_unspecified() && *adv == p.to_string() {
+                    return Err(invalid(
+                        "advertise_peer",
+                        "a wildcard --peer-listen needs --advertise-peer HOST:PORT that peers can reach",
+                    ));
+                }
+                raft::NodeInfo::check_addr("advertise_peer", adv)
+                    .map_err(|e| invalid("advertise_peer", e))?;
+            }
+            _ => {}
         }
         if let Some((addr, missing)) = self.unprotected_exposure() {
             if !self.insecure {
@@ -794,5 +846,27 @@ mod tests {
         assert!(c.insecure);
         // Loopback needs nothing.
         assert!(Config::load(&Args::default()).is_ok());
+    }
+
+    #[test]
+    fn a_peer_port_is_checked_and_recorded_in_the_node_info() {
+        let peer = |listen: &str, adv: Option<&str>| Args {
+            peer_listen: Some(listen.parse().unwrap()),
+            advertise_peer: adv.map(str::to_string),
+            ..Default::default()
+        };
+        let c = Config::load(&peer("127.0.0.1:7101", None)).unwrap();
+        assert_eq!(c.advertise_peer.as_deref(), Some("127.0.0.1:7101"), "defaults to itself");
+        assert_eq!(c.node_info().peer(), "127.0.0.1:7101");
+        assert_eq!(c.node_info().addr, "127.0.0.1:7001");
+        let e = Config::load(&peer("127.0.0.1:7001", None)).unwrap_err().to_string();
+        assert!(e.contains("must differ from --listen"), "{e}");
+        let e = Config::load(&peer("0.0.0.0:7101", None)).unwrap_err().to_string();
+        assert!(e.contains("--advertise-peer"), "a wildcard needs an advertised address: {e}");
+        let e = Config::load(&peer("0.0.0.0:7101", Some("10.0.0.1:7101"))).unwrap_err();
+        assert!(e.to_string().contains("--insecure"), "the peer port counts as exposure: {e}");
+        let lone = Args { advertise_peer: Some("10.0.0.1:7101".into()), ..Default::default() };
+        let e = Config::load(&lone).unwrap_err().to_string();
+        assert!(e.contains("--peer-listen"), "{e}");
     }
 }

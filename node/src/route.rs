@@ -80,7 +80,7 @@ impl Node {
     }
 
     async fn forward(&self, leader: LeaderHint, op: Op) -> NodeResult<Written> {
-        let mut client = self.peer(&leader.addr)?;
+        let mut client = self.peer_of(&leader)?;
         let mut req = tonic::Request::new(ipb::ForwardRequest {
             version: codec::VERSION,
             op: codec::encode(&op),
@@ -131,7 +131,7 @@ impl Node {
             }
             Err(e) => return Err(e.into()),
         };
-        let mut client = self.peer(&leader.addr)?;
+        let mut client = self.peer_of(&leader)?;
         let mut req = tonic::Request::new(ipb::ReadIndexRequest {});
         req.set_timeout(self.raft.write_timeout());
         let index = match client.read_index(req).await {
@@ -164,7 +164,7 @@ impl Node {
             }
             .into());
         };
-        let mut client = self.peer(&leader.addr)?;
+        let mut client = self.peer_of(&leader)?;
         let mut req =
             tonic::Request::new(ipb::HeartbeatRequest { worker_id: worker.to_string(), session });
         req.set_timeout(HEARTBEAT_FORWARD_TIMEOUT);
@@ -209,6 +209,12 @@ impl Node {
                 leader: None,
             })
         })
+    }
+
+    /// A client of the peer service of the leader in `hint`, at its peer address (the hint
+    /// carries the address clients use).
+    pub fn peer_of(&self, hint: &LeaderHint) -> NodeResult<PeerServiceClient<Channel>> {
+        self.peer(&self.raft.peer_addr(hint.id).unwrap_or_else(|| hint.addr.clone()))
     }
 
     /// A client of the peer service of the node at `addr`.

@@ -131,6 +131,14 @@ pub async fn run(
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| ServerError::Bind { addr: cfg.listen.to_string(), source })?;
+    let peer_listener = match cfg.peer_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { addr: addr.to_string(), source })?,
+        ),
+        None => None,
+    };
     let http_listener = match cfg.http {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -155,7 +163,7 @@ pub async fn run(
         cfg,
     });
     if node.cfg.bootstrap {
-        let members = BTreeMap::from([(node.cfg.id, node.cfg.advertise.clone())]);
+        let members = BTreeMap::from([(node.cfg.id, node.cfg.node_info())]);
         let initialized = raft
             .raft()
             .is_initialized()
@@ -183,11 +191,32 @@ pub async fn run(
         .map_err(|e| ServerError::Grpc(e.to_string()))?;
     let max = node.cfg.limits.max_message_bytes;
     let peer_max = node.cfg.raft.net.max_message_bytes;
-    let router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(5)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .layer(AuthLayer::new(tokens, tls.is_some()))
+    let builder = || {
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(5)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .layer(AuthLayer::new(tokens.clone(), tls.is_some()))
+    };
+    let raft_svc = RaftServiceServer::new(RaftApi::new(&node))
+        .max_decoding_message_size(peer_max)
+        .max_encoding_message_size(peer_max);
+    let peer_svc = PeerServiceServer::new(PeerApi::new(node.clone()))
+        .max_decoding_message_size(peer_max)
+        .max_encoding_message_size(peer_max);
+    // With a peer port the internal services live there alone; the client port does not
+    // route them (UNIMPLEMENTED), as etcd keeps peer and client URLs apart.
+    let (raft_here, peer_here, peer_router) = match peer_listener {
+        None => (Some(raft_svc), Some(peer_svc), None),
+        Some(l) => {
+            let router = builder()
+                .add_service(raft_svc)
+                .add_service(peer_svc)
+                .add_service(health_svc.clone());
+            (None, None, Some((l, router)))
+        }
+    };
+    let router = builder()
         .add_service(TasksServer::new(TasksApi::new(node.clone())).max_decoding_message_size(max))
         .add_service(
             WorkersServer::new(WorkersApi::new(node.clone())).max_decoding_message_size(max),
@@ -195,22 +224,16 @@ pub async fn run(
         .add_service(
             ClusterServer::new(ClusterApi::new(node.clone())).max_decoding_message_size(max),
         )
-        .add_service(
-            RaftServiceServer::new(RaftApi::new(&node))
-                .max_decoding_message_size(peer_max)
-                .max_encoding_message_size(peer_max),
-        )
-        .add_service(
-            PeerServiceServer::new(PeerApi::new(node.clone()))
-                .max_decoding_message_size(peer_max)
-                .max_encoding_message_size(peer_max),
-        )
+        .add_optional_service(raft_here)
+        .add_optional_service(peer_here)
         .add_service(health_svc)
         .add_service(reflection);
     info!(
         node_id = node.cfg.id,
         listen = %node.cfg.listen,
         advertise = %node.cfg.advertise,
+        peer_listen = ?node.cfg.peer_listen,
+        advertise_peer = ?node.cfg.advertise_peer,
         data_dir = %node.cfg.data_dir.display(),
         "schedulerd serving"
     );
@@ -220,20 +243,28 @@ pub async fn run(
     let drained = async {
         let _ = drain_rx.await;
     };
-    let mut server = match &tls {
-        Some(t) => {
-            let peers = raft.peers().clone();
-            crate::tls::spawn_reloader(t.clone(), node.stopping.clone(), move |t| {
-                peers.set_tls(Some(t.peer_client()))
-            });
-            let incoming = crate::tls::incoming(listener, t.clone());
-            tokio::spawn(router.serve_with_incoming_shutdown(incoming, drained))
+    if let Some(t) = &tls {
+        let peers = raft.peers().clone();
+        crate::tls::spawn_reloader(t.clone(), node.stopping.clone(), move |t| {
+            peers.set_tls(Some(t.peer_client()))
+        });
+    }
+    let mut server = serve(router, listener, tls.clone(), drained);
+    // The peer port stops with the client port; either failing stops the node.
+    let mut peer_server = match peer_router {
+        Some((l, r)) => {
+            let mut stopping = node.stopping.clone();
+            let stopped = async move {
+                let _ = stopping.wait_for(|s| *s).await;
+            };
+            Some(serve(r, l, tls.clone(), stopped))
         }
-        None => {
-            let incoming = tonic::transport::server::TcpIncoming::from(listener)
-                .with_nodelay(Some(true))
-                .with_keepalive(Some(Duration::from_secs(30)));
-            tokio::spawn(router.serve_with_incoming_shutdown(incoming, drained))
+        None => None,
+    };
+    let peer_failed = async {
+        match &mut peer_server {
+            Some(s) => s.await,
+            None => std::future::pending().await,
         }
     };
 
@@ -261,12 +292,13 @@ pub async fn run(
             outcome = Err(ServerError::Fatal(e));
         }
         r = &mut server => {
-            let msg = match r {
-                Ok(Ok(())) => "server stopped".to_string(),
-                Ok(Err(e)) => e.to_string(),
-                Err(e) => e.to_string(),
-            };
+            let msg = server_stopped(r);
             error!(error = %msg, "grpc server stopped");
+            outcome = Err(ServerError::Grpc(msg));
+        }
+        r = peer_failed => {
+            let msg = server_stopped(r);
+            error!(error = %msg, "grpc peer server stopped");
             outcome = Err(ServerError::Grpc(msg));
         }
     }
@@ -280,10 +312,48 @@ pub async fn run(
         warn!("connections did not close within 5 s; closing them");
         server.abort();
     }
+    if let Some(s) = peer_server {
+        s.abort();
+    }
     leader_loops.abort();
     raft.shutdown().await;
     info!("stopped");
     outcome
+}
+
+type Served = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
+
+/// Serve `router` on `listener` (TLS when `tls` is given) until `shutdown`.
+fn serve(
+    router: tonic::transport::server::Router<
+        tower::layer::util::Stack<AuthLayer, tower::layer::util::Identity>,
+    >,
+    listener: TcpListener,
+    tls: Option<Arc<NodeTls>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Served {
+    match tls {
+        Some(t) => {
+            let incoming = crate::tls::incoming(listener, t);
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
+        }
+        None => {
+            let incoming = tonic::transport::server::TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(Duration::from_secs(30)));
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
+        }
+    }
+}
+
+fn server_stopped(
+    r: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>,
+) -> String {
+    match r {
+        Ok(Ok(())) => "server stopped".to_string(),
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
+    }
 }
 
 /// The longest a change of readiness that no role or leader change announces (a leader losing

@@ -98,7 +98,7 @@ fn snapshot_meta(last: LogId<u64>, id: &str, members: BTreeMap<u64, NodeInfo>) -
 }
 
 fn snapshot_req(vote: Vote<u64>, id: &str, offset: u64) -> ipb::RaftRequest {
-    let members = BTreeMap::from([(1, NodeInfo { addr: "127.0.0.1:1".into() })]);
+    let members = BTreeMap::from([(1, NodeInfo::new("127.0.0.1:1"))]);
     let req = InstallSnapshotRequest::<TypeConfig> {
         vote,
         meta: snapshot_meta(lid(1, 5), id, members),
@@ -223,6 +223,7 @@ async fn h2_unserved_learners_are_not_promoted_and_a_dead_voter_can_be_removed()
                 id,
                 addr: format!("127.0.0.1:{}", client::ports::free_port().unwrap()),
                 wait_ms: 0,
+                peer_addr: String::new(),
             })
             .await
             .expect("add a learner");
@@ -398,7 +399,7 @@ async fn h6_an_undecodable_or_forged_snapshot_is_refused_and_every_node_lives() 
     let leader_id = c.nodes[leader].id;
     let term = cluster_status(&c.nodes[leader].addr).await.expect("status").term;
     let members: BTreeMap<u64, NodeInfo> =
-        c.nodes.iter().map(|n| (n.id, NodeInfo { addr: n.addr.clone() })).collect();
+        c.nodes.iter().map(|n| (n.id, NodeInfo::new(n.addr.clone()))).collect();
     // Far ahead of anything committed, so openraft would take it over the follower's state.
     let meta = snapshot_meta(lid(term, 1 << 30), "forged-1", members);
 

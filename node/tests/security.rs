@@ -517,3 +517,107 @@ async fn replicated_tokens_are_created_listed_expired_and_revoked_on_every_node(
     drop(logs);
     all_alive(&mut c).await;
 }
+
+/// `--peer-listen`: Raft and peer RPCs move to a port of their own (mutual TLS there), the
+/// client port stops routing them, and everything that crosses nodes — forwarding, status,
+/// elections after a leader SIGKILL, leader transfer, a learner joining with its own peer
+/// port — goes over the peer ports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_port_carries_every_node_to_node_rpc_and_the_client_port_none() {
+    use client::local::NodeOptions;
+    use proto::internal::v1::raft_service_client::RaftServiceClient;
+    use proto::pb::tasks_client::TasksClient;
+
+    let opts = LocalClusterOptions::new(env!("CARGO_BIN_EXE_schedulerd"), 3)
+        .env("SCHED_LOG", "info,openraft=warn")
+        .peer_ports(true)
+        .secure([TokenSpec::new("ci", "submitter")]);
+    let mut c = LocalCluster::start(opts).await.expect("a cluster with peer ports starts");
+    let sec = c.security().unwrap().clone();
+    let ca = std::fs::read_to_string(&sec.pki.ca).unwrap();
+    let node_cert = std::fs::read_to_string(&sec.pki.cert).unwrap();
+    let node_key = std::fs::read_to_string(&sec.pki.key).unwrap();
+    let node_identity = Some((node_cert.as_str(), node_key.as_str()));
+    let admin = client(&sec, &c.endpoints(), Some("admin"));
+
+    // Membership records both addresses, and the status calls (over peer ports) reach all.
+    let st = admin.cluster_status().await.unwrap();
+    for n in &c.nodes {
+        let s = st.nodes.iter().find(|s| s.id == n.id).expect("every node listed");
+        assert_eq!(s.addr, n.addr);
+        assert_eq!(Some(&s.peer_addr), n.peer_addr.as_ref());
+        assert!(s.reachable, "node {} reachable over its peer port: {}", n.id, s.error);
+    }
+    // Writes through every node, followers forwarding to the leader's peer port.
+    let mut ids = Vec::new();
+    for n in &c.nodes {
+        let one = client(&sec, std::slice::from_ref(&n.addr), Some("admin"));
+        ids.push(one.submit(spec(&format!("via-{}", n.id))).await.expect("a write").id);
+    }
+
+    // The client port no longer routes internal services, even for a node certificate.
+    let on_client_port = tls_channel(&c.nodes[0].addr, &ca, node_identity, client::pki::PEER_NAME);
+    let s = PeerServiceClient::new(on_client_port.clone())
+        .node_status(ipb::NodeStatusRequest { digest: false })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::Unimplemented, "{s:?}");
+    let vote = ipb::RaftRequest { version: raft::network::codec::VERSION, data: vec![] };
+    let s = RaftServiceClient::new(on_client_port).vote(vote).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unimplemented, "{s:?}");
+    // The peer port serves nodes only: no certificate is refused, and client services are
+    // not there even with an admin token.
+    let peer_addr = c.nodes[0].peer_addr.clone().expect("a peer port");
+    let anon = tls_channel(&peer_addr, &ca, None, "127.0.0.1");
+    let s = PeerServiceClient::new(anon)
+        .node_status(ipb::NodeStatusRequest { digest: false })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    let as_node = tls_channel(&peer_addr, &ca, node_identity, client::pki::PEER_NAME);
+    PeerServiceClient::new(as_node.clone())
+        .node_status(ipb::NodeStatusRequest { digest: false })
+        .await
+        .expect("a node may ask on the peer port");
+    let mut submit = tonic::Request::new(pb::SubmitTasksRequest { tasks: vec![spec("nope")] });
+    let bearer = format!("Bearer {}", sec.secret("admin").unwrap());
+    submit.metadata_mut().insert(proto::auth::AUTHORIZATION_KEY, bearer.parse().unwrap());
+    let s = TasksClient::new(as_node).submit_tasks(submit).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unimplemented, "{s:?}");
+
+    // A leader SIGKILL: the others elect a new one over their peer ports and commit.
+    let old = c.wait_leader(Duration::from_secs(30)).await.unwrap();
+    c.kill(old);
+    let rest: Vec<usize> = (0..3).filter(|i| *i != old).collect();
+    c.wait_leader_among(&rest, Duration::from_secs(30)).await.expect("a new leader");
+    let after = client(
+        &sec,
+        &rest.iter().map(|i| c.nodes[*i].addr.clone()).collect::<Vec<_>>(),
+        Some("admin"),
+    );
+    ids.push(after.submit(spec("after-failover")).await.expect("a write after failover").id);
+    c.start_node(old).unwrap();
+    c.wait_all_reachable(Duration::from_secs(30)).await.expect("the old leader rejoins");
+
+    // Leader transfer steers elections with Control calls on the peer ports.
+    let leader = c.wait_leader(Duration::from_secs(30)).await.unwrap();
+    let to = c.nodes[(leader + 1) % 3].id;
+    assert_eq!(admin.transfer_leader(to).await.expect("transfer"), to);
+
+    // A fourth node joins as a learner with its own peer port and becomes a voter.
+    let i = c.add_node(NodeOptions::new(4)).unwrap();
+    c.start_node(i).unwrap();
+    c.wait_serving(i, Duration::from_secs(30)).await.unwrap();
+    let (addr, peer) = (c.nodes[i].addr.clone(), c.nodes[i].peer_addr.clone().unwrap());
+    admin.add_learner(4, &addr, &peer, 20_000).await.expect("the learner catches up");
+    admin.promote(4).await.expect("promoted");
+    c.wait_all_reachable(Duration::from_secs(30)).await.expect("four reachable voters");
+    let st = admin.cluster_status().await.unwrap();
+    let four = st.nodes.iter().find(|s| s.id == 4).unwrap();
+    assert!(four.voter && four.peer_addr == peer, "{four:?}");
+
+    all_alive(&mut c).await;
+    for id in ids {
+        assert_eq!(admin.get_task(id).await.expect("every acknowledged task").id, id);
+    }
+}

@@ -39,15 +39,79 @@ pub mod sm_store;
 pub mod snapshot;
 
 /// What the cluster knows about a member: where to reach it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Stored (in membership log entries and snapshots) as one string, `ADDR` or
+/// `ADDR peer=PEER_ADDR`, so membership written before peer ports existed still reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeInfo {
-    /// `host:port` of the node's gRPC endpoint (public API and the node-to-node services).
+    /// `host:port` of the node's gRPC endpoint for clients (and for peers too, unless
+    /// `peer_addr` is set).
     pub addr: String,
+    /// `host:port` of its separate peer port (`--peer-listen`), when it has one.
+    pub peer_addr: Option<String>,
+}
+
+const PEER_MARK: &str = " peer=";
+
+impl NodeInfo {
+    /// A member reached on one address.
+    pub fn new(addr: impl Into<String>) -> Self {
+        NodeInfo { addr: addr.into(), peer_addr: None }
+    }
+
+    /// A member with a separate peer address (`None` or empty: none).
+    pub fn with_peer(addr: impl Into<String>, peer_addr: Option<String>) -> Self {
+        NodeInfo { addr: addr.into(), peer_addr: peer_addr.filter(|p| !p.is_empty()) }
+    }
+
+    /// Where other nodes send Raft and peer RPCs.
+    pub fn peer(&self) -> &str {
+        self.peer_addr.as_deref().unwrap_or(&self.addr)
+    }
+
+    /// Why `addr` (or a peer address) cannot be stored, if it cannot: it must be non-empty
+    /// and hold no whitespace.
+    pub fn check_addr(what: &str, addr: &str) -> Result<(), String> {
+        if addr.is_empty() || addr.chars().any(char::is_whitespace) {
+            return Err(format!("{what} {addr:?} must be a non-empty host:port without spaces"));
+        }
+        Ok(())
+    }
+
+    fn encoded(&self) -> String {
+        match &self.peer_addr {
+            Some(p) => format!("{}{PEER_MARK}{p}", self.addr),
+            None => self.addr.clone(),
+        }
+    }
+
+    fn decoded(s: &str) -> NodeInfo {
+        match s.split_once(PEER_MARK) {
+            Some((addr, peer)) => NodeInfo::with_peer(addr, Some(peer.to_string())),
+            None => NodeInfo::new(s),
+        }
+    }
+}
+
+impl Serialize for NodeInfo {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.encoded())
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(NodeInfo::decoded(&s))
+    }
 }
 
 impl std::fmt::Display for NodeInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.addr)
+        match &self.peer_addr {
+            Some(p) => write!(f, "{} (peers: {p})", self.addr),
+            None => f.write_str(&self.addr),
+        }
     }
 }
 
@@ -71,3 +135,30 @@ pub type Raft = openraft::Raft<TypeConfig>;
 pub type Entry = openraft::Entry<TypeConfig>;
 /// openraft's storage error for our config.
 pub type StorageError = openraft::StorageError<NodeId>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_info_reads_the_single_address_form_and_round_trips_a_peer_address() {
+        // The form membership had before peer ports: a struct of one string.
+        #[derive(Serialize)]
+        struct Before {
+            addr: String,
+        }
+        let old = postcard::to_stdvec(&Before { addr: "10.0.0.1:7001".into() }).unwrap();
+        let read: NodeInfo = postcard::from_bytes(&old).unwrap();
+        assert_eq!(read, NodeInfo::new("10.0.0.1:7001"));
+        assert_eq!(read.peer(), "10.0.0.1:7001");
+        assert_eq!(postcard::to_stdvec(&read).unwrap(), old, "one address encodes as before");
+
+        let both = NodeInfo::with_peer("10.0.0.1:7001", Some("10.0.0.1:7101".into()));
+        let bytes = postcard::to_stdvec(&both).unwrap();
+        assert_eq!(postcard::from_bytes::<NodeInfo>(&bytes).unwrap(), both);
+        assert_eq!(both.peer(), "10.0.0.1:7101");
+        assert_eq!(NodeInfo::with_peer("a:1", Some(String::new())), NodeInfo::new("a:1"));
+        assert!(NodeInfo::check_addr("addr", "a:1 peer=b:2").is_err());
+        assert!(NodeInfo::check_addr("addr", "").is_err());
+    }
+}

@@ -349,7 +349,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
         PeerClient {
             node_id: self.node_id,
             target,
-            addr: node.addr.clone(),
+            addr: node.peer().to_string(),
             peers: self.peers.clone(),
         }
     }

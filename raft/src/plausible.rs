@@ -343,7 +343,7 @@ mod tests {
 
     fn mem(voters: &[NodeId], nodes: &[NodeId]) -> Membership<NodeId, NodeInfo> {
         let nodes: BTreeMap<NodeId, NodeInfo> =
-            nodes.iter().map(|id| (*id, NodeInfo { addr: format!("h:{id}") })).collect();
+            nodes.iter().map(|id| (*id, NodeInfo::new(format!("h:{id}")))).collect();
         Membership::new(vec![voters.iter().copied().collect()], nodes)
     }
 

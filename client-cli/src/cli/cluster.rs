@@ -15,8 +15,9 @@ use super::{parse_duration, Ctx};
 pub enum ClusterCmd {
     /// Initialise a new cluster with its first voters (safe to repeat with the same members).
     Init {
-        /// A voter as ID=HOST:PORT (repeat for each; the node asked must be one of them).
-        #[arg(long = "member", required = true, value_parser = parse_member, value_name = "ID=HOST:PORT")]
+        /// A voter as ID=HOST:PORT, or ID=HOST:PORT,peer=HOST:PORT for a node with a peer
+        /// port (--peer-listen); repeat for each; the node asked must be one of them.
+        #[arg(long = "member", required = true, value_parser = parse_member, value_name = "ID=HOST:PORT[,peer=HOST:PORT]")]
         members: Vec<pb::Member>,
     },
     /// Members, leader, term, and log/commit/apply indexes per node.
@@ -29,6 +30,9 @@ pub enum ClusterCmd {
         /// The new node's gRPC address (host:port).
         #[arg(long)]
         addr: String,
+        /// Its peer address, when it serves peers on a port of their own (--peer-listen).
+        #[arg(long, value_name = "HOST:PORT")]
+        peer_addr: Option<String>,
         /// Wait up to this long for it to catch up (0s: do not wait).
         #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
         wait: Duration,
@@ -56,18 +60,28 @@ pub enum ClusterCmd {
     Snapshot,
 }
 
-/// Parses `ID=HOST:PORT`.
+/// Parses `ID=HOST:PORT` or `ID=HOST:PORT,peer=HOST:PORT`.
 pub fn parse_member(s: &str) -> Result<pb::Member, String> {
-    let (id, addr) = s.split_once('=').ok_or_else(|| format!("{s:?} is not ID=HOST:PORT"))?;
+    let (id, rest) = s.split_once('=').ok_or_else(|| format!("{s:?} is not ID=HOST:PORT"))?;
     let id: u64 = id.trim().parse().map_err(|_| format!("{s:?}: {id:?} is not a node id"))?;
-    let addr = addr.trim();
     if id == 0 {
         return Err(format!("{s:?}: node ids start at 1"));
     }
-    if !addr.contains(':') {
-        return Err(format!("{s:?}: {addr:?} is not HOST:PORT"));
+    let (addr, peer) = match rest.split_once(',') {
+        None => (rest.trim(), ""),
+        Some((addr, peer)) => {
+            let peer = peer.trim().strip_prefix("peer=").ok_or_else(|| {
+                format!("{s:?}: after the address only ,peer=HOST:PORT may follow")
+            })?;
+            (addr.trim(), peer.trim())
+        }
+    };
+    for a in [addr].into_iter().chain((!peer.is_empty()).then_some(peer)) {
+        if !a.contains(':') || a.contains(char::is_whitespace) {
+            return Err(format!("{s:?}: {a:?} is not HOST:PORT"));
+        }
     }
-    Ok(pb::Member { id, addr: addr.to_string() })
+    Ok(pb::Member { id, addr: addr.to_string(), peer_addr: peer.to_string() })
 }
 
 /// Runs a cluster command.
@@ -75,12 +89,17 @@ pub async fn run(ctx: &Ctx, cmd: ClusterCmd) -> Result<u8> {
     let client = ctx.client()?;
     match cmd {
         ClusterCmd::Init { members } => {
-            let listed: Vec<String> =
-                members.iter().map(|m| format!("{}={}", m.id, m.addr)).collect();
+            let listed: Vec<String> = members
+                .iter()
+                .map(|m| match m.peer_addr.as_str() {
+                    "" => format!("{}={}", m.id, m.addr),
+                    p => format!("{}={} (peers: {p})", m.id, m.addr),
+                })
+                .collect();
             client.init_cluster(members.clone()).await?;
             done(
                 ctx,
-                json!({ "initialized": true, "members": members.iter().map(|m| json!({"id": m.id, "addr": m.addr})).collect::<Vec<_>>() }),
+                json!({ "initialized": true, "members": members.iter().map(|m| json!({"id": m.id, "addr": m.addr, "peer_addr": m.peer_addr})).collect::<Vec<_>>() }),
                 &format!("cluster initialised with {}", listed.join(", ")),
             );
         }
@@ -91,13 +110,14 @@ pub async fn run(ctx: &Ctx, cmd: ClusterCmd) -> Result<u8> {
                 Format::Table => out!("{}", output::status_text(&s)),
             }
         }
-        ClusterCmd::AddLearner { id, addr, wait } => {
+        ClusterCmd::AddLearner { id, addr, peer_addr, wait } => {
             // The node answers after the learner caught up: give the call that long.
             let client = client.with_call_timeout(client.call_timeout() + wait);
-            let r = client.add_learner(id, &addr, wait.as_millis() as u64).await?;
+            let peer = peer_addr.as_deref().unwrap_or("");
+            let r = client.add_learner(id, &addr, peer, wait.as_millis() as u64).await?;
             done(
                 ctx,
-                json!({ "id": id, "addr": addr, "matched_index": r.matched_index }),
+                json!({ "id": id, "addr": addr, "peer_addr": peer, "matched_index": r.matched_index }),
                 &format!(
                     "node {id} ({addr}) added as a learner; replicated up to index {}",
                     r.matched_index
@@ -139,8 +159,18 @@ mod tests {
     fn members_parse() {
         assert_eq!(
             parse_member("2=127.0.0.1:7002"),
-            Ok(pb::Member { id: 2, addr: "127.0.0.1:7002".into() })
+            Ok(pb::Member { id: 2, addr: "127.0.0.1:7002".into(), peer_addr: String::new() })
         );
+        assert_eq!(
+            parse_member("2=10.0.0.2:7001,peer=10.0.0.2:7101"),
+            Ok(pb::Member {
+                id: 2,
+                addr: "10.0.0.2:7001".into(),
+                peer_addr: "10.0.0.2:7101".into()
+            })
+        );
+        assert!(parse_member("2=10.0.0.2:7001,10.0.0.2:7101").is_err());
+        assert!(parse_member("2=10.0.0.2:7001,peer=nope").is_err());
         assert!(parse_member("0=127.0.0.1:7002").is_err());
         assert!(parse_member("x=127.0.0.1:7002").is_err());
         assert!(parse_member("2=localhost").is_err());

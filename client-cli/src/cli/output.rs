@@ -471,6 +471,7 @@ pub fn status_json(s: &pb::ClusterStatusResponse) -> Value {
             json!({
                 "id": n.id,
                 "addr": n.addr,
+                "peer_addr": n.peer_addr,
                 "voter": n.voter,
                 "reachable": n.reachable,
                 "error": n.error,
@@ -518,7 +519,10 @@ pub fn status_text(s: &pb::ClusterStatusResponse) -> String {
         let role = if n.reachable { n.role.clone() } else { "-".into() };
         t.row(vec![
             n.id.to_string(),
-            n.addr.clone(),
+            match n.peer_addr.as_str() {
+                "" => n.addr.clone(),
+                p => format!("{} (peers {p})", n.addr),
+            },
             role,
             yes_no(n.voter),
             if n.reachable { "yes".into() } else { format!("no: {}", n.error) },

@@ -29,14 +29,21 @@ impl Client {
         .await
     }
 
-    /// Adds a non-voting member; with `wait_ms > 0` waits until it caught up.
+    /// Adds a non-voting member (`peer_addr`: its peer port, `""` when it has none); with
+    /// `wait_ms > 0` waits until it caught up.
     pub async fn add_learner(
         &self,
         id: u64,
         addr: &str,
+        peer_addr: &str,
         wait_ms: u64,
     ) -> Result<pb::AddLearnerResponse, Error> {
-        let req = pb::AddLearnerRequest { id, addr: addr.to_string(), wait_ms };
+        let req = pb::AddLearnerRequest {
+            id,
+            addr: addr.to_string(),
+            peer_addr: peer_addr.to_string(),
+            wait_ms,
+        };
         self.call("add_learner", Kind::Write, req, |ch, r| async move {
             cluster(ch).add_learner(r).await
         })

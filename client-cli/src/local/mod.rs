@@ -118,6 +118,8 @@ pub struct LocalClusterOptions {
     pub env: Vec<(String, String)>,
     /// Give every node without an explicit HTTP address a free loopback HTTP port.
     pub http: bool,
+    /// Give every node a separate free loopback port for peer RPCs (`--peer-listen`).
+    pub peer_ports: bool,
     /// Initialize the cluster with all nodes as voters, wait for a leader and for every
     /// node to be reachable. Without it, `start` returns once every node serves.
     pub init: bool,
@@ -142,6 +144,7 @@ impl LocalClusterOptions {
             args: Vec::new(),
             env: Vec::new(),
             http: false,
+            peer_ports: false,
             init: true,
             detached: false,
             startup_timeout: Duration::from_secs(30),
@@ -191,6 +194,12 @@ impl LocalClusterOptions {
         self
     }
 
+    /// Sets the `peer_ports` field: a separate peer port per node.
+    pub fn peer_ports(mut self, on: bool) -> Self {
+        self.peer_ports = on;
+        self
+    }
+
     /// Sets the `init` field: initialize the cluster at start.
     pub fn init(mut self, on: bool) -> Self {
         self.init = on;
@@ -221,6 +230,8 @@ pub struct LocalNode {
     pub listen: SocketAddr,
     /// Its HTTP address, when it has one.
     pub http: Option<String>,
+    /// Its peer address (`--peer-listen`), when it has one.
+    pub peer_addr: Option<String>,
     /// Data directory.
     pub data_dir: PathBuf,
     proc: Proc,
@@ -531,6 +542,13 @@ impl LocalCluster {
         if let Some(h) = http {
             spec = spec.args(["--http".to_string(), h.to_string()]);
         }
+        let peer_addr = match self.opts.peer_ports {
+            true => Some(free_addr()?.to_string()),
+            false => None,
+        };
+        if let Some(p) = &peer_addr {
+            spec = spec.args(["--peer-listen", p]);
+        }
         if let Some(s) = &self.security {
             spec = spec.args(s.node_args());
         }
@@ -545,6 +563,7 @@ impl LocalCluster {
             addr,
             listen,
             http: http.map(|h| h.to_string()),
+            peer_addr,
             data_dir,
             proc: Proc::new(spec),
         });
@@ -658,8 +677,15 @@ impl LocalCluster {
     /// while it is unavailable, within the startup timeout).
     pub async fn init(&self) -> Result<(), Error> {
         let first = self.nodes.first().ok_or_else(|| Error::Config("no nodes".into()))?;
-        let members: Vec<pb::Member> =
-            self.nodes.iter().map(|n| pb::Member { id: n.id, addr: n.addr.clone() }).collect();
+        let members: Vec<pb::Member> = self
+            .nodes
+            .iter()
+            .map(|n| pb::Member {
+                id: n.id,
+                addr: n.addr.clone(),
+                peer_addr: n.peer_addr.clone().unwrap_or_default(),
+            })
+            .collect();
         self.client(std::slice::from_ref(&first.addr))?
             .with_retry_budget(self.opts.startup_timeout)
             .init_cluster(members)

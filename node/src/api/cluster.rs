@@ -18,6 +18,7 @@ use super::answer;
 use crate::error::{NodeError, NodeResult};
 use crate::route::AdminRoute as Route;
 use crate::Node;
+use raft::NodeInfo;
 
 /// Implements `scheduler.v1.Cluster`.
 pub struct ClusterApi {
@@ -57,13 +58,13 @@ impl ClusterApi {
         let members = raft.members();
         let matched = raft.replication();
         let mut calls = Vec::new();
-        for (id, (addr, voter)) in members {
+        for (id, (info, voter)) in members {
             let node = self.node.clone();
             calls.push(tokio::spawn(async move {
                 let reply: Result<ipb::NodeStatusReply, String> = if id == node.raft.id() {
                     Ok(node.raft.local_status(false))
                 } else {
-                    match node.peer(&addr) {
+                    match node.peer(info.peer()) {
                         Err(e) => Err(e.to_string()),
                         Ok(mut c) => {
                             let mut req = Request::new(ipb::NodeStatusRequest { digest: false });
@@ -75,13 +76,14 @@ impl ClusterApi {
                         }
                     }
                 };
-                (id, addr, voter, reply)
+                (id, info, voter, reply)
             }));
         }
         let mut nodes = Vec::new();
         for c in calls {
-            let (id, addr, voter, reply) =
+            let (id, info, voter, reply) =
                 c.await.map_err(|e| NodeError::Internal(e.to_string()))?;
+            let addr = info.addr;
             let mut n = match reply {
                 Ok(r) => pb::NodeStatus {
                     id,
@@ -108,6 +110,7 @@ impl ClusterApi {
                 },
             };
             n.matched_index = matched.get(&id).copied().unwrap_or(0);
+            n.peer_addr = info.peer_addr.unwrap_or_default();
             nodes.push(n);
         }
         Ok(pb::ClusterStatusResponse { leader_id: local.leader_id, term: local.term, nodes })
@@ -198,6 +201,15 @@ fn token_info(t: &ApiToken) -> pb::TokenInfo {
 }
 
 /// A node id named by a membership request: positive.
+/// The field and the reason when a member's address or peer address cannot be stored.
+fn member_addrs(addr: &str, peer_addr: &str) -> Result<(), (&'static str, String)> {
+    NodeInfo::check_addr("addr", addr).map_err(|e| ("addr", e))?;
+    if !peer_addr.is_empty() {
+        NodeInfo::check_addr("peer_addr", peer_addr).map_err(|e| ("peer_addr", e))?;
+    }
+    Ok(())
+}
+
 fn member_id(id: u64) -> NodeResult<()> {
     if id == 0 {
         return Err(Rejection::invalid("id", "needs a node id > 0").into());
@@ -222,7 +234,12 @@ impl pb::cluster_server::Cluster for ClusterApi {
                 ));
                 break;
             }
-            if members.insert(m.id, m.addr.clone()).is_some() {
+            if let Err(e) = member_addrs(&m.addr, &m.peer_addr) {
+                check = Err(Rejection::invalid(format!("members[{i}].{}", e.0), e.1));
+                break;
+            }
+            let info = NodeInfo::with_peer(m.addr.clone(), Some(m.peer_addr.clone()));
+            if members.insert(m.id, info).is_some() {
                 check = Err(Rejection::invalid(
                     format!("members[{i}].id"),
                     format!("id {} appears twice", m.id),
@@ -274,10 +291,12 @@ impl pb::cluster_server::Cluster for ClusterApi {
                 "needs an id > 0 and an address (--id N --addr HOST:PORT)",
             )
             .into())
+        } else if let Err((field, why)) = member_addrs(&r.addr, &r.peer_addr) {
+            Err(Rejection::invalid(field, why).into())
         } else {
             self.node
                 .raft
-                .add_learner(r.id, r.addr, wait)
+                .add_learner(r.id, NodeInfo::with_peer(r.addr, Some(r.peer_addr)), wait)
                 .await
                 .map(|matched_index| pb::AddLearnerResponse { matched_index })
                 .map_err(NodeError::from)

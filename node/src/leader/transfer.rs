@@ -9,7 +9,7 @@ use std::time::Duration;
 use proto::internal::v1 as ipb;
 use proto::internal::v1::control_request::Op as Step;
 use raft::node::AdminError;
-use raft::NodeId;
+use raft::{NodeId, NodeInfo};
 use tracing::warn;
 
 use crate::Node;
@@ -52,21 +52,21 @@ pub async fn transfer_leader(node: &Node, to: NodeId) -> Result<NodeId, AdminErr
     if to == raft.id() {
         return Ok(to);
     }
-    let members: BTreeMap<NodeId, (String, bool)> = raft.members();
-    let Some((target_addr, true)) = members.get(&to).cloned() else {
+    let members: BTreeMap<NodeId, (NodeInfo, bool)> = raft.members();
+    let Some((target, true)) = members.get(&to).cloned() else {
         return Err(AdminError::Invalid(format!("node {to} is not a voter")));
     };
     let settings = raft.settings();
     let lease = Duration::from_millis(settings.election_max_ms + settings.heartbeat_ms);
     let result = async {
-        for (id, (addr, voter)) in &members {
+        for (id, (info, voter)) in &members {
             if *voter && *id != to {
-                step_on(node, *id, addr, Step::Elect(false)).await?;
+                step_on(node, *id, info.peer(), Step::Elect(false)).await?;
             }
         }
         raft.set_heartbeat(false);
         tokio::time::sleep(lease).await;
-        step_on(node, to, &target_addr, Step::TriggerElect(true)).await?;
+        step_on(node, to, target.peer(), Step::TriggerElect(true)).await?;
         let deadline = tokio::time::Instant::now() + TAKE_OVER_WITHIN;
         loop {
             if raft.raft().metrics().borrow().current_leader == Some(to) {
@@ -83,9 +83,9 @@ pub async fn transfer_leader(node: &Node, to: NodeId) -> Result<NodeId, AdminErr
     .await;
     // Restore normal operation whatever happened.
     raft.set_heartbeat(true);
-    for (id, (addr, voter)) in &members {
+    for (id, (info, voter)) in &members {
         if *voter {
-            if let Err(e) = step_on(node, *id, addr, Step::Elect(true)).await {
+            if let Err(e) = step_on(node, *id, info.peer(), Step::Elect(true)).await {
                 warn!(node_id = id, error = %e, "could not re-enable elections after a leader transfer");
             }
         }

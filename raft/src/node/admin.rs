@@ -93,23 +93,21 @@ impl RaftNode {
 
     /// Form a new cluster with these voters (this node included). Idempotent: a node that is
     /// already initialized with the same members answers Ok.
-    pub async fn initialize(&self, members: BTreeMap<NodeId, String>) -> Result<(), AdminError> {
+    pub async fn initialize(&self, members: BTreeMap<NodeId, NodeInfo>) -> Result<(), AdminError> {
         if !members.contains_key(&self.id) {
             return Err(AdminError::Invalid(format!(
                 "the members must include this node ({})",
                 self.id
             )));
         }
-        let nodes: BTreeMap<NodeId, NodeInfo> =
-            members.iter().map(|(id, addr)| (*id, NodeInfo { addr: addr.clone() })).collect();
-        match self.raft.initialize(nodes).await {
+        match self.raft.initialize(members.clone()).await {
             Ok(()) => {
                 info!(node_id = self.id, members = ?members, "cluster initialized");
                 Ok(())
             }
             Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
-                let current: BTreeMap<NodeId, String> =
-                    self.members().into_iter().map(|(id, (addr, _))| (id, addr)).collect();
+                let current: BTreeMap<NodeId, NodeInfo> =
+                    self.members().into_iter().map(|(id, (info, _))| (id, info)).collect();
                 if current == members {
                     Ok(())
                 } else {
@@ -129,15 +127,11 @@ impl RaftNode {
     pub async fn add_learner(
         &self,
         id: NodeId,
-        addr: String,
+        info: NodeInfo,
         wait: Duration,
     ) -> Result<u64, AdminError> {
         self.require_leader()?;
-        let r = self
-            .raft
-            .add_learner(id, NodeInfo { addr }, false)
-            .await
-            .map_err(|e| self.membership_err(e))?;
+        let r = self.raft.add_learner(id, info, false).await.map_err(|e| self.membership_err(e))?;
         let target = r.log_id.index;
         if wait.is_zero() {
             return Ok(0);

@@ -9,6 +9,7 @@ use proto::internal::v1 as ipb;
 
 use super::RaftNode;
 use crate::NodeId;
+use crate::NodeInfo;
 
 impl RaftNode {
     /// This node's view of itself; with `with_digest` also the state digest (O(state): call
@@ -31,12 +32,19 @@ impl RaftNode {
         }
     }
 
-    /// Members (id -> address, voter?) of the current configuration.
-    pub fn members(&self) -> BTreeMap<NodeId, (String, bool)> {
+    /// Members (id -> addresses, voter?) of the current configuration.
+    pub fn members(&self) -> BTreeMap<NodeId, (NodeInfo, bool)> {
         let m = self.raft.metrics().borrow().clone();
         let mem = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = mem.voter_ids().collect();
-        mem.nodes().map(|(id, n)| (*id, (n.addr.clone(), voters.contains(id)))).collect()
+        mem.nodes().map(|(id, n)| (*id, (n.clone(), voters.contains(id)))).collect()
+    }
+
+    /// Where member `id` takes peer RPCs (its peer port, else its one address).
+    pub fn peer_addr(&self, id: NodeId) -> Option<String> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.membership_config.membership().get_node(&id).map(|n| n.peer().to_string())
     }
 
     /// Replication progress as the leader sees it (id -> matched index).

@@ -618,12 +618,14 @@ class ListWorkersResponse(_message.Message):
     def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ...) -> None: ...
 
 class Member(_message.Message):
-    __slots__ = ("id", "addr")
+    __slots__ = ("id", "addr", "peer_addr")
     ID_FIELD_NUMBER: _ClassVar[int]
     ADDR_FIELD_NUMBER: _ClassVar[int]
+    PEER_ADDR_FIELD_NUMBER: _ClassVar[int]
     id: int
     addr: str
-    def __init__(self, id: _Optional[int] = ..., addr: _Optional[str] = ...) -> None: ...
+    peer_addr: str
+    def __init__(self, id: _Optional[int] = ..., addr: _Optional[str] = ..., peer_addr: _Optional[str] = ...) -> None: ...
 
 class InitClusterRequest(_message.Message):
     __slots__ = ("members",)
@@ -640,7 +642,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("id", "addr", "voter", "reachable", "error", "role", "term", "last_log_index", "committed_index", "applied_index", "snapshot_index", "purged_index", "leader_id", "digest", "matched_index")
+    __slots__ = ("id", "addr", "voter", "reachable", "error", "role", "term", "last_log_index", "committed_index", "applied_index", "snapshot_index", "purged_index", "leader_id", "digest", "matched_index", "peer_addr")
     ID_FIELD_NUMBER: _ClassVar[int]
     ADDR_FIELD_NUMBER: _ClassVar[int]
     VOTER_FIELD_NUMBER: _ClassVar[int]
@@ -656,6 +658,7 @@ class NodeStatus(_message.Message):
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     MATCHED_INDEX_FIELD_NUMBER: _ClassVar[int]
+    PEER_ADDR_FIELD_NUMBER: _ClassVar[int]
     id: int
     addr: str
     voter: bool
@@ -671,7 +674,8 @@ class NodeStatus(_message.Message):
     leader_id: int
     digest: int
     matched_index: int
-    def __init__(self, id: _Optional[int] = ..., addr: _Optional[str] = ..., voter: _Optional[bool] = ..., reachable: _Optional[bool] = ..., error: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., last_log_index: _Optional[int] = ..., committed_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., snapshot_index: _Optional[int] = ..., purged_index: _Optional[int] = ..., leader_id: _Optional[int] = ..., digest: _Optional[int] = ..., matched_index: _Optional[int] = ...) -> None: ...
+    peer_addr: str
+    def __init__(self, id: _Optional[int] = ..., addr: _Optional[str] = ..., voter: _Optional[bool] = ..., reachable: _Optional[bool] = ..., error: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., last_log_index: _Optional[int] = ..., committed_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., snapshot_index: _Optional[int] = ..., purged_index: _Optional[int] = ..., leader_id: _Optional[int] = ..., digest: _Optional[int] = ..., matched_index: _Optional[int] = ..., peer_addr: _Optional[str] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
     __slots__ = ("leader_id", "term", "nodes")
@@ -684,14 +688,16 @@ class ClusterStatusResponse(_message.Message):
     def __init__(self, leader_id: _Optional[int] = ..., term: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ...) -> None: ...
 
 class AddLearnerRequest(_message.Message):
-    __slots__ = ("id", "addr", "wait_ms")
+    __slots__ = ("id", "addr", "wait_ms", "peer_addr")
     ID_FIELD_NUMBER: _ClassVar[int]
     ADDR_FIELD_NUMBER: _ClassVar[int]
     WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    PEER_ADDR_FIELD_NUMBER: _ClassVar[int]
     id: int
     addr: str
     wait_ms: int
-    def __init__(self, id: _Optional[int] = ..., addr: _Optional[str] = ..., wait_ms: _Optional[int] = ...) -> None: ...
+    peer_addr: str
+    def __init__(self, id: _Optional[int] = ..., addr: _Optional[str] = ..., wait_ms: _Optional[int] = ..., peer_addr: _Optional[str] = ...) -> None: ...
 
 class AddLearnerResponse(_message.Message):
     __slots__ = ("matched_index",)
