@@ -15,6 +15,7 @@ use proto::internal::v1::raft_service_server::{RaftService, RaftServiceServer};
 use raft::config::RaftSettings;
 use raft::node::{RaftNode, WriteError};
 use raft::service::RaftRpcs;
+use raft::NodeInfo;
 use state_machine::{NewTask, Op, Output, TaskSpec};
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
@@ -124,7 +125,8 @@ async fn cluster(n: u64, settings: RaftSettings) -> (Vec<TestNode>, Vec<tempfile
         nodes.push(TestNode::start(id, d.path().to_path_buf(), None, settings.clone()).await);
         dirs.push(d);
     }
-    let members: BTreeMap<u64, String> = nodes.iter().map(|n| (n.id, n.addr.clone())).collect();
+    let members: BTreeMap<u64, NodeInfo> =
+        nodes.iter().map(|n| (n.id, NodeInfo::new(n.addr.clone()))).collect();
     nodes[0].node().initialize(members).await.expect("initialize");
     (nodes, dirs)
 }
@@ -286,7 +288,10 @@ async fn t40_learner_added_promoted_and_a_voter_removed() {
     let n4 = TestNode::start(4, d.path().to_path_buf(), None, settings()).await;
     dirs.push(d);
     let leader = nodes[l].node().clone();
-    leader.add_learner(4, n4.addr.clone(), Duration::from_secs(10)).await.expect("add learner");
+    leader
+        .add_learner(4, NodeInfo::new(n4.addr.clone()), Duration::from_secs(10))
+        .await
+        .expect("add learner");
     leader.promote(4).await.expect("promote");
     assert_eq!(leader.members().get(&4).map(|m| m.1), Some(true));
     // Remove a follower voter.
@@ -323,7 +328,7 @@ async fn t50_a_fresh_node_far_behind_catches_up_by_snapshot() {
     let n4 = TestNode::start(4, d.path().to_path_buf(), None, s).await;
     dirs.push(d);
     leader
-        .add_learner(4, n4.addr.clone(), Duration::from_secs(15))
+        .add_learner(4, NodeInfo::new(n4.addr.clone()), Duration::from_secs(15))
         .await
         .expect("learner catches up");
     let n4node = n4.node().clone();
