@@ -399,6 +399,34 @@ async fn torn_tail_is_cut_away() -> Result<()> {
     Ok(())
 }
 
+/// Four flipped bytes in the middle of the newest segment: valid records follow, so this is
+/// damage, not a torn write. Open refuses, naming the file, the offset and the recovery, and
+/// cuts nothing (the entries after the damage are still on disk for whoever investigates).
+#[tokio::test]
+async fn damage_in_the_middle_of_the_last_segment_fails_open_and_cuts_nothing() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let seg = ten_entries(tmp.path()).await?;
+    let mut data = fs::read(&seg)?;
+    let mid = data.len() / 2;
+    for b in &mut data[mid..mid + 4] {
+        *b ^= 0xA5;
+    }
+    fs::write(&seg, &data)?;
+    let name = seg.file_name().and_then(|n| n.to_str()).context("name")?.to_string();
+    match LogStore::open(tmp.path(), LogOptions::default()) {
+        Err(e @ LogError::Corrupt { .. }) => {
+            let msg = e.to_string();
+            ensure!(msg.contains(&name), "names the file: {msg}");
+            ensure!(msg.contains("valid record follows"), "says why it is not torn: {msg}");
+            ensure!(msg.contains("data directory"), "says how to recover: {msg}");
+        }
+        Err(e) => return Err(anyhow!("expected a corruption error, got {e}")),
+        Ok(_) => return Err(anyhow!("open must refuse damage followed by valid records")),
+    }
+    ensure!(fs::read(&seg)? == data, "nothing was cut");
+    Ok(())
+}
+
 #[tokio::test]
 async fn incomplete_new_segment_is_removed() -> Result<()> {
     let tmp = tempfile::tempdir()?;

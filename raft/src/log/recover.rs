@@ -1,8 +1,10 @@
 //! Recovery on open: scanning the segments and cutting a torn tail.
 //!
 //! Segments are read in order, verifying CRCs, headers and index continuity. An invalid record
-//! at the tail of the last segment is a torn write from a crash and is cut away (logged at
-//! warn); anywhere else it is corruption and `open` fails naming the file and offset. Leading
+//! at the tail of the last segment, with nothing valid after it, is a torn write from a crash
+//! and is cut away (logged at warn). Anywhere else — in an earlier segment, or followed by a
+//! record whose checksum holds — it is damage a crash cannot explain (cutting there would drop
+//! entries that were acknowledged), and `open` fails naming the file and offset. Leading
 //! segments are only ever deleted by purge, so the first remaining segment's header bounds the
 //! last purged id from below even when the `purged` record itself was lost.
 
@@ -91,6 +93,22 @@ pub(super) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LogError>
     Ok(segments)
 }
 
+/// How to recover a node whose log is damaged; part of every corruption refusal at the tail.
+pub(super) const RECOVERY: &str = "The other nodes hold the committed entries: remove this \
+    node's data directory and rejoin it (`schedctl cluster remove --id N`, then start it empty \
+    and `cluster add-learner` / `promote`), or restore the directory from a backup.";
+
+/// The offset of the first record at or after `from` whose checksum holds and whose kind is
+/// known, if any. A torn write leaves only garbage after the bad record; a valid one after
+/// it means the bad record is damage in the middle of the log.
+fn next_valid_record(data: &[u8], from: usize) -> Option<usize> {
+    (from..data.len()).find(|&at| {
+        // The kind byte is cheap to check before parse_frame computes a checksum.
+        data.get(at + 8).is_some_and(|k| Kind::from_u8(*k).is_some())
+            && matches!(parse_frame(data, at), Frame::Record { .. })
+    })
+}
+
 /// Scans every segment; cuts a torn tail off the last one. Returns whether files changed.
 pub(super) fn recover(dir: &Path) -> Result<(Recovered, bool), LogError> {
     let listed = list_segments(dir)?;
@@ -116,6 +134,16 @@ pub(super) fn recover(dir: &Path) -> Result<(Recovered, bool), LogError> {
             let (kind, payload, next) = match parse_frame(&data, offset) {
                 Frame::End => break,
                 Frame::Invalid(reason) if is_last => {
+                    if let Some(at) = next_valid_record(&data, offset + 1) {
+                        return Err(corrupt(
+                            &path,
+                            offset,
+                            format!(
+                                "{reason}, yet a valid record follows at offset {at}: damage, \
+                                 not a torn write. {RECOVERY}"
+                            ),
+                        ));
+                    }
                     torn = Some(reason);
                     break;
                 }
