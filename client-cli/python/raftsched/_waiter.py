@@ -10,7 +10,8 @@ waits costs nothing here). Once started it:
   ones. The reads are linearizable, so a task seen finished by one node is found finished;
 - sweeps every tracked id when the stream (re)opens, on its first message, and every
   ``SWEEP_EVERY`` seconds, so no result depends on one event arriving (a reconnect can miss
-  some). A sweep is cheap: a range read skips the unfinished tasks on the server.
+  some). A sweep is cheap: a range read skips the unfinished tasks on the server. A periodic
+  sweep that finds nothing doubles the period (up to ``SWEEP_MAX``); a reconnect resets it.
 
 A terminal state never changes, so a filled slot is final.
 """
@@ -38,8 +39,11 @@ TERMINAL = frozenset({
 })
 _TERMINAL_LIST = sorted(TERMINAL)
 SWEEP_EVERY = 2.0
-# Ids closer than this are read with one ranged ListTasks; a range needs this many ids.
+SWEEP_MAX = 30.0
+# Ids closer than this are read with one ranged ListTasks (wider in sweeps, which read many
+# unfinished ids); a range needs RANGE_MIN ids, fewer are read one by one.
 RANGE_GAP = 64
+SWEEP_GAP = 1024
 RANGE_MIN = 3
 # Tasks per ListTasks page: results are at most 64 KiB by default, so a page stays < 32 MiB.
 LIST_LIMIT = 256
@@ -111,6 +115,7 @@ class Waiter:
         self._started = False
         self._closed = False
         self._call: Any = None
+        self._filled = 0
 
     # ------------------------------------------------------------------ public
     def slot(self, task_id: int) -> Slot:
@@ -200,10 +205,11 @@ class Waiter:
 
     def _fetch_loop(self) -> None:
         last_sweep = 0.0
+        every = SWEEP_EVERY
         while True:
             ids: Set[int] = set()
             try:
-                item = self._todo.get(timeout=SWEEP_EVERY)
+                item = self._todo.get(timeout=every)
                 while True:
                     if isinstance(item, int):
                         ids.add(item)
@@ -216,7 +222,9 @@ class Waiter:
                 return
             now = time.monotonic()
             old: List[Slot] = []
-            if self._sweep.is_set() or now - last_sweep >= SWEEP_EVERY:
+            asked = self._sweep.is_set()
+            sweep = asked or now - last_sweep >= every
+            if sweep:
                 self._sweep.clear()
                 last_sweep = now
                 pending = self._pending()
@@ -224,8 +232,9 @@ class Waiter:
                 old = sorted((s for s in pending if now - s.since > CHECK_OLD_AFTER),
                              key=lambda s: s.since)[:CHECK_OLD_MAX]
             if ids:
+                filled = self._filled
                 try:
-                    self._read(ids)
+                    self._read(ids, SWEEP_GAP if sweep else RANGE_GAP)
                     for s in old:
                         if not s.done:
                             self._read_one(s.id)
@@ -233,19 +242,23 @@ class Waiter:
                     log.warning("reading results failed (%r); retrying", e)
                     self._sweep.set()
                     time.sleep(0.1)
+                if sweep:
+                    every = SWEEP_EVERY if asked or self._filled > filled else \
+                        min(every * 2, SWEEP_MAX)
 
     # ------------------------------------------------------------------ reads
     def _fill(self, t: pb.Task) -> None:
         s = self._slots.get(t.id)
-        if s is not None and t.state in TERMINAL:
+        if s is not None and t.state in TERMINAL and not s.done:
+            self._filled += 1
             s.fill(task=t)
 
-    def _read(self, ids: Iterable[int]) -> None:
+    def _read(self, ids: Iterable[int], gap: int) -> None:
         slots = self._slots
         todo = sorted(i for i in ids if _pending(slots, i))
         run: List[int] = []
         for i in todo:
-            if run and i - run[-1] > RANGE_GAP:
+            if run and i - run[-1] > gap:
                 self._read_run(run)
                 run = []
             run.append(i)
