@@ -8,7 +8,7 @@ Starts 3 schedulerd (built with `cargo build --release`) on free loopback ports 
 It also prints the CPU seconds each process spent in phase 1 (client, workers, nodes), which
 says where the time goes on a shared machine. Everything it starts is stopped at exit.
 
-Usage: python3 bench/bench.py [--n 20000] [--chain 200] [--concurrency 64] [--workers 2]
+Usage: python3 bench/bench.py [--n 20000] [--chain 200] [--concurrency 256] [--workers 2]
 """
 
 import argparse
@@ -40,7 +40,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--chain", type=int, default=200)
-    ap.add_argument("--concurrency", type=int, default=64, help="threads per worker process")
+    ap.add_argument("--concurrency", type=int, default=256, help="threads per worker process")
     ap.add_argument("--workers", type=int, default=2, help="worker processes")
     a = ap.parse_args()
     c = Cluster(3)
