@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import queue
 import threading
 import time
@@ -516,8 +517,7 @@ class App:
         self._conn = Connection(endpoints, ca_cert=ca_cert, token=token)
         self._waiter = Waiter(self._conn)
         self._submitter = _Submitter(self._conn, self._waiter)
-        self._key_prefix = f"py:{uuid.uuid4().hex}:"
-        self._key_seq = itertools.count(1)
+        self._new_key_prefix()
         self.tasks: Dict[str, Task] = {}
         self.name = name
 
@@ -583,6 +583,11 @@ class App:
             raise ValueError(f"{name}: key must be a non-empty string, got {key!r}")
         return spec
 
+    def _new_key_prefix(self) -> None:
+        self._key_pid = os.getpid()
+        self._key_prefix = f"py:{uuid.uuid4().hex}:"
+        self._key_seq = itertools.count(1)
+
     def _spec(self, task: Task, args: Sequence[Any], kwargs: Optional[Dict[str, Any]],
               options: Dict[str, Any], deps: Optional[str]) -> pb.TaskSpec:
         if options:
@@ -600,7 +605,11 @@ class App:
         spec.payload = payload
         # Unique per call: this App's random prefix and a counter (a retried submit resends
         # the same spec, so the key is what makes it exactly-once).
-        spec.idempotency_key = key or f"{self._key_prefix}{next(self._key_seq)}"
+        if not key:
+            if os.getpid() != self._key_pid:  # a forked child must not reuse the parent's keys
+                self._new_key_prefix()
+            key = f"{self._key_prefix}{next(self._key_seq)}"
+        spec.idempotency_key = key
         return spec
 
     def _submit_unit(self, specs: List[pb.TaskSpec]) -> _Unit:

@@ -148,3 +148,20 @@ import raftsched.worker  # everything imports on top of it
     m = pb.SubmitTasksRequest(tasks=[pb.TaskSpec(name="x", labels={"a": "b"}, depends_on_batch=[0],
                                                  retry=pb.RetryPolicy(max_attempts=3))])
     assert out.stdout.split() == [m.SerializeToString().hex(), "TASK_STATE_SUCCEEDED"]
+
+
+def test_generated_keys_differ_in_a_forked_child(app):
+    """Generated idempotency keys are unique per call, also across fork (a child reusing
+    the parent's keys would have its tasks taken for the parent's)."""
+    import tasks_app as t
+    r, w = os.pipe()
+    parent_key = app._spec(t.add, (1, 2), None, {}, None).idempotency_key
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, app._spec(t.add, (1, 2), None, {}, None).idempotency_key.encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child_key = os.read(r, 200).decode()
+    next_key = app._spec(t.add, (1, 2), None, {}, None).idempotency_key
+    assert len({parent_key, child_key, next_key}) == 3
+    assert child_key.rsplit(":", 1)[0] != parent_key.rsplit(":", 1)[0]
