@@ -3,7 +3,9 @@
 //!
 //! The suite runs in a virtualenv under `target/python-venv`, created when missing; the pinned
 //! requirements and the package are (re)installed only when their content hash differs from the
-//! one stamped in the venv. Needs `python3` (>= 3.10) with `venv`, and PyPI the first time.
+//! one stamped in the venv. Needs `python3` (>= 3.9) with `venv`, and PyPI the first time. The
+//! package also promises Python 3.9: when one is found (`SCHED_TEST_PYTHON39`, `python3.9` on
+//! the PATH, or a pyenv 3.9), the suite runs with it too, in `target/python39-venv`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -84,18 +86,22 @@ fn install_stamp(dir: &Path) -> String {
     format!("{h:016x}")
 }
 
-#[test]
-fn python_sdk_pytest_suite_passes_against_real_clusters() {
+/// One suite at a time: each starts several clusters, and the machine may be small.
+static SUITE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs the pytest suite with `python3` (an interpreter) in the virtualenv `venv_name`.
+fn run_suite(python3: &Path, venv_name: &str) {
+    let _one_at_a_time = SUITE.lock().unwrap_or_else(|e| e.into_inner());
     let py_dir = python_dir();
     let bin_dir =
         Path::new(env!("CARGO_BIN_EXE_schedctl")).parent().expect("bin dir").to_path_buf();
     let schedulerd =
         client::local::find_schedulerd(Some(Path::new(env!("CARGO_BIN_EXE_schedctl"))))
             .expect("schedulerd next to schedctl; build with cargo build --release");
-    let venv = bin_dir.parent().unwrap_or(&bin_dir).join("python-venv");
+    let venv = bin_dir.parent().unwrap_or(&bin_dir).join(venv_name);
     let python = venv.join("bin").join("python");
     if !python.is_file() {
-        run(Command::new("python3").args(["-m", "venv"]).arg(&venv), "python3 -m venv");
+        run(Command::new(python3).args(["-m", "venv"]).arg(&venv), "python -m venv");
     }
     let stamp_file = venv.join("raftsched-install.stamp");
     let stamp = install_stamp(&py_dir);
@@ -121,11 +127,58 @@ fn python_sdk_pytest_suite_passes_against_real_clusters() {
         .expect("running pytest");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let summary = stdout.lines().rev().find(|l| l.contains(" in ")).unwrap_or("");
-    println!("pytest: {summary}");
+    println!("pytest ({venv_name}): {summary}");
     assert!(
         out.status.success(),
-        "pytest failed ({}):\n{stdout}\n{}",
+        "pytest with {} failed ({}):\n{stdout}\n{}",
+        python3.display(),
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn python_sdk_pytest_suite_passes_against_real_clusters() {
+    run_suite(Path::new("python3"), "python-venv");
+}
+
+/// Whether `python` runs and is a 3.9.
+fn is_python39(python: &Path) -> bool {
+    Command::new(python)
+        .args(["-c", "import sys; sys.exit(sys.version_info[:2] != (3, 9))"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A Python 3.9 interpreter, if this machine has one.
+fn python39() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("SCHED_TEST_PYTHON39") {
+        let p = PathBuf::from(p);
+        assert!(is_python39(&p), "SCHED_TEST_PYTHON39={} is not a Python 3.9", p.display());
+        return Some(p);
+    }
+    let mut candidates = vec![PathBuf::from("python3.9")];
+    let pyenv = std::env::var_os("PYENV_ROOT")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".pyenv")));
+    if let Some(versions) = pyenv.map(|r| r.join("versions")) {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(versions)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("3.9"))
+            .map(|e| e.path().join("bin").join("python3.9"))
+            .collect();
+        found.sort();
+        candidates.extend(found.into_iter().rev());
+    }
+    candidates.into_iter().find(|p| is_python39(p))
+}
+
+#[test]
+fn python_sdk_pytest_suite_passes_on_python_3_9() {
+    match python39() {
+        Some(p) => run_suite(&p, "python39-venv"),
+        None => println!("no Python 3.9 here (set SCHED_TEST_PYTHON39): suite not run on it"),
+    }
 }

@@ -6,9 +6,12 @@ import json
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 
+_dumps = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+
+
 def _check(value: Any, where: str) -> None:
     try:
-        json.dumps(value, allow_nan=False, separators=(",", ":"))
+        _dumps(value)
     except (TypeError, ValueError) as e:
         raise TypeError(f"{where} cannot be sent as JSON ({type(value).__name__}): {e}") from None
 
@@ -22,16 +25,22 @@ def encode_call(
         raise TypeError(f"{name}: args must be a tuple or list, not {type(args).__name__}")
     if kwargs is not None and not isinstance(kwargs, dict):
         raise TypeError(f"{name}: kwargs must be a dict, not {type(kwargs).__name__}")
-    for i, a in enumerate(args):
-        _check(a, f"{name}: argument {i}")
-    for k, v in (kwargs or {}).items():
+    for k in kwargs or ():
         if not isinstance(k, str):
             raise TypeError(f"{name}: keyword argument names must be strings, got {k!r}")
-        _check(v, f"{name}: argument {k!r}")
     body: Dict[str, Any] = {"args": list(args), "kwargs": dict(kwargs or {})}
     if deps:
         body["deps"] = deps
-    return json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
+    try:
+        return _dumps(body).encode()
+    except (TypeError, ValueError):
+        pass
+    # Name the argument that JSON cannot carry (only on this slow path).
+    for i, a in enumerate(args):
+        _check(a, f"{name}: argument {i}")
+    for k, v in (kwargs or {}).items():
+        _check(v, f"{name}: argument {k!r}")
+    raise TypeError(f"{name}: the arguments cannot be sent as JSON")
 
 
 def decode_call(payload: bytes) -> Tuple[list, dict, Optional[str]]:
@@ -43,7 +52,7 @@ def decode_call(payload: bytes) -> Tuple[list, dict, Optional[str]]:
 
 def encode_result(name: str, value: Any) -> bytes:
     try:
-        return json.dumps(value, allow_nan=False, separators=(",", ":")).encode()
+        return _dumps(value).encode()
     except (TypeError, ValueError) as e:
         raise TypeError(
             f"{name}: the return value cannot be sent as JSON ({type(value).__name__}): {e}"

@@ -29,6 +29,7 @@ _METHODS: Dict[str, Tuple[str, Any, Any, bool]] = {
     "CancelTasks": ("Tasks", pb.CancelTasksRequest, pb.CancelTasksResponse, False),
     "ExplainTask": ("Tasks", pb.ExplainTaskRequest, pb.ExplainTaskResponse, False),
     "WatchTask": ("Tasks", pb.WatchTaskRequest, pb.Task, True),
+    "WatchEvents": ("Tasks", pb.WatchEventsRequest, pb.EventBatch, True),
     "RegisterWorker": ("Workers", pb.RegisterWorkerRequest, pb.RegisterWorkerResponse, False),
     "OpenAssignments": ("Workers", pb.OpenAssignmentsRequest, pb.WorkerMessage, True),
     "Heartbeat": ("Workers", pb.HeartbeatRequest, pb.HeartbeatResponse, False),
@@ -38,6 +39,7 @@ _METHODS: Dict[str, Tuple[str, Any, Any, bool]] = {
     "ListWorkers": ("Workers", pb.ListWorkersRequest, pb.ListWorkersResponse, False),
     "Status": ("Cluster", pb.ClusterStatusRequest, pb.ClusterStatusResponse, False),
     "InitCluster": ("Cluster", pb.InitClusterRequest, pb.InitClusterResponse, False),
+    "CreateToken": ("Cluster", pb.CreateTokenRequest, pb.CreateTokenResponse, False),
 }
 
 

@@ -67,7 +67,7 @@ class _Canvas:
         def build(s: Shape) -> Any:
             if isinstance(s, list):
                 return GroupResult([build(x) for x in s])
-            return AsyncResult(b.app, unit.futures[s])  # type: ignore[arg-type]
+            return AsyncResult(b.app, unit, s)  # type: ignore[arg-type]
 
         return build(shape)
 

@@ -11,12 +11,13 @@ so it is accepted or refused as a whole.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import os
 import queue
 import threading
 import time
 import uuid
-from concurrent.futures import Future
 from typing import (Any, Callable, Dict, Generic, Iterable, List, Optional, Sequence,
                     Tuple, TypeVar, Union)
 
@@ -24,17 +25,13 @@ import grpc
 
 from . import _codec
 from ._pb import scheduler_pb2 as pb
+from ._quantity import parse_cpu_milli, parse_mem_mib
 from ._rpc import Connection
+from ._waiter import TERMINAL, Slot, Waiter
 from .errors import SubmitError, TaskCancelled, TaskFailed, UpstreamFailed
 
 R = TypeVar("R")
 
-TERMINAL = {
-    pb.TASK_STATE_SUCCEEDED,
-    pb.TASK_STATE_FAILED,
-    pb.TASK_STATE_CANCELLED,
-    pb.TASK_STATE_UPSTREAM_FAILED,
-}
 MAX_BATCH_SPECS = 2000
 _SUBMIT_BUDGET = 60.0
 
@@ -46,28 +43,78 @@ def state_name(state: int) -> str:
 
 # ============================================================================ submitting
 
+# Every unit's acknowledgement: one notify per SubmitTasks answer, not one lock per task.
+_acked = threading.Condition()
+
+
 class _Unit:
-    """Specs that must travel together (one delay(), or one canvas), and their id futures."""
+    """Specs that must travel together (one delay(), or one canvas): once answered, their
+    ``ids`` and result ``slots`` (or the ``error`` that refused them)."""
+
+    __slots__ = ("specs", "ids", "slots", "error", "_callbacks")
 
     def __init__(self, specs: List[pb.TaskSpec]) -> None:
         self.specs = specs
-        self.futures: List["Future[int]"] = [Future() for _ in specs]
+        self.ids: Optional[List[int]] = None
+        self.slots: Optional[List[Slot]] = None
+        self.error: Optional[BaseException] = None
+        self._callbacks: Optional[List[Callable[[], None]]] = None
 
-    def resolve(self, ids: Sequence[int]) -> None:
-        for f, i in zip(self.futures, ids):
-            f.set_result(i)
+    def answered(self) -> bool:
+        return self.ids is not None or self.error is not None
 
-    def fail(self, err: BaseException) -> None:
-        for f in self.futures:
-            if not f.done():
-                f.set_exception(err)
+    def wait(self, timeout: float) -> bool:
+        if self.ids is not None or self.error is not None:
+            return True
+        with _acked:
+            return _acked.wait_for(self.answered, timeout)
+
+    def add_callback(self, cb: Callable[[], None]) -> None:
+        """Calls ``cb()`` once answered (now, if it is already)."""
+        with _acked:
+            if not self.answered():
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append(cb)
+                return
+        cb()
+
+
+def _answer(units: Sequence[_Unit], ids: Optional[Sequence[int]], waiter: "Waiter",
+            err: Optional[BaseException] = None) -> None:
+    """Resolves ``units`` with consecutive ``ids`` (or fails them with ``err``), then wakes
+    everyone waiting on any of them."""
+    slots = waiter.track(ids) if ids is not None else None
+    cbs: List[Callable[[], None]] = []
+    pos = 0
+    with _acked:
+        for u in units:
+            if u.answered():
+                continue
+            if slots is not None and ids is not None:
+                n = len(u.specs)
+                u.slots = slots[pos:pos + n]
+                u.ids = list(ids[pos:pos + n])
+                pos += n
+            else:
+                u.error = err
+            if u._callbacks:
+                cbs.extend(u._callbacks)
+                u._callbacks = None
+        _acked.notify_all()
+    for cb in cbs:
+        try:
+            cb()
+        except Exception:
+            pass
 
 
 class _Submitter:
     """One thread sending queued units; units queued during a send join the next request."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, waiter: "Waiter") -> None:
         self._conn = conn
+        self._waiter = waiter
         self._q: "queue.Queue[Optional[_Unit]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
@@ -112,14 +159,18 @@ class _Submitter:
             self._send(units)
 
     def _send(self, units: List[_Unit]) -> None:
-        req = pb.SubmitTasksRequest()
+        specs: List[pb.TaskSpec] = []
         for u in units:
-            base = len(req.tasks)
+            base = len(specs)
             for s in u.specs:
-                spec = req.tasks.add()
-                spec.CopyFrom(s)
-                del spec.depends_on_batch[:]
-                spec.depends_on_batch.extend(base + d for d in s.depends_on_batch)
+                if base and s.depends_on_batch:
+                    moved = pb.TaskSpec()
+                    moved.CopyFrom(s)
+                    del moved.depends_on_batch[:]
+                    moved.depends_on_batch.extend(base + d for d in s.depends_on_batch)
+                    s = moved
+                specs.append(s)
+        req = pb.SubmitTasksRequest(tasks=specs)
         try:
             resp = self._conn.call("SubmitTasks", req, budget=_SUBMIT_BUDGET, timeout=15.0)
         except grpc.RpcError as e:
@@ -133,18 +184,12 @@ class _Submitter:
                     self._send([u])
                 return
             err = SubmitError(f"submit refused: {code.name}: {e.details()}")  # type: ignore[attr-defined]
-            for u in units:
-                u.fail(err)
+            _answer(units, None, self._waiter, err)
             return
-        except BaseException as e:  # never leave a future hanging
-            for u in units:
-                u.fail(SubmitError(f"submit failed: {e!r}"))
+        except BaseException as e:  # never leave a caller waiting
+            _answer(units, None, self._waiter, SubmitError(f"submit failed: {e!r}"))
             return
-        ids = [t.id for t in resp.tasks]
-        pos = 0
-        for u in units:
-            u.resolve(ids[pos:pos + len(u.specs)])
-            pos += len(u.specs)
+        _answer(units, [t.id for t in resp.tasks], self._waiter)
 
 
 # ============================================================================ results
@@ -170,20 +215,43 @@ def _raise_for(task: pb.Task) -> None:
 
 class AsyncResult(Generic[R]):
     """A submitted task. ``id`` waits for the submit to be acknowledged (and raises
-    :class:`SubmitError` if it was refused)."""
+    :class:`SubmitError` if it was refused). Waiting goes through the App's shared waiter
+    (one event stream and batched reads for all results), so waiting on many results costs
+    a few RPCs, not one stream per task."""
 
-    def __init__(self, app: "App", id_or_future: "Union[int, Future[int]]") -> None:
+    def __init__(self, app: "App", src: "Union[int, _Unit]", index: int = 0) -> None:
         self.app = app
-        self._id = id_or_future
+        self._unit: Optional[_Unit] = None
+        self._index = index
+        self._id: Optional[int] = None
+        self._slot: Optional[Slot] = None
+        if isinstance(src, _Unit):
+            self._unit = src
+        else:
+            self._id = src
+            self._slot = app._waiter.slot(src)
+
+    def _answered(self) -> None:
+        u = self._unit
+        assert u is not None
+        if u.error is not None:
+            raise u.error
+        assert u.ids is not None and u.slots is not None
+        self._id = u.ids[self._index]
+        self._slot = u.slots[self._index]
 
     @property
     def id(self) -> int:
-        if isinstance(self._id, Future):
-            self._id = self._id.result(timeout=_SUBMIT_BUDGET + 15)
+        if self._id is None:
+            assert self._unit is not None
+            if not self._unit.wait(_SUBMIT_BUDGET + 15):
+                raise SubmitError("the submit was not answered in time")
+            self._answered()
+        assert self._id is not None
         return self._id
 
     def __repr__(self) -> str:
-        if isinstance(self._id, Future) and not self._id.done():
+        if self._id is None and self._unit is not None and not self._unit.answered():
             return "<AsyncResult (submitting)>"
         try:
             return f"<AsyncResult {self.id}>"
@@ -193,49 +261,41 @@ class AsyncResult(Generic[R]):
     def _task(self, stale_ok: bool = False) -> pb.Task:
         return self.app._conn.call("GetTask", pb.GetTaskRequest(id=self.id, stale_ok=stale_ok))
 
+    def _bound(self) -> Slot:
+        self.id  # raises SubmitError if the submit was refused
+        assert self._slot is not None
+        self.app._waiter.start()
+        return self._slot
+
     @property
     def state(self) -> str:
         """``WAITING``, ``QUEUED``, ``DELAYED``, ``ASSIGNED``, ``RUNNING``, ``SUCCEEDED``,
         ``FAILED``, ``CANCELLED`` or ``UPSTREAM_FAILED``."""
+        s = self._slot
+        if s is not None and s.done and s.task is not None:
+            return state_name(s.task.state)
         return state_name(self._task().state)
 
     def ready(self) -> bool:
-        return self._task().state in TERMINAL
+        s = self._slot
+        return (s is not None and s.done) or self._task().state in TERMINAL
+
+    def _timed_out(self, timeout: Optional[float]) -> TimeoutError:
+        try:
+            st = state_name(self._task(stale_ok=True).state)
+        except Exception as e:  # the message is best effort
+            st = f"unknown: {e.__class__.__name__}"
+        return TimeoutError(f"task {self.id} not finished after {timeout}s (state {st})")
 
     def wait_task(self, timeout: Optional[float] = None) -> pb.Task:
         """The stored task once it is terminal; ``TimeoutError`` after ``timeout`` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        task_id = self.id
-        # A stale read is enough: a terminal state (and its result) never changes, and a
-        # non-terminal one only makes us watch.
-        try:
-            t = self.app._conn.call("GetTask", pb.GetTaskRequest(id=task_id, stale_ok=True))
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
-                raise
-            # This node has not applied the submit yet: ask the leader.
-            t = self.app._conn.call("GetTask", pb.GetTaskRequest(id=task_id))
-        while t.state not in TERMINAL:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise TimeoutError(f"task {task_id} not finished after {timeout}s "
-                                   f"(state {state_name(t.state)})")
-            try:
-                stream = self.app._conn.stream("WatchTask", pb.WatchTaskRequest(id=task_id),
-                                               timeout=min(left, 30.0) if left else 30.0)
-                for t in stream:
-                    if t.state in TERMINAL:
-                        break
-            except grpc.RpcError as e:
-                code = e.code()  # type: ignore[attr-defined]
-                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
-                                grpc.StatusCode.INTERNAL):
-                    raise
-                if code != grpc.StatusCode.DEADLINE_EXCEEDED:
-                    self.app._conn.stream_failed(e)
-                    time.sleep(0.05)
-        return t
+        s = self._bound()
+        if not s.wait(timeout):
+            raise self._timed_out(timeout)
+        if s.error is not None:
+            raise s.error
+        assert s.task is not None
+        return s.task
 
     def get(self, timeout: Optional[float] = None) -> R:
         """The task's return value. Raises :class:`TaskFailed`, :class:`TaskCancelled`,
@@ -245,9 +305,18 @@ class AsyncResult(Generic[R]):
         return _codec.decode_result(t.result)
 
     async def aget(self, timeout: Optional[float] = None) -> R:
-        """``get()`` for asyncio code (runs the wait in the default executor)."""
+        """``get()`` for asyncio code: waits without holding a thread."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self.get, timeout)
+        if self._id is None and self._unit is not None and not self._unit.answered():
+            await _until(loop, self._unit.add_callback, _SUBMIT_BUDGET + 15,
+                         SubmitError("the submit was not answered in time"))
+        s = self._bound()
+        await _until(loop, s.add_callback, timeout, None, lambda: self._timed_out(timeout))
+        if s.error is not None:
+            raise s.error
+        assert s.task is not None
+        _raise_for(s.task)
+        return _codec.decode_result(s.task.result)
 
     def cancel(self, reason: str = "cancelled by client") -> bool:
         """Cancels the task; True if it is now cancelled (False if it already finished)."""
@@ -258,6 +327,29 @@ class AsyncResult(Generic[R]):
     def explain(self) -> str:
         """One sentence saying why the task is where it is."""
         return self.app._conn.call("ExplainTask", pb.ExplainTaskRequest(id=self.id)).summary
+
+
+async def _until(loop: asyncio.AbstractEventLoop, add_callback: Callable[[Callable[[], None]], None],
+                 timeout: Optional[float], err: Optional[BaseException],
+                 make_err: Optional[Callable[[], BaseException]] = None) -> None:
+    """Awaits a thread-side callback registered with ``add_callback``."""
+    done: "asyncio.Future[None]" = loop.create_future()
+
+    def wake() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def fire() -> None:
+        try:
+            loop.call_soon_threadsafe(wake)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    add_callback(fire)
+    try:
+        await asyncio.wait_for(done, timeout)
+    except asyncio.TimeoutError:
+        raise (make_err() if make_err is not None else err) from None  # type: ignore[misc]
 
 
 class GroupResult:
@@ -285,8 +377,12 @@ class GroupResult:
         return out
 
     async def aget(self, timeout: Optional[float] = None) -> List[Any]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self.get, timeout)
+        """``get()`` for asyncio code."""
+        try:
+            return await asyncio.wait_for(
+                asyncio.gather(*(r.aget() for r in self.results)), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"group not finished after {timeout}s") from None
 
     def cancel(self) -> None:
         for r in self.results:
@@ -307,6 +403,7 @@ class Task(Generic[R]):
         self.fn = fn
         self.name = name
         self.options = options
+        self._base = app._spec_options(name, options)  # validated once, copied per call
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
 
@@ -333,7 +430,7 @@ class Task(Generic[R]):
         spec = self.app._spec(self, args, kwargs, options, None)
         unit = _Unit([spec])
         self.app._submitter.submit(unit)
-        return AsyncResult(self.app, unit.futures[0])
+        return AsyncResult(self.app, unit)
 
 
 class Signature:
@@ -378,21 +475,21 @@ def _mem_mib(mem: Any) -> int:
     if isinstance(mem, int) and not isinstance(mem, bool) and mem >= 0:
         return mem
     if isinstance(mem, str):
-        units = {"mi": 1, "m": 1, "gi": 1024, "g": 1024, "ti": 1 << 20, "t": 1 << 20}
-        s = mem.strip().lower()
-        for u in sorted(units, key=len, reverse=True):
-            if s.endswith(u) and s[: -len(u)].strip().isdigit():
-                return int(s[: -len(u)]) * units[u]
-        if s.isdigit():
-            return int(s)
-    raise ValueError(f"mem must be MiB (int) or a size such as '512Mi' / '2Gi', got {mem!r}")
+        try:
+            return parse_mem_mib(mem)
+        except ValueError as e:
+            raise ValueError(f"mem: {e}") from None
+    raise ValueError(f"mem must be MiB (int) or a size such as '512Mi' / '2GiB', got {mem!r}")
 
 
 def _cpu_milli(cpu: Any) -> int:
     if cpu is None:
         return 0
-    if isinstance(cpu, str) and cpu.endswith("m") and cpu[:-1].isdigit():
-        return int(cpu[:-1])
+    if isinstance(cpu, str):
+        try:
+            return parse_cpu_milli(cpu)
+        except ValueError as e:
+            raise ValueError(f"cpu: {e}") from None
     if isinstance(cpu, (int, float)) and not isinstance(cpu, bool) and cpu >= 0:
         return int(round(cpu * 1000))
     raise ValueError(f"cpu must be cores (e.g. 0.5) or millicores ('500m'), got {cpu!r}")
@@ -418,7 +515,9 @@ class App:
                  ca_cert: Optional[str] = None, token: Optional[str] = None,
                  name: Optional[str] = None) -> None:
         self._conn = Connection(endpoints, ca_cert=ca_cert, token=token)
-        self._submitter = _Submitter(self._conn)
+        self._waiter = Waiter(self._conn)
+        self._submitter = _Submitter(self._conn, self._waiter)
+        self._new_key_prefix()
         self.tasks: Dict[str, Task] = {}
         self.name = name
 
@@ -443,8 +542,7 @@ class App:
             tname = name or f"{f.__module__}.{f.__qualname__}"
             if "<" in tname:
                 raise ValueError(f"app.task: {tname!r} is not importable; give name=")
-            self._spec_options(tname, options)  # validate now, not at delay()
-            t = Task(self, f, tname, dict(options))
+            t = Task(self, f, tname, dict(options))  # validates the options now
             self.tasks[tname] = t
             return t
 
@@ -483,16 +581,35 @@ class App:
         key = o.get("key")
         if key is not None and (not isinstance(key, str) or not key):
             raise ValueError(f"{name}: key must be a non-empty string, got {key!r}")
-        spec.idempotency_key = key or f"py:{uuid.uuid4().hex}"
         return spec
+
+    def _new_key_prefix(self) -> None:
+        self._key_pid = os.getpid()
+        self._key_prefix = f"py:{uuid.uuid4().hex}:"
+        self._key_seq = itertools.count(1)
 
     def _spec(self, task: Task, args: Sequence[Any], kwargs: Optional[Dict[str, Any]],
               options: Dict[str, Any], deps: Optional[str]) -> pb.TaskSpec:
-        for k in options:
-            if k not in _OPTION_NAMES:
-                raise TypeError(f"{task.name}.apply_async: unknown option {k!r}")
-        spec = self._spec_options(task.name, {**task.options, **options})
-        spec.payload = _codec.encode_call(task.name, args, kwargs, deps)
+        if options:
+            for k in options:
+                if k not in _OPTION_NAMES:
+                    raise TypeError(f"{task.name}.apply_async: unknown option {k!r}")
+            merged = {**task.options, **options}
+            base = self._spec_options(task.name, merged)
+            key = merged.get("key")
+        else:
+            base, key = task._base, task.options.get("key")
+        payload = _codec.encode_call(task.name, args, kwargs, deps)
+        spec = pb.TaskSpec()
+        spec.CopyFrom(base)
+        spec.payload = payload
+        # Unique per call: this App's random prefix and a counter (a retried submit resends
+        # the same spec, so the key is what makes it exactly-once).
+        if not key:
+            if os.getpid() != self._key_pid:  # a forked child must not reuse the parent's keys
+                self._new_key_prefix()
+            key = f"{self._key_prefix}{next(self._key_seq)}"
+        spec.idempotency_key = key
         return spec
 
     def _submit_unit(self, specs: List[pb.TaskSpec]) -> _Unit:
@@ -511,6 +628,7 @@ class App:
     def close(self) -> None:
         """Sends what is queued, then closes the connections."""
         self._submitter.close()
+        self._waiter.close()
         self._conn.close()
 
     def __enter__(self) -> "App":

@@ -10,19 +10,26 @@
    one refused as stale is dropped.
 4. A job is stopped on Revoke, on a Resync that does not list it, at its deadline (reported as
    a retryable timeout failure), when the session is lost, and at the end of a drain. A stopped
-   job's outcome is not reported, except for the deadline.
+   job's outcome is not reported, except for the deadline. An attempt a Resync lists that this
+   worker never received is read back (GetTask, and its dependencies' results) and run if it
+   is still ours, as the Rust worker does; if its inputs cannot be read it is given back.
 5. The stream is reopened (any node serves it) after UNAVAILABLE; NOT_FOUND /
    FAILED_PRECONDITION mean the session is gone: stop everything, drop pending reports,
    register again.
 6. SIGTERM drains: DrainWorker, finish held jobs within the grace, stop the rest,
    DeregisterWorker (the server requeues what is left).
 
-Pools: ``threads`` runs each attempt on a thread (a timed-out thread is abandoned and its
-outcome ignored); ``processes`` runs attempts in child processes, killed on timeout or revoke.
+Pools: ``threads`` runs attempts on reusable threads (a timed-out thread is abandoned, its
+outcome ignored, and replaced); ``processes`` runs them in reusable child processes, one
+attempt at a time each: a child is killed on timeout or revoke and replaced when needed.
+
+The main loop handles every queued event before it looks at timers, and sleeps until the
+next timer (start report, deadline) instead of polling.
 """
 
 from __future__ import annotations
 
+import heapq
 import importlib
 import json
 import logging
@@ -36,7 +43,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import grpc
 
@@ -52,6 +59,18 @@ START_REPORT_DELAY = 0.010
 MAX_REPORT_BATCH = 512
 RECENT_CAPACITY = 65536
 _SESSION_LOST = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
+_T_START, _T_DEADLINE = 0, 1
+
+
+class WorkerRefused(RuntimeError):
+    """The cluster refused this worker (bad spec, or a token that may not act as this id)."""
+
+
+def _machine_memory_mib() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def load_app(spec: str) -> App:
@@ -97,6 +116,48 @@ def run_call(app: App, ctx: TaskContext, a_name: str, payload: bytes,
 
 # =============================================================================== pools
 
+class _ThreadPool:
+    """Reusable threads for attempts. A stopped attempt's thread cannot be killed: it is
+    abandoned (its outcome ignored) and a new thread is made when no idle one is left, so a
+    stuck task never blocks the others. Threads beyond ``keep`` exit after idling a while."""
+
+    IDLE_EXIT = 30.0
+
+    def __init__(self, keep: int) -> None:
+        self._keep = keep
+        self._q: "queue.SimpleQueue[Callable[[], None]]" = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._threads = 0
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            if self._idle > 0:
+                self._idle -= 1  # that idle thread takes it
+                spawn = False
+            else:
+                self._threads += 1
+                spawn = True
+        self._q.put(fn)
+        if spawn:
+            threading.Thread(target=self._run, name="raftsched-task", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                fn = self._q.get(timeout=self.IDLE_EXIT)
+            except queue.Empty:
+                with self._lock:
+                    if self._threads > self._keep and self._idle > 0:
+                        self._idle -= 1
+                        self._threads -= 1
+                        return
+                continue
+            fn()
+            with self._lock:
+                self._idle += 1
+
+
 class _ThreadJob:
     def __init__(self, worker: "Worker", key: Key, a: pb.Assignment) -> None:
         self.key = key
@@ -105,14 +166,12 @@ class _ThreadJob:
                           worker=worker.id, deadline_ms=a.deadline_ms,
                           metadata=dict(a.metadata), cancelled=self.cancelled)
         deps = [d.result for d in a.dependencies]
-        app = worker.app
+        app, events, name, payload = worker.app, worker._events, a.name, a.payload
 
         def body() -> None:
-            out = run_call(app, ctx, a.name, a.payload, deps)
-            worker._events.put(("done", key, out))
+            events.put(("done", key, run_call(app, ctx, name, payload, deps)))
 
-        self.thread = threading.Thread(target=body, name=f"task-{a.task}", daemon=True)
-        self.thread.start()
+        worker._threads.submit(body)
 
     def stop(self) -> None:
         self.cancelled.set()  # a thread cannot be killed: its outcome will be ignored
@@ -125,51 +184,140 @@ def _child_main(app_spec: str, conn: Any) -> None:
     while True:
         try:
             msg = conn.recv()
-        except EOFError:
+        except (EOFError, OSError):
             return
         ctx_fields, name, payload, deps = msg
         out = run_call(app, TaskContext(**ctx_fields), name, payload, deps)
         conn.send(out)
 
 
-class _ProcessJob:
-    """One attempt in a fresh child process (killed on stop)."""
+class _Child:
+    """One reusable child process and the thread reading its answers."""
 
-    def __init__(self, worker: "Worker", key: Key, a: pb.Assignment) -> None:
-        self.key = key
+    def __init__(self, pool: "_ProcessPool") -> None:
         ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_child_main, args=(worker.app_spec, child), daemon=True)
+        self.pipe, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_child_main, args=(pool.app_spec, child), daemon=True)
         self.proc.start()
         child.close()
-        fields = dict(id=a.task, attempt=a.attempt, fence=a.fence, name=a.name,
-                      worker=worker.id, deadline_ms=a.deadline_ms, metadata=dict(a.metadata))
-        parent.send((fields, a.name, a.payload, [d.result for d in a.dependencies]))
+        self.pool = pool
+        self.key: Optional[Key] = None
+        self.runs = 0
+        self.killed = False
+        self._jobs: "queue.SimpleQueue[Optional[Key]]" = queue.SimpleQueue()
+        threading.Thread(target=self._read, name="raftsched-child", daemon=True).start()
 
-        def wait() -> None:
+    def run(self, key: Key, msg: Tuple[Any, ...]) -> None:
+        self.key = key
+        self.runs += 1
+        self._jobs.put(key)
+        try:
+            self.pipe.send(msg)
+        except (OSError, ValueError):
+            pass  # the reader sees the child gone and reports the attempt lost
+
+    def _read(self) -> None:
+        while True:
+            key = self._jobs.get()
+            if key is None:
+                return
             try:
-                out = parent.recv()
+                out = self.pipe.recv()
+                gone = False
             except (EOFError, OSError):
-                out = (False, b"", json.dumps({"type": "WorkerLost",
-                                               "message": f"child exited ({self.proc.exitcode})"}))
-            worker._events.put(("done", key, out))
-            try:
-                parent.close()
-                self.proc.terminate()
-                self.proc.join(2)
-            except Exception:
-                pass
+                out = (False, b"", json.dumps({
+                    "type": "WorkerLost",
+                    "message": f"the child process exited ({self.proc.exitcode})"}))
+                gone = True
+            self.pool._finished(self, key, out, gone)
+            if gone:
+                return
 
-        threading.Thread(target=wait, name=f"task-{a.task}", daemon=True).start()
-
-    def stop(self) -> None:
+    def kill(self) -> None:
+        self.killed = True
         if self.proc.is_alive():
             self.proc.kill()
+
+    def retire(self) -> None:
+        self._jobs.put(None)
+        try:
+            self.pipe.close()  # the child reads EOF and exits
+        except OSError:
+            pass
+        self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+class _ProcessPool:
+    """Reusable child processes, one attempt at a time each. A stopped attempt's child is
+    killed (the only way to stop Python code for sure) and replaced on demand; the others
+    keep running. A child that ran ``max_tasks_per_child`` attempts is retired (0 = never)."""
+
+    def __init__(self, worker: "Worker", max_tasks_per_child: int) -> None:
+        self.worker = worker
+        self.app_spec = worker.app_spec
+        self.max_tasks = max_tasks_per_child
+        self._lock = threading.Lock()
+        self._idle: List[_Child] = []
+        self._busy: Dict[Key, _Child] = {}
+
+    def start(self, key: Key, a: pb.Assignment) -> None:
+        fields = dict(id=a.task, attempt=a.attempt, fence=a.fence, name=a.name,
+                      worker=self.worker.id, deadline_ms=a.deadline_ms,
+                      metadata=dict(a.metadata))
+        msg = (fields, a.name, a.payload, [d.result for d in a.dependencies])
+        with self._lock:
+            child = self._idle.pop() if self._idle else None
+        if child is None or not child.proc.is_alive():
+            if child is not None:
+                child.retire()
+            child = _Child(self)
+        with self._lock:
+            self._busy[key] = child
+        child.run(key, msg)
+
+    def stop(self, key: Key) -> None:
+        with self._lock:
+            child = self._busy.get(key)
+        if child is not None:
+            child.kill()
+
+    def _finished(self, child: _Child, key: Key, out: Tuple[bool, bytes, str],
+                  gone: bool) -> None:
+        with self._lock:
+            self._busy.pop(key, None)
+            reuse = not gone and not child.killed and (
+                not self.max_tasks or child.runs < self.max_tasks)
+            if reuse:
+                self._idle.append(child)
+        if not reuse and not gone:
+            threading.Thread(target=child.retire, daemon=True).start()
+        self.worker._events.put(("done", key, out))
+
+    def close(self) -> None:
+        with self._lock:
+            children = self._idle + list(self._busy.values())
+            self._idle, self._busy = [], {}
+        for c in children:
+            c.kill()
+
+
+class _ProcessJob:
+    def __init__(self, worker: "Worker", key: Key, a: pb.Assignment) -> None:
+        self.key = key
+        self._pool = worker._procs
+        self._pool.start(key, a)
+
+    def stop(self) -> None:
+        self._pool.stop(self.key)
 
 
 # =============================================================================== worker
 
 class _Held:
+    __slots__ = ("a", "job", "since", "started_sent", "stopped")
+
     def __init__(self, a: pb.Assignment, job: Any, now: float) -> None:
         self.a = a
         self.job = job
@@ -179,15 +327,32 @@ class _Held:
 
 
 class Worker:
-    """Runs an App's tasks. ``run()`` blocks until a drain (SIGTERM/SIGINT or ``drain()``)."""
+    """Runs an App's tasks. ``run()`` blocks until a drain (SIGTERM/SIGINT or ``drain()``).
+
+    ``cpu`` (millicores), ``mem`` (MiB), ``resources`` ({name: amount}) and ``labels`` are
+    what the worker offers the scheduler's placement, as with ``schedctl worker run``;
+    ``cpu`` defaults to 1000 per CPU and ``mem`` to the machine's memory."""
 
     def __init__(self, app: App, *, app_spec: str = "", queues: Optional[List[str]] = None,
                  concurrency: int = 0, pool: str = "threads", worker_id: Optional[str] = None,
-                 drain_grace: float = 30.0, labels: Optional[Dict[str, str]] = None) -> None:
+                 drain_grace: float = 30.0, labels: Optional[Dict[str, str]] = None,
+                 cpu: Optional[int] = None, mem: Optional[int] = None,
+                 resources: Optional[Dict[str, int]] = None,
+                 max_tasks_per_child: int = 0) -> None:
         if pool not in ("threads", "processes"):
             raise ValueError(f"pool must be 'threads' or 'processes', got {pool!r}")
         if pool == "processes" and not app_spec:
             raise ValueError("pool 'processes' needs app_spec (MODULE:APP) to load in children")
+        if concurrency < 0:
+            raise ValueError(f"concurrency must be >= 0, got {concurrency}")
+        if max_tasks_per_child < 0:
+            raise ValueError(f"max_tasks_per_child must be >= 0, got {max_tasks_per_child}")
+        for what, v in (("cpu", cpu), ("mem", mem)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise ValueError(f"{what} must be an int >= 0, got {v!r}")
+        for k, v in (resources or {}).items():
+            if not isinstance(k, str) or not k or not isinstance(v, int) or v < 0:
+                raise ValueError(f"resources: {k!r}={v!r} is not name=amount (amount >= 0)")
         self.app = app
         self.app_spec = app_spec
         self.conn: Connection = app._conn
@@ -198,17 +363,25 @@ class Worker:
             f"py-{socket.gethostname()}-{os.getpid()}-{random.randrange(1 << 24):06x}"
         self.instance = random.randrange(1, 1 << 63)
         self.drain_grace = drain_grace
-        self.labels = labels or {}
-        self._events: "queue.Queue[Tuple[Any, ...]]" = queue.Queue()
+        self.labels = dict(labels or {})
+        self.capacity = pb.Resources(
+            cpu_milli=(os.cpu_count() or 1) * 1000 if cpu is None else cpu,
+            memory_mib=_machine_memory_mib() if mem is None else mem,
+            named=dict(resources or {}))
+        self._events: "queue.SimpleQueue[Tuple[Any, ...]]" = queue.SimpleQueue()
         self._reports: "queue.Queue[Optional[pb.TaskReport]]" = queue.Queue()
         self._held: Dict[Key, _Held] = {}
         self._recent: Dict[Key, None] = {}
+        self._timers: List[Tuple[float, int, Key]] = []  # (when, kind, key): a heap
         self._session = 0
         self._gen = 0
         self._interval = 1.0
         self._draining = False
         self._stop_net = threading.Event()
-        self.stats = {"succeeded": 0, "failed": 0, "timed_out": 0, "stale": 0, "revoked": 0}
+        self._threads = _ThreadPool(self.concurrency)
+        self._procs = _ProcessPool(self, max_tasks_per_child) if pool == "processes" else None
+        self.stats = {"succeeded": 0, "failed": 0, "timed_out": 0, "stale": 0, "revoked": 0,
+                      "recovered": 0}
 
     # ------------------------------------------------------------------ public
     def drain(self) -> None:
@@ -222,45 +395,68 @@ class Worker:
         threading.Thread(target=self._report_loop, name="raftsched-report", daemon=True).start()
         self._register()
         drain_until: Optional[float] = None
+        events = self._events
         while True:
+            timers = self._timers
+            wait = 1.0 if not timers else max(0.0, min(1.0, timers[0][0] - time.monotonic()))
+            if self._draining:
+                wait = min(wait, 0.05)
             try:
-                ev = self._events.get(timeout=START_REPORT_DELAY)
+                ev: Optional[Tuple[Any, ...]] = events.get(timeout=wait)
             except queue.Empty:
-                ev = ("tick",)
-            kind = ev[0]
-            if kind == "assignment" and ev[1] == self._gen:
+                ev = None
+            # Handle everything queued, then the timers once.
+            while ev is not None:
+                self._handle(ev)
+                try:
+                    ev = events.get_nowait()
+                except queue.Empty:
+                    ev = None
+            if self._timers:
+                self._tick()
+            if self._draining:
+                if drain_until is None:
+                    drain_until = time.monotonic() + self.drain_grace
+                live = [k for k, h in self._held.items() if not h.stopped]
+                if time.monotonic() > drain_until:
+                    for k in live:
+                        self._stop(k)
+                    live = []
+                if not live:
+                    self._finish()
+                    return
+
+    def _handle(self, ev: Tuple[Any, ...]) -> None:
+        kind = ev[0]
+        if kind == "done":
+            self._on_done(ev[1], ev[2])
+        elif kind == "assignment":
+            if ev[1] == self._gen:
                 self._on_assignment(ev[2])
-            elif kind == "revoke" and ev[1] == self._gen:
+        elif kind == "revoke":
+            if ev[1] == self._gen:
                 self._stop((ev[2].task, ev[2].fence))
                 self.stats["revoked"] += 1
-            elif kind == "resync" and ev[1] == self._gen:
+        elif kind == "resync":
+            if ev[1] == self._gen:
                 self._on_resync(ev[2])
-            elif kind == "done":
-                self._on_done(ev[1], ev[2])
-            elif kind == "lost" and ev[1] == self._gen and not self._draining:
+        elif kind == "recovered":
+            if ev[1] == self._gen:
+                self._on_recovered(ev[2], ev[3], ev[4])
+        elif kind == "lost":
+            if ev[1] == self._gen and not self._draining:
                 log.warning("session lost; stopping held tasks and registering again")
                 for k in list(self._held):
                     self._stop(k)
                 self._drop_pending_reports()
                 self._register()
-            elif kind == "drain" and not self._draining:
-                log.info("draining")
-                self._draining = True
-                drain_until = time.monotonic() + self.drain_grace
-                try:
-                    self.conn.call("DrainWorker", pb.DrainWorkerRequest(worker_id=self.id), budget=5)
-                except grpc.RpcError as e:
-                    log.warning("DrainWorker failed: %s", e)
-            self._tick()
-            if self._draining:
-                live = [h for h in self._held.values() if not h.stopped]
-                if drain_until is not None and time.monotonic() > drain_until:
-                    for h in live:
-                        self._stop(h.a.task_key if False else (h.a.task, h.a.fence))
-                    live = []
-                if not live:
-                    self._finish()
-                    return
+        elif kind == "drain" and not self._draining:
+            log.info("draining")
+            self._draining = True
+            try:
+                self.conn.call("DrainWorker", pb.DrainWorkerRequest(worker_id=self.id), budget=5)
+            except grpc.RpcError as e:
+                log.warning("DrainWorker failed: %s", e)
 
     # ------------------------------------------------------------------ session
     def _register(self) -> None:
@@ -269,7 +465,7 @@ class Worker:
         self._stop_net.set()
         self._stop_net = threading.Event()
         spec = pb.WorkerSpec(id=self.id, queues=self.queues, labels=self.labels,
-                             slots=self.concurrency)
+                             capacity=self.capacity, slots=self.concurrency)
         delay = 0.05
         for _ in range(10_000):
             try:
@@ -278,11 +474,12 @@ class Worker:
                                    budget=10)
                 break
             except grpc.RpcError as e:
-                if e.code() in (grpc.StatusCode.INVALID_ARGUMENT,  # type: ignore[attr-defined]
-                                grpc.StatusCode.PERMISSION_DENIED,
-                                grpc.StatusCode.UNAUTHENTICATED):
-                    raise
-                log.warning("cannot register yet: %s", e.code())  # type: ignore[attr-defined]
+                code = e.code()  # type: ignore[attr-defined]
+                if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+                            grpc.StatusCode.UNAUTHENTICATED):
+                    raise WorkerRefused(f"worker {self.id!r} cannot register: {code.name}: "
+                                        f"{e.details()}") from None  # type: ignore[attr-defined]
+                log.warning("cannot register yet: %s", code)
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
         else:
@@ -308,6 +505,7 @@ class Worker:
 
     def _stream_loop(self, gen: int, session: int, stop: threading.Event) -> None:
         delay = 0.05
+        events = self._events
         while not stop.is_set():
             err: Optional[grpc.RpcError] = None
             try:
@@ -319,7 +517,7 @@ class Worker:
                         return
                     delay = 0.05
                     which = m.WhichOneof("msg")
-                    self._events.put((which, gen, getattr(m, which)))
+                    events.put((which, gen, getattr(m, which)))
             except grpc.RpcError as e:
                 err = e
                 if e.code() in _SESSION_LOST:  # type: ignore[attr-defined]
@@ -336,23 +534,83 @@ class Worker:
         key = (a.task, a.fence)
         if key in self._held or key in self._recent:
             return
+        # Another attempt of the same task: the newest fence wins (as in the Rust worker).
+        others = [k for k in self._held if k[0] == a.task] if self._held else []
+        if any(k[1] > a.fence for k in others):
+            return
+        for k in others:
+            self._stop(k)
         if self._draining:
             return  # not started: the server requeues it at deregistration
+        self._start(a)
+
+    def _start(self, a: pb.Assignment) -> None:
+        key = (a.task, a.fence)
+        now = time.monotonic()
         job_cls = _ThreadJob if self.pool == "threads" else _ProcessJob
-        self._held[key] = _Held(a, job_cls(self, key, a), time.monotonic())
+        self._held[key] = _Held(a, job_cls(self, key, a), now)
+        if not a.started:
+            heapq.heappush(self._timers, (now + START_REPORT_DELAY, _T_START, key))
+        if a.deadline_ms:
+            left = (a.deadline_ms - time.time() * 1000) / 1000
+            heapq.heappush(self._timers, (now + max(0.0, left), _T_DEADLINE, key))
 
     def _on_resync(self, r: pb.Resync) -> None:
         listed = set(zip(r.tasks, r.fences))
         for k in list(self._held):
             if k not in listed:
                 self._stop(k)
-        for k in listed:
+        for k in sorted(listed):
             if k not in self._held and k not in self._recent:
-                # Held by us on the server but never received: we cannot run it without the
-                # assignment, so give it back as a retryable failure.
-                self._queue_report(pb.TaskReport(task=k[0], fence=k[1], failed=pb.Failed(
-                    message="worker lost the assignment", retryable=True)))
-                self._remember(k)
+                # Held by us on the server but never received (as the Rust worker does): read
+                # the task back and run it if it is still ours, so it is neither stuck nor lost.
+                threading.Thread(target=self._recover, args=(self._gen, k[0], k[1]),
+                                 daemon=True, name="raftsched-recover").start()
+
+    def _recover(self, gen: int, task: int, fence: int) -> None:
+        """Reads a task known only from a resync, with its dependencies' results."""
+        found: Optional[pb.Task] = None
+        deps: Optional[List[bytes]] = []
+        try:
+            found = self.conn.call("GetTask", pb.GetTaskRequest(id=task), budget=10)
+            for d in found.spec.depends_on:
+                try:
+                    dt = self.conn.call("GetTask", pb.GetTaskRequest(id=d, stale_ok=True),
+                                        budget=10)
+                except grpc.RpcError as e:
+                    if e.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                        continue  # purged: left out, as the server does for assignments
+                    raise
+                deps.append(dt.result)  # type: ignore[union-attr]
+        except grpc.RpcError as e:
+            log.warning("cannot read task %d back after a resync: %s", task,
+                        e.code())  # type: ignore[attr-defined]
+            deps = None
+        self._events.put(("recovered", gen, (task, fence), found, deps))
+
+    def _on_recovered(self, key: Key, t: Optional[pb.Task], deps: Optional[List[bytes]]) -> None:
+        if key in self._held or key in self._recent or t is None:
+            return
+        ours = (t.fence == key[1] and t.worker == self.id
+                and t.state in (pb.TASK_STATE_ASSIGNED, pb.TASK_STATE_RUNNING))
+        if not ours:
+            return
+        if self._draining or deps is None:
+            # Nothing will run it here (or its inputs cannot be read): give it back.
+            why = "the worker is shutting down" if self._draining else \
+                "the worker could not read the task's inputs"
+            self._queue_report(pb.TaskReport(task=key[0], fence=key[1], failed=pb.Failed(
+                message=json.dumps({"type": "WorkerLost", "message": why}), retryable=True)))
+            self._remember(key)
+            return
+        log.info("running task %d (fence %d) known only from a resync", key[0], key[1])
+        self.stats["recovered"] += 1
+        self._start(pb.Assignment(
+            task=key[0], fence=key[1], attempt=t.attempt, name=t.spec.name,
+            payload=t.spec.payload, deadline_ms=t.deadline_ms, metadata=dict(t.spec.metadata),
+            started=t.state == pb.TASK_STATE_RUNNING,
+            dependencies=[pb.DependencyResult(task=d, result=r)
+                          for d, r in zip(t.spec.depends_on, deps)]))
 
     def _stop(self, key: Key) -> None:
         h = self._held.get(key)
@@ -374,28 +632,29 @@ class Worker:
         ok, result, msg = out
         if ok:
             self.stats["succeeded"] += 1
-            self._queue_report(pb.TaskReport(task=key[0], fence=key[1],
-                                             succeeded=pb.Succeeded(result=result)))
+            self._reports.put(pb.TaskReport(task=key[0], fence=key[1],
+                                            succeeded=pb.Succeeded(result=result)))
         else:
             self.stats["failed"] += 1
-            self._queue_report(pb.TaskReport(task=key[0], fence=key[1],
-                                             failed=pb.Failed(message=msg, retryable=True)))
+            self._reports.put(pb.TaskReport(task=key[0], fence=key[1],
+                                            failed=pb.Failed(message=msg, retryable=True)))
 
     def _tick(self) -> None:
         now = time.monotonic()
-        now_ms = int(time.time() * 1000)
-        for key, h in list(self._held.items()):
-            if h.stopped:
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, kind, key = heapq.heappop(timers)
+            h = self._held.get(key)
+            if h is None or h.stopped:
                 continue
-            if h.a.deadline_ms and now_ms >= h.a.deadline_ms:
+            if kind == _T_DEADLINE:
                 self.stats["timed_out"] += 1
                 self._stop(key)
                 self._queue_report(pb.TaskReport(task=key[0], fence=key[1], failed=pb.Failed(
                     message=json.dumps({"type": "TimeoutError",
                                         "message": "timed out: the attempt passed its deadline"}),
                     retryable=True)))
-                continue
-            if not h.started_sent and now - h.since >= START_REPORT_DELAY:
+            elif not h.started_sent:
                 h.started_sent = True
                 self._queue_report(pb.TaskReport(task=key[0], fence=key[1], started=pb.Started()))
 
@@ -482,4 +741,6 @@ class Worker:
         except grpc.RpcError as e:
             log.warning("DeregisterWorker failed: %s", e)
         self._stop_net.set()
+        if self._procs is not None:
+            self._procs.close()
         log.info("drained; stats %s", self.stats)

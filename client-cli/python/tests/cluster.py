@@ -119,13 +119,16 @@ class WorkerProc:
 
     def __init__(self, cluster: Cluster, app: str = "tasks_app:app", *args: str,
                  env: Optional[dict] = None) -> None:
-        e = dict(os.environ, SCHED_ENDPOINTS=cluster.endpoints, RAFTSCHED_LOG="INFO",
-                 PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
+        here = os.path.dirname(os.path.abspath(__file__))
+        e = dict(os.environ, SCHED_ENDPOINTS=cluster.endpoints, RAFTSCHED_LOG="INFO")
         if cluster.ca_cert:
             e["SCHED_CA_CERT"] = cluster.ca_cert
         if cluster.token:
             e["SCHED_TOKEN"] = cluster.token
         e.update(env or {})
+        # The package under test (this checkout), then the tests' own modules.
+        e["PYTHONPATH"] = os.pathsep.join(
+            [os.path.dirname(here), here] + [p for p in [(env or {}).get("PYTHONPATH")] if p])
         self.log = os.path.join(cluster.dir, f"worker-{time.time_ns()}.log")
         self.proc = subprocess.Popen([sys.executable, "-m", "raftsched", "worker", app, *args],
                                      env=e, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)

@@ -48,3 +48,18 @@ def slow_marked(seconds, marker_dir):
 @app.task(max_attempts=1)
 def big(n):
     return "x" * n
+
+
+@app.task
+def pid():
+    return os.getpid()
+
+
+@app.task(cpu=2, mem=64)
+def needs_two_cpus():
+    return "ran"
+
+
+@app.task(cpu="500m", mem="64Mi", resources={"gpu": 1}, labels={"zone": "eu"})
+def fits_small_worker():
+    return "ran"

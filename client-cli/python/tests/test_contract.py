@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from raftsched import (App, SubmitError, TaskCancelled, TaskError, TaskFailed, UpstreamFailed,
@@ -120,3 +122,46 @@ def test_aget(app, workers):
     import asyncio
     import tasks_app as t
     assert asyncio.run(t.add.delay(20, 22).aget(timeout=30)) == 42
+
+
+def test_older_protobuf_runtime_gets_the_same_messages():
+    """With a protobuf runtime older than the gencode's (Python 3.9 has protobuf 6 at most),
+    raftsched/_pb builds the classes from the committed descriptor: same wire bytes."""
+    import subprocess
+    import sys
+    code = r'''
+from google.protobuf import runtime_version
+def refuse(*a, **k):
+    raise runtime_version.VersionError("simulated older runtime")
+runtime_version.ValidateProtobufRuntimeVersion = refuse
+from raftsched._pb import scheduler_pb2 as pb, FROM_DESCRIPTOR
+assert FROM_DESCRIPTOR
+m = pb.SubmitTasksRequest(tasks=[pb.TaskSpec(name="x", labels={"a": "b"}, depends_on_batch=[0],
+                                             retry=pb.RetryPolicy(max_attempts=3))])
+print(m.SerializeToString().hex(), pb.TaskState.Name(pb.TASK_STATE_SUCCEEDED))
+import raftsched.worker  # everything imports on top of it
+'''
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    from raftsched._pb import scheduler_pb2 as pb
+    m = pb.SubmitTasksRequest(tasks=[pb.TaskSpec(name="x", labels={"a": "b"}, depends_on_batch=[0],
+                                                 retry=pb.RetryPolicy(max_attempts=3))])
+    assert out.stdout.split() == [m.SerializeToString().hex(), "TASK_STATE_SUCCEEDED"]
+
+
+def test_generated_keys_differ_in_a_forked_child(app):
+    """Generated idempotency keys are unique per call, also across fork (a child reusing
+    the parent's keys would have its tasks taken for the parent's)."""
+    import tasks_app as t
+    r, w = os.pipe()
+    parent_key = app._spec(t.add, (1, 2), None, {}, None).idempotency_key
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, app._spec(t.add, (1, 2), None, {}, None).idempotency_key.encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child_key = os.read(r, 200).decode()
+    next_key = app._spec(t.add, (1, 2), None, {}, None).idempotency_key
+    assert len({parent_key, child_key, next_key}) == 3
+    assert child_key.rsplit(":", 1)[0] != parent_key.rsplit(":", 1)[0]

@@ -69,3 +69,50 @@ def test_wrong_token_is_refused_clearly(secure_cluster):
     with pytest.raises(SubmitError, match="UNAUTHENTICATED|PERMISSION_DENIED"):
         add.delay(1, 2).id
     app.close()
+
+
+def _worker_token(c, name, prefix):
+    """A replicated `worker` token for ids starting with `prefix`, usable on every node."""
+    import hashlib
+    import secrets
+
+    import grpc
+    from raftsched._pb import scheduler_pb2 as pb
+    secret = secrets.token_hex(24)
+    c.conn().call("CreateToken", pb.CreateTokenRequest(
+        name=name, role="worker", worker_id_prefix=prefix,
+        secret_sha256=hashlib.sha256(secret.encode()).hexdigest()))
+
+    def known_everywhere():
+        from raftsched._rpc import Connection
+        for addr in c.addrs.values():
+            try:  # a worker may not list workers: PERMISSION_DENIED means it was recognised
+                Connection(addr, ca_cert=c.ca_cert, token=secret).call(
+                    "ListWorkers", pb.ListWorkersRequest(stale_ok=True), budget=2)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    return False
+        return True
+
+    wait_until(known_everywhere, 30, "the new token on every node")
+    return secret
+
+
+def test_worker_token_runs_tasks_within_its_prefix_only(secure_cluster):
+    c = secure_cluster
+    secret = _worker_token(c, "py-pool-workers", "py-pool-")
+    app = App(c.endpoints, ca_cert=c.ca_cert, token=c.token)  # admin: submits
+    good = WorkerProc(c, "tasks_app:app", "--queue", "tok-q", "--concurrency", "2",
+                      "--id", "py-pool-1", env={"SCHED_TOKEN": secret})
+    bad = WorkerProc(c, "tasks_app:app", "--queue", "tok-q", "--id", "other-1",
+                     env={"SCHED_TOKEN": secret})
+    try:
+        add = app.task(name="tasks_app.add")(lambda x, y: x + y)
+        assert add.apply_async(args=(40, 2), queue="tok-q").get(timeout=60) == 42
+        assert bad.proc.wait(60) == 2
+        out = bad.output()
+        assert "other-1" in out and "PERMISSION_DENIED" in out and "py-pool-" in out, out
+    finally:
+        good.stop()
+        bad.stop()
+        app.close()
