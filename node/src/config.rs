@@ -96,6 +96,10 @@ pub struct Args {
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `node=debug,openraft=warn`).
     #[arg(long, env = "SCHED_LOG")]
     pub log: Option<String>,
+    /// Log line format on stderr: `text` for people, `json` (one object per line) for log
+    /// shippers (default text).
+    #[arg(long, env = "SCHED_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
     /// Token file (TOML `[[token]]` entries with name, role, secret_sha256 and, for workers,
     /// worker_id_prefix): every request must then carry `authorization: Bearer <secret>` of
     /// one of them, with a role that allows it.
@@ -129,6 +133,17 @@ fn duration(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
 
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields, span).
+    Json,
+}
+
 /// The resolved configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -150,6 +165,8 @@ pub struct Config {
     pub bootstrap: bool,
     /// Log filter.
     pub log: String,
+    /// Log line format.
+    pub log_format: LogFormat,
     /// Worker liveness.
     pub workers: WorkerSettings,
     /// Raft and storage.
@@ -236,6 +253,7 @@ impl Default for Config {
             http: None,
             bootstrap: false,
             log: "info,openraft=warn,openraft::replication=off,openraft::engine::handler::replication_handler=error,sled=warn".into(),
+            log_format: LogFormat::Text,
             workers: WorkerSettings {
                 heartbeat_ttl: Duration::from_secs(5),
                 heartbeat_interval: Duration::from_secs(1),
@@ -320,6 +338,7 @@ struct FileConfig {
     http: Option<SocketAddr>,
     bootstrap: Option<bool>,
     log: Option<String>,
+    log_format: Option<LogFormat>,
     auth_tokens: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -433,6 +452,7 @@ impl Config {
         if let Some(v) = file.log {
             c.log = v;
         }
+        c.log_format = args.log_format.or(file.log_format).unwrap_or(c.log_format);
         c.auth_tokens = file.auth_tokens.or(c.auth_tokens);
         let mut tls = (file.tls_cert, file.tls_key, file.tls_ca);
         c.insecure = file.insecure.unwrap_or(c.insecure);

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use node::config::{Args, Config};
+use node::config::{Args, Config, LogFormat};
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -24,11 +24,11 @@ fn main() -> ExitCode {
         }
     };
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cfg.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().with_current_span(true).init(),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -184,11 +184,16 @@ pub async fn run(
     let (health, health_svc) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
     let readiness = tokio::spawn(follow_readiness(node.clone(), health.clone()));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServerError::Grpc(e.to_string()))?;
+    // Both reflection versions: grpcurl and most tools speak v1, some older clients v1alpha.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection =
+        reflection_builder().build_v1().map_err(|e| ServerError::Grpc(e.to_string()))?;
+    let reflection_v1alpha =
+        reflection_builder().build_v1alpha().map_err(|e| ServerError::Grpc(e.to_string()))?;
     let max = node.cfg.limits.max_message_bytes;
     let peer_max = node.cfg.raft.net.max_message_bytes;
     let builder = || {
@@ -227,7 +232,8 @@ pub async fn run(
         .add_optional_service(raft_here)
         .add_optional_service(peer_here)
         .add_service(health_svc)
-        .add_service(reflection);
+        .add_service(reflection)
+        .add_service(reflection_v1alpha);
     info!(
         node_id = node.cfg.id,
         listen = %node.cfg.listen,

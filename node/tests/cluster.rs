@@ -361,7 +361,7 @@ async fn t50_health_and_reflection() {
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
         ServerReflectionRequest,
     };
-    let mut refl = ServerReflectionClient::new(ch);
+    let mut refl = ServerReflectionClient::new(ch.clone());
     let req = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -381,4 +381,23 @@ async fn t50_health_and_reflection() {
     ] {
         assert!(names.iter().any(|n| n == s), "{s} missing from {names:?}");
     }
+
+    // The older v1alpha protocol answers too (some clients speak only it).
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient as Alpha;
+    use tonic_reflection::pb::v1alpha::{
+        server_reflection_request::MessageRequest as AlphaRequest,
+        server_reflection_response::MessageResponse as AlphaResponse,
+        ServerReflectionRequest as AlphaReq,
+    };
+    let req = AlphaReq {
+        host: String::new(),
+        message_request: Some(AlphaRequest::ListServices(String::new())),
+    };
+    let mut stream =
+        Alpha::new(ch).server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap();
+    let resp = stream.get_mut().message().await.unwrap().unwrap();
+    let Some(AlphaResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("{resp:?}")
+    };
+    assert!(list.service.iter().any(|s| s.name == "scheduler.v1.Tasks"), "{list:?}");
 }

@@ -12,6 +12,7 @@
 mod bench;
 mod cluster;
 mod dev;
+mod docs;
 mod output;
 mod task;
 mod token;
@@ -114,6 +115,10 @@ pub enum Command {
     /// Measure submit latency and throughput, end-to-end throughput, dependency latency,
     /// failover and recovery on a local 3-node cluster (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completion(docs::CompletionArgs),
+    /// Write man pages for schedctl and every subcommand into a directory.
+    Man(docs::ManArgs),
 }
 
 /// Settings every command shares.
@@ -206,7 +211,11 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Task(t) => matches!(t, task::TaskCmd::Submit(_) | task::TaskCmd::Cancel { .. }),
         Command::Workflow(_) => true,
         Command::Worker(w) => matches!(w, worker::WorkerCmd::Drain { .. }),
-        Command::Dev(_) | Command::Bench(_) | Command::Token(_) => false,
+        Command::Dev(_)
+        | Command::Bench(_)
+        | Command::Token(_)
+        | Command::Completion(_)
+        | Command::Man(_) => false,
     };
     // One-shot commands fail at once when no node accepts a connection; a worker or a dev
     // cluster waits for nodes that are (re)starting.
@@ -235,6 +244,8 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Token(c) => token::run(&ctx, c).await,
         Command::Dev(c) => dev::run(&ctx, c).await,
         Command::Bench(c) => bench::run(&ctx, c).await,
+        Command::Completion(c) => docs::completion(&c),
+        Command::Man(c) => docs::man(&c),
     };
     match result {
         Ok(code) => code,
