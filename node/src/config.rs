@@ -889,4 +889,17 @@ mod tests {
         let e = Config::load(&lone).unwrap_err().to_string();
         assert!(e.contains("--peer-listen"), "{e}");
     }
+
+    #[test]
+    fn the_three_node_deployment_files_parse_and_protect_every_port() {
+        for i in 1..=3u64 {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("deploy/node-{i}.toml"));
+            let c = Config::load(&Args { config: Some(path), ..Default::default() })
+                .unwrap_or_else(|e| panic!("node-{i}.toml: {e}"));
+            assert_eq!(c.id, i);
+            assert_eq!(c.node_info().peer(), format!("10.0.0.{i}:7101"));
+            assert!(c.tls.is_some() && c.auth_tokens.is_some() && !c.insecure);
+            assert!(c.unprotected_exposure().is_none());
+        }
+    }
 }
