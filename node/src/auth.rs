@@ -563,6 +563,7 @@ worker_id_prefix = "gpu-"
         ("/scheduler.v1.Cluster/RemoveNode", true, false, false, false),
         ("/scheduler.v1.Cluster/TransferLeader", true, false, false, false),
         ("/scheduler.v1.Cluster/TriggerSnapshot", true, false, false, false),
+        ("/scheduler.v1.Cluster/SaveSnapshot", true, false, false, false),
         ("/scheduler.v1.Cluster/CreateToken", true, false, false, false),
         ("/scheduler.v1.Cluster/ListTokens", true, false, false, false),
         ("/scheduler.v1.Cluster/RevokeToken", true, false, false, false),

@@ -178,6 +178,13 @@ impl SmHandle {
         &self.shared.events
     }
 
+    /// The newest snapshot file and its metadata, if one was built or installed. A reader
+    /// should open it at once: a newer snapshot replaces (deletes) it, and an open file
+    /// stays readable.
+    pub fn current_snapshot(&self) -> Option<(Meta, PathBuf)> {
+        lock(&self.shared.current).clone()
+    }
+
     /// Where snapshot files live (files there not ending in `.snap` are removed at start).
     pub fn snapshot_dir(&self) -> &Path {
         &self.shared.snap_dir

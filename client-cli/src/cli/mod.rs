@@ -14,6 +14,7 @@ mod cluster;
 mod dev;
 mod docs;
 mod output;
+mod snapshot;
 mod task;
 mod token;
 mod worker;
@@ -115,6 +116,9 @@ pub enum Command {
     /// Measure submit latency and throughput, end-to-end throughput, dependency latency,
     /// failover and recovery on a local 3-node cluster (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
+    /// Back up the cluster's state to a file, and inspect such a file.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCmd),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion(docs::CompletionArgs),
     /// Write man pages for schedctl and every subcommand into a directory.
@@ -210,6 +214,7 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Cluster(c) => !matches!(c, cluster::ClusterCmd::Status),
         Command::Task(t) => matches!(t, task::TaskCmd::Submit(_) | task::TaskCmd::Cancel { .. }),
         Command::Workflow(_) => true,
+        Command::Snapshot(_) => false,
         Command::Worker(w) => matches!(w, worker::WorkerCmd::Drain { .. }),
         Command::Dev(_)
         | Command::Bench(_)
@@ -244,6 +249,7 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Token(c) => token::run(&ctx, c).await,
         Command::Dev(c) => dev::run(&ctx, c).await,
         Command::Bench(c) => bench::run(&ctx, c).await,
+        Command::Snapshot(c) => snapshot::run(&ctx, c).await,
         Command::Completion(c) => docs::completion(&c),
         Command::Man(c) => docs::man(&c),
     };

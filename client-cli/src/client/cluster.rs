@@ -50,6 +50,20 @@ impl Client {
         .await
     }
 
+    /// Opens the leader's snapshot stream ([`pb::SnapshotChunk`]s: the bytes of a fresh
+    /// snapshot file; the first chunk says index, term and size). Admin only.
+    pub async fn save_snapshot(&self) -> Result<tonic::Streaming<pb::SnapshotChunk>, Error> {
+        let (stream, _) = self
+            .call_at(
+                "save_snapshot",
+                Kind::Stream,
+                pb::SaveSnapshotRequest {},
+                |ch, r| async move { cluster(ch).save_snapshot(r).await },
+            )
+            .await?;
+        Ok(stream)
+    }
+
     /// Makes a learner a voter.
     pub async fn promote(&self, id: u64) -> Result<(), Error> {
         self.call("promote", Kind::Write, pb::PromoteRequest { id }, |ch, r| async move {

@@ -14,7 +14,7 @@ use proto::pb::cluster_client::ClusterClient;
 use state_machine::{ApiToken, NewToken, Op, Output, Rejection, Role};
 use tonic::{Request, Response, Status};
 
-use super::answer;
+use super::{answer, BoxStream};
 use crate::error::{NodeError, NodeResult};
 use crate::route::AdminRoute as Route;
 use crate::Node;
@@ -201,6 +201,57 @@ fn token_info(t: &ApiToken) -> pb::TokenInfo {
 }
 
 /// A node id named by a membership request: positive.
+/// Bound of one relayed snapshot stream (a follower passing the leader's on).
+const SNAPSHOT_STREAM_TIMEOUT: Duration = Duration::from_secs(600);
+/// Bytes per streamed snapshot chunk.
+const SNAPSHOT_CHUNK: usize = 1 << 20;
+
+impl ClusterApi {
+    /// Build a snapshot of everything applied now, open its file, and stream it.
+    async fn save_snapshot(&self) -> NodeResult<BoxStream<pb::SnapshotChunk>> {
+        let index = self.node.raft.trigger_snapshot(Duration::from_secs(60)).await?;
+        let (meta, path) = self
+            .node
+            .raft
+            .sm()
+            .current_snapshot()
+            .filter(|(m, _)| m.last_log_id.is_some_and(|l| l.index >= index))
+            .ok_or_else(|| {
+                NodeError::Internal(format!("the snapshot at index {index} is not on disk"))
+            })?;
+        let io = |e: std::io::Error| NodeError::Internal(format!("{}: {e}", path.display()));
+        // Opened now: a newer snapshot may delete the path, never the open file.
+        let mut file = tokio::fs::File::open(&path).await.map_err(io)?;
+        let size = file.metadata().await.map_err(io)?.len();
+        let last = meta.last_log_id.expect("filtered above");
+        let (tx, rx) = super::channel();
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut first = true;
+            loop {
+                let mut data = vec![0u8; SNAPSHOT_CHUNK];
+                let n = match file.read(&mut data).await {
+                    Ok(0) => return,
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(format!("reading: {e}")))).await;
+                        return;
+                    }
+                };
+                data.truncate(n);
+                let mut chunk = pb::SnapshotChunk { data, ..Default::default() };
+                if std::mem::take(&mut first) {
+                    (chunk.index, chunk.term, chunk.size) = (last.index, last.leader_id.term, size);
+                }
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return; // the client left
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
+
 /// The field and the reason when a member's address or peer address cannot be stored.
 fn member_addrs(addr: &str, peer_addr: &str) -> Result<(), (&'static str, String)> {
     NodeInfo::check_addr("addr", addr).map_err(|e| ("addr", e))?;
@@ -367,6 +418,26 @@ impl pb::cluster_server::Cluster for ClusterApi {
             out.map(|snapshot_index| pb::TriggerSnapshotResponse { snapshot_index })
                 .map_err(NodeError::from),
         )
+    }
+
+    type SaveSnapshotStream = BoxStream<pb::SnapshotChunk>;
+
+    async fn save_snapshot(
+        &self,
+        req: Request<pb::SaveSnapshotRequest>,
+    ) -> Result<Response<Self::SaveSnapshotStream>, Status> {
+        match answer(&self.node, self.route(&req))?.into_inner() {
+            Route::Leader(addr) => {
+                let relayed = self
+                    .client(&addr)?
+                    .save_snapshot(Self::forwarded(req, SNAPSHOT_STREAM_TIMEOUT))
+                    .await?;
+                return Ok(Response::new(Box::pin(relayed.into_inner())));
+            }
+            Route::Here => {}
+        }
+        let stream = self.save_snapshot().await;
+        answer(&self.node, stream)
     }
 
     async fn create_token(

@@ -747,6 +747,22 @@ class TriggerSnapshotResponse(_message.Message):
     snapshot_index: int
     def __init__(self, snapshot_index: _Optional[int] = ...) -> None: ...
 
+class SaveSnapshotRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SnapshotChunk(_message.Message):
+    __slots__ = ("data", "index", "term", "size")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    index: int
+    term: int
+    size: int
+    def __init__(self, data: _Optional[bytes] = ..., index: _Optional[int] = ..., term: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+
 class TokenInfo(_message.Message):
     __slots__ = ("name", "role", "worker_id_prefix", "created_at_ms", "expires_at_ms", "expired", "source")
     NAME_FIELD_NUMBER: _ClassVar[int]
