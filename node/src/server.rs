@@ -169,7 +169,7 @@ pub async fn run(
 
     let leader_loops = tokio::spawn(crate::leader::supervise(node.clone()));
     if let Some(l) = http_listener {
-        info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics and health on http");
+        info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics, health, api and dashboard on http");
         tokio::spawn(crate::http::serve(l, node.clone(), tls.clone()));
     }
 
@@ -188,6 +188,7 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(AuthLayer::new(tokens, tls.is_some()))
+        .layer(crate::rpc_metrics::RpcMetricsLayer::new(node.clone()))
         .add_service(TasksServer::new(TasksApi::new(node.clone())).max_decoding_message_size(max))
         .add_service(
             WorkersServer::new(WorkersApi::new(node.clone())).max_decoding_message_size(max),

@@ -1,0 +1,121 @@
+//! The dashboard in a real browser: Debian's headless Chromium (CDP over a pipe) opens a
+//! follower's dashboard against a real 3-node cluster and sees the leader and members, the
+//! submitted tasks, the worker, a task's DAG and result, and a state change arriving live
+//! over server-sent events without a reload. Screenshots land in
+//! `target/dashboard-screenshots/`. Skipped, loudly, only when `/usr/bin/chromium` is absent
+//! (`.ci/run` installs it).
+
+mod browser;
+mod common;
+
+use std::time::Duration;
+
+use browser::{screenshot_dir, Browser, CHROMIUM};
+use common::{library_client, submit, Cluster, TestWorker};
+use proto::pb;
+
+const WITHIN: Duration = Duration::from_secs(30);
+
+fn task(name: &str) -> pb::TaskSpec {
+    pb::TaskSpec { name: name.into(), idempotency_key: format!("dash-{name}"), ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dashboard_shows_the_cluster_and_follows_changes_live() {
+    if !Browser::available() {
+        eprintln!(
+            "\n!!!!!!!! SKIPPED dashboard browser test: {CHROMIUM} is missing \
+             (apt-get install -y chromium; .ci/run does this) !!!!!!!!\n"
+        );
+        return;
+    }
+    let c = Cluster::start(3, &[]).await;
+    let leader = c.wait_leader().await;
+    let leader_id = c.nodes[leader].id;
+    let follower = (leader + 1) % 3;
+    let http = c.nodes[follower].http.clone().expect("an http port");
+    let addrs = c.addrs();
+    let client = library_client(addrs.clone());
+
+    let _worker = TestWorker::spawn(addrs.clone(), "dash-worker-1", 2, Duration::from_millis(100));
+    let mut transform = task("transform");
+    transform.depends_on_batch = vec![0];
+    let dag = submit(&addrs, vec![task("extract"), transform]).await;
+    for id in &dag {
+        let t = client.wait_task(*id).await.expect("the DAG finishes");
+        assert_eq!(t.state, pb::TaskState::Succeeded as i32);
+    }
+    // Nobody serves queue "parked": this one waits until the test cancels it.
+    let mut parked = task("parked");
+    parked.queue = "parked".into();
+    let parked = submit(&addrs, vec![parked]).await[0];
+
+    let shots = screenshot_dir();
+    let handle = tokio::runtime::Handle::current();
+    let cancel_client = client.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut b = Browser::launch();
+        b.navigate(&format!("http://{http}/#/"));
+        b.wait_for(
+            "the leader and three members",
+            &format!(
+                "document.querySelector('#leader').textContent.includes('node {leader_id}') && \
+                 document.querySelectorAll('#members tbody tr').length === 3"
+            ),
+            WITHIN,
+        );
+        b.wait_for(
+            "the tasks per state",
+            "Number(document.querySelector('#task-counts [data-state=succeeded] b').textContent) >= 2 && \
+             Number(document.querySelector('#task-counts [data-state=queued] b').textContent) >= 1",
+            WITHIN,
+        );
+        b.wait_for("the throughput chart", "document.querySelector('#throughput rect') !== null", WITHIN);
+        b.screenshot(&shots.join("overview.png"));
+
+        b.navigate(&format!("http://{http}/#/workers"));
+        b.wait_for(
+            "the worker",
+            "document.querySelector('#workers-table tr[data-worker=\"dash-worker-1\"][data-status=alive]') !== null",
+            WITHIN,
+        );
+        b.screenshot(&shots.join("workers.png"));
+
+        b.navigate(&format!("http://{http}/#/tasks"));
+        let row = |id: u64, state: &str| {
+            format!("document.querySelector('#task-table tr[data-id=\"{id}\"][data-state=\"{state}\"]') !== null")
+        };
+        b.wait_for("the submitted tasks", &format!("{} && {} && {}", row(dag[0], "succeeded"), row(dag[1], "succeeded"), row(parked, "queued")), WITHIN);
+        b.wait_for("the live stream", "document.querySelector('#live').textContent === 'live'", WITHIN);
+        b.screenshot(&shots.join("tasks.png"));
+        // Mark this page load, change the task behind the page's back, and see it arrive.
+        b.eval("window.__sameLoad = 4242; true");
+        let batches_before = b.eval("window.__raftsched.liveBatches").as_u64().unwrap_or(0);
+        handle.block_on(async {
+            cancel_client.cancel(parked, "cancelled by the dashboard test").await.expect("cancel")
+        });
+        b.wait_for(
+            "the cancellation to show up live",
+            &format!(
+                "{} && window.__sameLoad === 4242 && window.__raftsched.liveBatches > {batches_before}",
+                row(parked, "cancelled")
+            ),
+            WITHIN,
+        );
+        b.screenshot(&shots.join("tasks-live.png"));
+
+        b.navigate(&format!("http://{http}/#/task/{}", dag[1]));
+        b.wait_for(
+            "the task page with its DAG, explanation and result",
+            "document.querySelectorAll('#dag .dag-node').length === 2 && \
+             document.querySelector('#dag .dag-node.current') !== null && \
+             document.querySelector('#explain').textContent.length > 0 && \
+             document.querySelector('#result').textContent.includes('done') && \
+             document.querySelectorAll('#timeline li').length >= 3",
+            WITHIN,
+        );
+        b.screenshot(&shots.join("task.png"));
+    })
+    .await
+    .expect("the browser script");
+}
