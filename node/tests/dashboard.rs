@@ -70,6 +70,11 @@ async fn dashboard_shows_the_cluster_and_follows_changes_live() {
              Number(document.querySelector('#task-counts [data-state=queued] b').textContent) >= 1",
             WITHIN,
         );
+        assert_eq!(
+            b.eval("getComputedStyle(document.getElementById('login')).display"),
+            serde_json::json!("none"),
+            "no token prompt without authentication"
+        );
         b.wait_for("the throughput chart", "document.querySelector('#throughput rect') !== null", WITHIN);
         b.screenshot(&shots.join("overview.png"));
 

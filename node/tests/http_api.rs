@@ -147,6 +147,11 @@ async fn json_api_roles_validation_events_and_metrics() {
     assert_eq!(v["leader_id"], c.nodes[leader].id, "{body}");
     assert!(v["tasks"]["queued"].as_u64().unwrap() >= 1, "{body}");
 
+    // A queue's series appears while it holds tasks (and stays, at 0, below).
+    let (_, page) = call(&sec, &lh, "GET", "/metrics", Some(reader), &[], "").await;
+    assert!(page.contains("raftsched_queue_depth{queue=\"parked\"} 1"), "{page}");
+    assert!(page.contains("raftsched_queue_oldest_age_seconds{queue=\"parked\"}"), "{page}");
+
     // Tasks: filters; fencing tokens for admins only.
     let (code, body) =
         call(&sec, &fh, "GET", "/api/v1/tasks?state=queued&queue=parked", Some(reader), &[], "").await;
@@ -212,7 +217,8 @@ async fn json_api_roles_validation_events_and_metrics() {
     assert_eq!(code, 409, "{body}");
 
     // Events: from the start, then resumed after the cancellation's batch with Last-Event-ID.
-    let needle = format!("{{\"task\":{parked},\"state\":\"cancelled\"");
+    // serde_json writes keys in alphabetical order.
+    let needle = format!("\"state\":\"cancelled\",\"task\":{parked},");
     let seen = sse_until(&sec, &fh, reader, "", "?from=1", |s| s.contains(&needle)).await;
     let before = &seen[..seen.find(&needle).unwrap()];
     let id: u64 = before.rsplit("id: ").next().unwrap().split('\n').next().unwrap().trim().parse().unwrap();
@@ -241,7 +247,6 @@ async fn json_api_roles_validation_events_and_metrics() {
         "raftsched_task_end_to_end_duration_seconds_count",
         "raftsched_log_fsync_duration_seconds_bucket{le=",
         "raftsched_elections_won_total",
-        "raftsched_http_requests_total{route=\"/api/v1/tasks\",code=\"400\"}",
         "process_cpu_seconds_total",
         "process_resident_memory_bytes",
     ] {
@@ -250,6 +255,9 @@ async fn json_api_roles_validation_events_and_metrics() {
     let (_, fpage) = call(&sec, &fh, "GET", "/metrics", Some(reader), &[], "").await;
     assert!(!fpage.contains("raftsched_tasks{"), "a follower exports no cluster-wide gauges");
     assert!(fpage.contains("raftsched_is_leader 0"), "{fpage}");
+    // The bad requests above went to the follower: counted by route pattern, not raw path.
+    assert!(fpage.contains("raftsched_http_requests_total{route=\"/api/v1/tasks\",code=\"400\"}"), "{fpage}");
+    assert!(fpage.contains("raftsched_http_requests_total{route=\"/api/v1/tasks/{id}\",code=\"404\"} 1"), "{fpage}");
     let (_, open) = call(
         &sec,
         &lh,
