@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use browser::{screenshot_dir, Browser, CHROMIUM};
 use common::{library_client, submit, Cluster, TestWorker};
+use client::local::{LocalCluster, LocalClusterOptions};
+use client::pki::TokenSpec;
 use proto::pb;
 
 const WITHIN: Duration = Duration::from_secs(30);
@@ -123,4 +125,96 @@ async fn dashboard_shows_the_cluster_and_follows_changes_live() {
     })
     .await
     .expect("the browser script");
+}
+
+/// With TLS and tokens: the page asks for a token, a reader sees tasks but no cancel button
+/// and no fencing token, a submitter cancels from the page and sees the change live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dashboard_asks_for_a_token_and_offers_actions_by_role() {
+    if !Browser::available() {
+        eprintln!(
+            "\n!!!!!!!! SKIPPED dashboard browser test: {CHROMIUM} is missing \
+             (apt-get install -y chromium; .ci/run does this) !!!!!!!!\n"
+        );
+        return;
+    }
+    let opts = LocalClusterOptions::new(env!("CARGO_BIN_EXE_schedulerd"), 3)
+        .env("SCHED_LOG", "info,openraft=warn")
+        .http(true)
+        .secure([TokenSpec::new("ci", "submitter"), TokenSpec::new("dash", "reader")]);
+    let mut c = LocalCluster::start(opts).await.expect("a secure cluster starts");
+    let sec = c.security().unwrap().clone();
+    let leader = c.wait_leader(Duration::from_secs(30)).await.unwrap();
+    let http = c.nodes[leader].http.clone().unwrap();
+    let mut cfg = sec.client_config(&c.endpoints(), Some("admin"));
+    cfg.retry_budget = Duration::from_secs(20);
+    let client = client::Client::with_config(cfg).unwrap();
+    let mut parked = task("parked-secure");
+    parked.queue = "parked".into();
+    let parked = client.submit(parked).await.unwrap().id;
+    let (reader, submitter) = (sec.secret("dash").unwrap().to_string(), sec.secret("ci").unwrap().to_string());
+
+    let shots = screenshot_dir();
+    tokio::task::spawn_blocking(move || {
+        // The test CA is not in the browser's store; the page is what is under test here.
+        let mut b = Browser::launch_with(&["--ignore-certificate-errors"]);
+        b.navigate(&format!("https://{http}/#/tasks"));
+        b.wait_for(
+            "the token prompt",
+            "getComputedStyle(document.getElementById('login')).display !== 'none'",
+            WITHIN,
+        );
+        b.screenshot(&shots.join("login.png"));
+        let login = |b: &mut Browser, secret: &str| {
+            b.eval(&format!(
+                "document.getElementById('token-input').value = {secret:?}; \
+                 document.getElementById('login-form').requestSubmit(); true"
+            ));
+        };
+        login(&mut b, &reader);
+        b.wait_for(
+            "the reader's view of the tasks",
+            &format!(
+                "document.querySelector('#who').textContent.includes('dash (reader)') && \
+                 document.querySelector('#task-table tr[data-id=\"{parked}\"][data-state=queued]') !== null && \
+                 getComputedStyle(document.getElementById('login')).display === 'none'"
+            ),
+            WITHIN,
+        );
+        b.navigate(&format!("https://{http}/#/task/{parked}"));
+        b.wait_for(
+            "a task page without actions or fences for a reader",
+            "document.querySelector('#explain') !== null && \
+             document.querySelector('#explain').textContent.length > 0 && \
+             document.querySelector('#cancel-task') === null && \
+             document.querySelector('main').textContent.includes('hidden (admins only)')",
+            WITHIN,
+        );
+        // A wrong token is refused and asked for again.
+        b.eval("sessionStorage.setItem('raftsched.token', 'not-a-token'); location.reload(); true");
+        b.wait_for(
+            "the prompt again for a refused token",
+            "getComputedStyle(document.getElementById('login')).display !== 'none' && \
+             document.getElementById('login-error').textContent.length > 0",
+            WITHIN,
+        );
+        login(&mut b, &submitter);
+        b.wait_for("the cancel button for a submitter", "document.querySelector('#cancel-task') !== null", WITHIN);
+        b.eval("window.confirm = () => true; document.querySelector('#cancel-task').click(); true");
+        b.wait_for(
+            "the cancellation on the page",
+            "document.querySelector('h1 [data-state=cancelled]') !== null && \
+             document.querySelector('#cancel-task') === null",
+            WITHIN,
+        );
+        b.screenshot(&shots.join("task-cancelled.png"));
+    })
+    .await
+    .expect("the browser script");
+    let t = client.get_task(parked).await.unwrap();
+    assert_eq!(t.state, pb::TaskState::Cancelled as i32);
+    for i in 0..3 {
+        assert!(c.nodes[i].is_running(), "node {i} died");
+        c.wait_serving(i, Duration::from_secs(10)).await.expect("still serving");
+    }
 }

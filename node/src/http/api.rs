@@ -712,3 +712,128 @@ fn json_content(headers: &HeaderMap) -> Result<(), ApiError> {
         None,
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use state_machine::{Command, DepRef, NewTask, Op, SchedulerState, TaskSpec};
+
+    use super::*;
+
+    fn params(q: &[(&str, &str)], allowed: &[&str]) -> Result<Params, ApiError> {
+        Params::parse(q.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), allowed)
+    }
+
+    fn message(e: ApiError) -> (StatusCode, String) {
+        let code = e.0.status();
+        let body = futures::executor::block_on(axum::body::to_bytes(e.0.into_body(), 1 << 20))
+            .expect("a body");
+        (code, json_text(&body))
+    }
+
+    fn json_text(b: &[u8]) -> String {
+        let v: Value = serde_json::from_slice(b).expect("a JSON error body");
+        v["error"].as_str().unwrap_or_default().to_string()
+    }
+
+    #[test]
+    fn query_parameters_are_checked_by_name() {
+        let (code, msg) = message(params(&[("colour", "red")], &["state"]).err().unwrap());
+        assert_eq!(code, StatusCode::BAD_REQUEST);
+        assert!(msg.contains("colour") && msg.contains("state"), "{msg}");
+        let (_, msg) = message(params(&[("state", "a"), ("state", "b")], &["state"]).err().unwrap());
+        assert!(msg.contains("more than once"), "{msg}");
+        let p = params(&[("limit", "x"), ("stale", "yes"), ("since", "10m")], &["limit", "stale", "since"])
+            .unwrap();
+        assert!(message(p.u64("limit").unwrap_err()).1.contains("limit"));
+        assert!(message(p.flag("stale").unwrap_err()).1.contains("stale"));
+        assert_eq!(p.since_ms("since", 1_000_000).unwrap(), 1_000_000 - 600_000);
+        let p = params(&[("stale", ""), ("since", "1234")], &["stale", "since"]).unwrap();
+        assert!(p.flag("stale").unwrap());
+        assert_eq!(p.since_ms("since", 9_999_999).unwrap(), 1234);
+        assert!(message(params(&[("since", "soon")], &["since"]).unwrap().since_ms("since", 0).unwrap_err()).1.contains("since"));
+    }
+
+    #[test]
+    fn grpc_codes_map_to_http_statuses() {
+        assert_eq!(http_status(Code::InvalidArgument), StatusCode::BAD_REQUEST);
+        assert_eq!(http_status(Code::NotFound), StatusCode::NOT_FOUND);
+        assert_eq!(http_status(Code::FailedPrecondition), StatusCode::CONFLICT);
+        assert_eq!(http_status(Code::ResourceExhausted), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(http_status(Code::Unavailable), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(http_status(Code::Unauthenticated), StatusCode::UNAUTHORIZED);
+        assert_eq!(http_status(Code::PermissionDenied), StatusCode::FORBIDDEN);
+        assert_eq!(http_status(Code::OutOfRange), StatusCode::GONE);
+        // A gRPC error keeps its message, reason and leader hint.
+        let s: tonic::Status = crate::error::NodeError::from(raft::node::WriteError::Unavailable {
+            reason: "no quorum".into(),
+            leader: Some(proto::status::LeaderHint::new(2, "127.0.0.1:7002")),
+        })
+        .into();
+        let e = ApiError::from(s);
+        let code = e.0.status();
+        let body = futures::executor::block_on(axum::body::to_bytes(e.0.into_body(), 1 << 20)).unwrap();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(v["leader"]["id"], 2, "{v}");
+        assert_eq!(v["reason"], "unavailable", "{v}");
+    }
+
+    #[test]
+    fn fences_are_shown_to_admins_and_without_auth_only() {
+        let caller = |role| Some(Caller { name: "t".into(), role, worker_id_prefix: None });
+        assert!(shows_fence(&None));
+        assert!(shows_fence(&caller(Role::Admin)));
+        for role in [Role::Reader, Role::Submitter, Role::Worker] {
+            assert!(!shows_fence(&caller(role)), "{role:?}");
+        }
+        let t = pb::Task {
+            id: 7,
+            fence: 99,
+            last_failure: Some(pb::AttemptFailure { fence: 98, ..Default::default() }),
+            ..Default::default()
+        };
+        let hidden = task_json(&t, false).to_string();
+        assert!(!hidden.contains("fence") && !hidden.contains("99"), "{hidden}");
+        let shown = task_json(&t, true);
+        assert_eq!((shown["fence"].as_u64(), shown["last_failure"]["fence"].as_u64()), (Some(99), Some(98)));
+    }
+
+    #[test]
+    fn the_dag_holds_dependencies_and_dependents() {
+        let mut s = SchedulerState::new();
+        let batch = vec![
+            NewTask::new(TaskSpec::new("a")),
+            NewTask::with_deps(TaskSpec::new("b"), vec![DepRef::Batch(0)]),
+            NewTask::with_deps(TaskSpec::new("c"), vec![DepRef::Batch(1)]),
+            NewTask::new(TaskSpec::new("unrelated")),
+        ];
+        assert!(s.apply(&Command::new(1, Op::Submit { tasks: batch })).is_ok());
+        let v = dag(&s, TaskId(2));
+        let ids: Vec<u64> = v["nodes"].as_array().unwrap().iter().map(|n| n["id"].as_u64().unwrap()).collect();
+        assert_eq!(ids, vec![1, 2, 3], "{v}");
+        assert_eq!(v["edges"], json!([[1, 2], [2, 3]]), "{v}");
+        assert_eq!(v["truncated"], false);
+        assert_eq!(dag(&s, TaskId(4))["nodes"].as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn sse_frames_carry_the_index_as_id() {
+        let b = pb::EventBatch {
+            index: 42,
+            log_time_ms: 5,
+            term: 3,
+            events: vec![pb::TaskEvent {
+                task: 1,
+                state: pb::TaskState::Running as i32,
+                fence: 77,
+                ..Default::default()
+            }],
+            planned_at: 0,
+        };
+        let f = String::from_utf8(super::super::sse::frame(&b, false).to_vec()).unwrap();
+        assert!(f.starts_with("id: 42\nevent: batch\ndata: {") && f.ends_with("}\n\n"), "{f}");
+        assert!(f.contains("\"state\":\"running\"") && !f.contains("77"), "{f}");
+        let f = String::from_utf8(super::super::sse::frame(&b, true).to_vec()).unwrap();
+        assert!(f.contains("\"fence\":77"), "{f}");
+    }
+}

@@ -63,6 +63,11 @@ impl Browser {
 
     /// Starts Chromium headless with a fresh profile and opens one blank page.
     pub fn launch() -> Browser {
+        Browser::launch_with(&[])
+    }
+
+    /// [`Browser::launch`] with extra command-line flags.
+    pub fn launch_with(extra: &[&str]) -> Browser {
         let profile = tempfile::tempdir().expect("a profile directory");
         let (cmd_read, cmd_write) = pipe();
         let (resp_read, resp_write) = pipe();
@@ -82,6 +87,7 @@ impl Browser {
             "--window-size=1280,900",
             "--remote-debugging-pipe",
         ])
+        .args(extra)
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .arg("about:blank")
         .stdin(Stdio::null())
