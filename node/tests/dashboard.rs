@@ -31,9 +31,9 @@ async fn dashboard_shows_the_cluster_and_follows_changes_live() {
         );
         return;
     }
-    let c = Cluster::start(3, &[]).await;
+    let c = std::sync::Arc::new(Cluster::start(3, &[]).await);
+    let cluster_view = c.clone();
     let leader = c.wait_leader().await;
-    let leader_id = c.nodes[leader].id;
     let follower = (leader + 1) % 3;
     let http = c.nodes[follower].http.clone().expect("an http port");
     let addrs = c.addrs();
@@ -58,14 +58,25 @@ async fn dashboard_shows_the_cluster_and_follows_changes_live() {
     tokio::task::spawn_blocking(move || {
         let mut b = Browser::launch();
         b.navigate(&format!("http://{http}/#/"));
-        b.wait_for(
-            "the leader and three members",
-            &format!(
-                "document.querySelector('#leader').textContent.includes('node {leader_id}') && \
+        // Leadership may move meanwhile (a loaded machine): the page must show the leader the
+        // cluster reports now; the overview refreshes by itself.
+        let deadline = std::time::Instant::now() + WITHIN;
+        loop {
+            let leader_id = handle.block_on(async {
+                let c = &cluster_view;
+                c.nodes[c.local.wait_leader(Duration::from_secs(10)).await.expect("a leader")].id
+            });
+            let shown = b.eval(&format!(
+                "document.querySelector('#leader') !== null && \
+                 document.querySelector('#leader').textContent === 'node {leader_id}' && \
                  document.querySelectorAll('#members tbody tr').length === 3"
-            ),
-            WITHIN,
-        );
+            ));
+            if shown == serde_json::json!(true) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the page never showed leader {leader_id}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
         b.wait_for(
             "the tasks per state",
             "Number(document.querySelector('#task-counts [data-state=succeeded] b').textContent) >= 2 && \

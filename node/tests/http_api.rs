@@ -272,6 +272,7 @@ async fn json_api_roles_validation_events_and_metrics() {
     for p in [&page, &fpage] {
         promtool_check(p);
     }
+    grafana_names_exist(&page);
 
     drop(logs);
     for i in 0..3 {
@@ -305,4 +306,27 @@ fn promtool_check(page: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success() && findings.trim().is_empty(), "promtool: {findings}\n{page}");
+}
+
+/// Every metric the shipped Grafana dashboard queries is on the leader's page.
+fn grafana_names_exist(page: &str) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/grafana/raftsched.json");
+    let dash: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            for (i, _) in expr.match_indices("raftsched_").chain(expr.match_indices("process_")) {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                names.insert(name);
+            }
+        }
+    }
+    assert!(names.len() > 10, "{names:?}");
+    for n in names {
+        assert!(page.contains(&format!("\n{n}")) || page.contains(&format!("\n{n}{{")), "the Grafana dashboard queries {n}, which /metrics lacks");
+    }
 }

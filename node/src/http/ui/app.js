@@ -169,6 +169,9 @@ function scheduleRefresh() {
 
 window.addEventListener("hashchange", () => { app.pageToken = []; route(); });
 
+// Membership, leadership and indexes change without task events: poll the overview too.
+setInterval(() => { if (app.view === overviewPage && !document.hidden) scheduleRefresh(); }, 3000);
+
 // ---------------------------------------------------------------------------- overview
 
 async function overviewPage() {
@@ -358,14 +361,19 @@ function dagView(dag, current) {
 
 async function workersPage() {
   const w = await api("/api/v1/workers");
-  const bar = (used, cap) => { const pct = cap ? Math.min(100, (100 * used) / cap) : 0; return h("div", { class: "bar", title: `${used} of ${cap}` }, h("span", { style: `width:${pct}%` })); };
+  const bar = (used, cap) => {
+    const pct = cap ? Math.min(100, (100 * used) / cap) : 0;
+    const fill = h("span", {});
+    fill.style.width = pct + "%"; // CSSOM, not a style attribute: the CSP forbids inline styles
+    return h("div", { class: "bar", title: `${used} of ${cap}` }, fill);
+  };
   const rows = w.workers.map((x) => h("tr", { "data-worker": x.id, "data-status": x.status },
     h("td", {}, x.id), h("td", {}, h("span", { class: "pill" + (x.status === "alive" ? " on" : "") }, x.status)),
     h("td", {}, x.queues.join(", ")),
     h("td", {}, `${x.load} / ${x.slots}`, bar(x.load, x.slots)),
     h("td", {}, `${x.used.cpu_milli}m / ${x.capacity.cpu_milli}m`, bar(x.used.cpu_milli, x.capacity.cpu_milli)),
     h("td", {}, `${x.used.memory_mib} / ${x.capacity.memory_mib} MiB`, bar(x.used.memory_mib, x.capacity.memory_mib)),
-    h("td", {}, x.heartbeat_age_ms === null ? (w.heartbeats_known ? "—" : "(leader only)") : fmtDur(x.heartbeat_age_ms)),
+    h("td", {}, x.heartbeat_age_ms === null ? (w.heartbeats_known ? "—" : "known by the leader") : fmtDur(x.heartbeat_age_ms)),
     h("td", {}, x.tasks.slice(0, 8).map((t) => h("a", { href: "#/task/" + t }, t, " ")), x.tasks.length > 8 ? "…" : ""),
     h("td", {}, canDrain() && x.status === "alive" ? h("button", { class: "secondary", onclick: async () => {
       if (!confirm(`Drain worker ${x.id}? It takes no new work; there is no undrain command.`)) return;
