@@ -48,8 +48,7 @@ const LATENCY_BUCKETS: [f64; 14] =
 
 /// Buckets (seconds) of task run and end-to-end times: 1 ms .. 1 h.
 const TASK_BUCKETS: [f64; 16] = [
-    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
-    3600.0,
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
 ];
 
 fn latency_histogram() -> Histogram {
@@ -470,7 +469,12 @@ fn scrape_registry(node: &Node) -> Registry {
     const_gauge(&mut r, "last_log_index", "Last Raft log index", status.last_log_index as i64);
     const_gauge(&mut r, "commit_index", "Committed Raft log index", status.committed_index as i64);
     const_gauge(&mut r, "applied_index", "Applied Raft log index", status.applied_index as i64);
-    const_gauge(&mut r, "snapshot_index", "Index of the last snapshot", status.snapshot_index as i64);
+    const_gauge(
+        &mut r,
+        "snapshot_index",
+        "Index of the last snapshot",
+        status.snapshot_index as i64,
+    );
     const_gauge(
         &mut r,
         "persisted_index",
@@ -571,14 +575,10 @@ fn leader_gauges(node: &Node, r: &mut Registry, last_log_index: u64) {
         "replication_lag_entries",
         "Log entries the leader holds that the follower has not matched (leader)",
         None,
-        node.raft
-            .members()
-            .into_keys()
-            .filter(|id| *id != me)
-            .map(|id| {
-                let matched = node.raft.replication().get(&id).copied().unwrap_or(0);
-                (vec![("follower", id.to_string())], last_log_index.saturating_sub(matched) as f64)
-            }),
+        node.raft.members().into_keys().filter(|id| *id != me).map(|id| {
+            let matched = node.raft.replication().get(&id).copied().unwrap_or(0);
+            (vec![("follower", id.to_string())], last_log_index.saturating_sub(matched) as f64)
+        }),
     );
 }
 

@@ -11,15 +11,19 @@ mod common;
 use std::time::Duration;
 
 use browser::{screenshot_dir, Browser, CHROMIUM};
-use common::{library_client, submit, Cluster, TestWorker};
 use client::local::{LocalCluster, LocalClusterOptions};
 use client::pki::TokenSpec;
+use common::{library_client, submit, Cluster, TestWorker};
 use proto::pb;
 
 const WITHIN: Duration = Duration::from_secs(30);
 
 fn task(name: &str) -> pb::TaskSpec {
-    pb::TaskSpec { name: name.into(), idempotency_key: format!("dash-{name}"), ..Default::default() }
+    pb::TaskSpec {
+        name: name.into(),
+        idempotency_key: format!("dash-{name}"),
+        ..Default::default()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -163,7 +167,8 @@ async fn dashboard_asks_for_a_token_and_offers_actions_by_role() {
     let mut parked = task("parked-secure");
     parked.queue = "parked".into();
     let parked = client.submit(parked).await.unwrap().id;
-    let (reader, submitter) = (sec.secret("dash").unwrap().to_string(), sec.secret("ci").unwrap().to_string());
+    let (reader, submitter) =
+        (sec.secret("dash").unwrap().to_string(), sec.secret("ci").unwrap().to_string());
 
     let shots = screenshot_dir();
     tokio::task::spawn_blocking(move || {

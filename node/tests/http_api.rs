@@ -154,19 +154,22 @@ async fn json_api_roles_validation_events_and_metrics() {
 
     // Tasks: filters; fencing tokens for admins only.
     let (code, body) =
-        call(&sec, &fh, "GET", "/api/v1/tasks?state=queued&queue=parked", Some(reader), &[], "").await;
+        call(&sec, &fh, "GET", "/api/v1/tasks?state=queued&queue=parked", Some(reader), &[], "")
+            .await;
     assert_eq!(code, 200, "{body}");
     let v = json(&body);
     let t = &v["tasks"][0];
     assert_eq!(t["id"], parked, "{body}");
     assert_eq!(t["state"], "queued", "{body}");
     assert!(t.get("fence").is_none(), "a reader must not see fences: {body}");
-    let (_, body) = call(&sec, &lh, "GET", &format!("/api/v1/tasks/{parked}"), Some(admin), &[], "").await;
+    let (_, body) =
+        call(&sec, &lh, "GET", &format!("/api/v1/tasks/{parked}"), Some(admin), &[], "").await;
     let v = json(&body);
     assert!(v.get("fence").is_some(), "{body}");
     assert!(v["explain"]["summary"].as_str().unwrap().len() > 5, "{body}");
     assert_eq!(v["dag"]["nodes"].as_array().unwrap().len(), 1, "{body}");
-    let (code, body) = call(&sec, &lh, "GET", "/api/v1/tasks?name=parked&stale=1", Some(reader), &[], "").await;
+    let (code, body) =
+        call(&sec, &lh, "GET", "/api/v1/tasks?name=parked&stale=1", Some(reader), &[], "").await;
     assert_eq!((code, json(&body)["tasks"][0]["id"].as_u64()), (200, Some(parked)), "{body}");
 
     // Bad input: 400 naming the field.
@@ -186,7 +189,8 @@ async fn json_api_roles_validation_events_and_metrics() {
         assert_eq!(code, 400, "{path}: {body}");
         assert!(json(&body)["error"].as_str().unwrap().contains(field), "{path}: {body}");
     }
-    let (code, body) = call(&sec, &fh, "GET", "/api/v1/tasks/987654321", Some(reader), &[], "").await;
+    let (code, body) =
+        call(&sec, &fh, "GET", "/api/v1/tasks/987654321", Some(reader), &[], "").await;
     assert_eq!(code, 404, "{body}");
 
     // Actions: the reader may not cancel, a JSON body is required, the submitter may.
@@ -206,14 +210,18 @@ async fn json_api_roles_validation_events_and_metrics() {
     let big = format!("{{\"reason\": \"{}\"}}", "x".repeat(100_000));
     let (code, _) = call(&sec, &fh, "POST", &cancel, Some(submitter), &ctype, &big).await;
     assert_eq!(code, 413);
-    let (code, body) = call(&sec, &fh, "POST", "/api/v1/workers/w-1/drain", Some(submitter), &ctype, "").await;
+    let (code, body) =
+        call(&sec, &fh, "POST", "/api/v1/workers/w-1/drain", Some(submitter), &ctype, "").await;
     assert_eq!(code, 403, "{body}");
     // Nothing above changed the task.
     assert_eq!(client.get_task(parked).await.unwrap().state, pb::TaskState::Queued as i32);
-    let (code, body) = call(&sec, &fh, "POST", &cancel, Some(submitter), &ctype, r#"{"reason": "test"}"#).await;
+    let (code, body) =
+        call(&sec, &fh, "POST", &cancel, Some(submitter), &ctype, r#"{"reason": "test"}"#).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(client.get_task(parked).await.unwrap().state, pb::TaskState::Cancelled as i32);
-    let (code, body) = call(&sec, &fh, "POST", "/api/v1/tasks/987654321/cancel", Some(submitter), &ctype, "").await;
+    let (code, body) =
+        call(&sec, &fh, "POST", "/api/v1/tasks/987654321/cancel", Some(submitter), &ctype, "")
+            .await;
     assert_eq!(code, 409, "{body}");
 
     // Events: from the start, then resumed after the cancellation's batch with Last-Event-ID.
@@ -221,11 +229,13 @@ async fn json_api_roles_validation_events_and_metrics() {
     let needle = format!("\"state\":\"cancelled\",\"task\":{parked},");
     let seen = sse_until(&sec, &fh, reader, "", "?from=1", |s| s.contains(&needle)).await;
     let before = &seen[..seen.find(&needle).unwrap()];
-    let id: u64 = before.rsplit("id: ").next().unwrap().split('\n').next().unwrap().trim().parse().unwrap();
-    let resumed = sse_until(&sec, &fh, reader, &format!("last-event-id: {}\r\n", id - 1), "", |s| {
-        s.contains("event: batch")
-    })
-    .await;
+    let id: u64 =
+        before.rsplit("id: ").next().unwrap().split('\n').next().unwrap().trim().parse().unwrap();
+    let resumed =
+        sse_until(&sec, &fh, reader, &format!("last-event-id: {}\r\n", id - 1), "", |s| {
+            s.contains("event: batch")
+        })
+        .await;
     assert!(resumed.contains(&format!("id: {id}\n")), "resumed at {id}:\n{resumed}");
     assert!(!resumed.contains(&format!("id: {}\n", id - 1)), "{resumed}");
     assert!(!seen.contains("\"fence\""), "a reader's events carry no fences:\n{seen}");
@@ -256,8 +266,15 @@ async fn json_api_roles_validation_events_and_metrics() {
     assert!(!fpage.contains("raftsched_tasks{"), "a follower exports no cluster-wide gauges");
     assert!(fpage.contains("raftsched_is_leader 0"), "{fpage}");
     // The bad requests above went to the follower: counted by route pattern, not raw path.
-    assert!(fpage.contains("raftsched_http_requests_total{route=\"/api/v1/tasks\",code=\"400\"}"), "{fpage}");
-    assert!(fpage.contains("raftsched_http_requests_total{route=\"/api/v1/tasks/{id}\",code=\"404\"} 1"), "{fpage}");
+    assert!(
+        fpage.contains("raftsched_http_requests_total{route=\"/api/v1/tasks\",code=\"400\"}"),
+        "{fpage}"
+    );
+    assert!(
+        fpage
+            .contains("raftsched_http_requests_total{route=\"/api/v1/tasks/{id}\",code=\"404\"} 1"),
+        "{fpage}"
+    );
     let (_, open) = call(
         &sec,
         &lh,
@@ -300,11 +317,8 @@ fn promtool_check(page: &str) {
     };
     child.stdin.take().unwrap().write_all(page.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
-    let findings = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let findings =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && findings.trim().is_empty(), "promtool: {findings}\n{page}");
 }
 
@@ -327,6 +341,9 @@ fn grafana_names_exist(page: &str) {
     }
     assert!(names.len() > 10, "{names:?}");
     for n in names {
-        assert!(page.contains(&format!("\n{n}")) || page.contains(&format!("\n{n}{{")), "the Grafana dashboard queries {n}, which /metrics lacks");
+        assert!(
+            page.contains(&format!("\n{n}")) || page.contains(&format!("\n{n}{{")),
+            "the Grafana dashboard queries {n}, which /metrics lacks"
+        );
     }
 }

@@ -79,18 +79,23 @@ pub fn routes() -> Router<Arc<Node>> {
 
 /// A refusal or failure as the API answers it.
 #[derive(Debug)]
-pub struct ApiError(Response);
+pub struct ApiError(Box<Response>);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        self.0
+        *self.0
     }
 }
 
 impl ApiError {
+    /// This response as the error.
+    pub fn of(r: Response) -> ApiError {
+        ApiError(Box::new(r))
+    }
+
     /// 400 naming `field`.
     pub fn bad(field: &str, why: &str) -> ApiError {
-        ApiError(error_body(
+        ApiError::of(error_body(
             StatusCode::BAD_REQUEST,
             &format!("invalid {field}: {why}"),
             "invalid_argument",
@@ -109,12 +114,17 @@ impl From<tonic::Status> for ApiError {
             .unwrap_or("")
             .to_string();
         let leader = proto::status::leader_of(&s).map(|l| json!({"id": l.id, "addr": l.addr}));
-        ApiError(error_body(code, s.message(), &reason, leader))
+        ApiError::of(error_body(code, s.message(), &reason, leader))
     }
 }
 
 /// The JSON error body: `{"error": message, "code": HTTP status, "reason": ..., "leader"?}`.
-pub fn error_body(code: StatusCode, message: &str, reason: &str, leader: Option<Value>) -> Response {
+pub fn error_body(
+    code: StatusCode,
+    message: &str,
+    reason: &str,
+    leader: Option<Value>,
+) -> Response {
     let mut body = json!({"error": message, "code": code.as_u16(), "reason": reason});
     if let Some(l) = leader {
         body["leader"] = l;
@@ -149,7 +159,7 @@ pub(super) fn caller(
     method: &str,
 ) -> Result<Option<Caller>, ApiError> {
     authorize(node, headers, need_of(method), method.trim_start_matches('/'))
-        .map_err(|e| ApiError(auth_refusal(e, true)))
+        .map_err(|e| ApiError::of(auth_refusal(e, true)))
 }
 
 /// A tonic request carrying the caller, as the auth layer would hand it to the handler.
@@ -200,7 +210,9 @@ impl Params {
 
     pub(super) fn u64(&self, k: &str) -> Result<Option<u64>, ApiError> {
         self.get(k)
-            .map(|v| v.parse::<u64>().map_err(|_| ApiError::bad(k, "expected a non-negative integer")))
+            .map(|v| {
+                v.parse::<u64>().map_err(|_| ApiError::bad(k, "expected a non-negative integer"))
+            })
             .transpose()
     }
 
@@ -287,7 +299,7 @@ pub fn task_json(t: &pb::Task, fence: bool) -> Value {
 
 async fn whoami(State(node): State<Arc<Node>>, headers: HeaderMap) -> ApiResult {
     let who = authorize(&node, &headers, crate::auth::Need::ReaderOrWorker, "GET /api/v1/whoami")
-        .map_err(|e| ApiError(auth_refusal(e, true)))?;
+        .map_err(|e| ApiError::of(auth_refusal(e, true)))?;
     Ok(axum::Json(match who {
         None => json!({"auth": false, "name": null, "role": "admin"}),
         Some(c) => json!({"auth": true, "name": c.name, "role": c.role.as_str()}),
@@ -580,7 +592,7 @@ fn dag(s: &state_machine::SchedulerState, id: TaskId) -> Value {
 
 fn body_json(body: &Bytes) -> Result<Value, ApiError> {
     if body.len() > MAX_BODY_BYTES {
-        return Err(ApiError(error_body(
+        return Err(ApiError::of(error_body(
             StatusCode::PAYLOAD_TOO_LARGE,
             &format!("request body over {MAX_BODY_BYTES} bytes"),
             "limit_exceeded",
@@ -629,7 +641,7 @@ async fn cancel_task(
     if !r.ok {
         // The per-task refusal (unknown task, already finished) comes as text in the result.
         let msg = format!("task {id} was not cancelled: {}", r.error);
-        return Err(ApiError(error_body(StatusCode::CONFLICT, &msg, "rejected", None)));
+        return Err(ApiError::of(error_body(StatusCode::CONFLICT, &msg, "rejected", None)));
     }
     Ok(axum::Json(json!({
         "id": r.id, "cancelled": true, "already_cancelled": r.already_cancelled,
@@ -658,7 +670,9 @@ async fn list_workers(
         .map(|w| {
             let spec = w.spec.clone().unwrap_or_default();
             let age = leader
-                .then(|| node.liveness.heartbeat_age(&state_machine::WorkerId(spec.id.clone()), now))
+                .then(|| {
+                    node.liveness.heartbeat_age(&state_machine::WorkerId(spec.id.clone()), now)
+                })
                 .flatten();
             json!({
                 "id": spec.id,
@@ -705,7 +719,7 @@ fn json_content(headers: &HeaderMap) -> Result<(), ApiError> {
     if ok {
         return Ok(());
     }
-    Err(ApiError(error_body(
+    Err(ApiError::of(error_body(
         StatusCode::UNSUPPORTED_MEDIA_TYPE,
         "invalid content-type: actions need content-type: application/json",
         "invalid_argument",
@@ -725,7 +739,7 @@ mod tests {
 
     fn message(e: ApiError) -> (StatusCode, String) {
         let code = e.0.status();
-        let body = futures::executor::block_on(axum::body::to_bytes(e.0.into_body(), 1 << 20))
+        let body = futures::executor::block_on(axum::body::to_bytes((*e.0).into_body(), 1 << 20))
             .expect("a body");
         (code, json_text(&body))
     }
@@ -740,17 +754,25 @@ mod tests {
         let (code, msg) = message(params(&[("colour", "red")], &["state"]).err().unwrap());
         assert_eq!(code, StatusCode::BAD_REQUEST);
         assert!(msg.contains("colour") && msg.contains("state"), "{msg}");
-        let (_, msg) = message(params(&[("state", "a"), ("state", "b")], &["state"]).err().unwrap());
+        let (_, msg) =
+            message(params(&[("state", "a"), ("state", "b")], &["state"]).err().unwrap());
         assert!(msg.contains("more than once"), "{msg}");
-        let p = params(&[("limit", "x"), ("stale", "yes"), ("since", "10m")], &["limit", "stale", "since"])
-            .unwrap();
+        let p = params(
+            &[("limit", "x"), ("stale", "yes"), ("since", "10m")],
+            &["limit", "stale", "since"],
+        )
+        .unwrap();
         assert!(message(p.u64("limit").unwrap_err()).1.contains("limit"));
         assert!(message(p.flag("stale").unwrap_err()).1.contains("stale"));
         assert_eq!(p.since_ms("since", 1_000_000).unwrap(), 1_000_000 - 600_000);
         let p = params(&[("stale", ""), ("since", "1234")], &["stale", "since"]).unwrap();
         assert!(p.flag("stale").unwrap());
         assert_eq!(p.since_ms("since", 9_999_999).unwrap(), 1234);
-        assert!(message(params(&[("since", "soon")], &["since"]).unwrap().since_ms("since", 0).unwrap_err()).1.contains("since"));
+        assert!(message(
+            params(&[("since", "soon")], &["since"]).unwrap().since_ms("since", 0).unwrap_err()
+        )
+        .1
+        .contains("since"));
     }
 
     #[test]
@@ -771,7 +793,8 @@ mod tests {
         .into();
         let e = ApiError::from(s);
         let code = e.0.status();
-        let body = futures::executor::block_on(axum::body::to_bytes(e.0.into_body(), 1 << 20)).unwrap();
+        let body =
+            futures::executor::block_on(axum::body::to_bytes((*e.0).into_body(), 1 << 20)).unwrap();
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(v["leader"]["id"], 2, "{v}");
@@ -795,7 +818,10 @@ mod tests {
         let hidden = task_json(&t, false).to_string();
         assert!(!hidden.contains("fence") && !hidden.contains("99"), "{hidden}");
         let shown = task_json(&t, true);
-        assert_eq!((shown["fence"].as_u64(), shown["last_failure"]["fence"].as_u64()), (Some(99), Some(98)));
+        assert_eq!(
+            (shown["fence"].as_u64(), shown["last_failure"]["fence"].as_u64()),
+            (Some(99), Some(98))
+        );
     }
 
     #[test]
@@ -809,7 +835,8 @@ mod tests {
         ];
         assert!(s.apply(&Command::new(1, Op::Submit { tasks: batch })).is_ok());
         let v = dag(&s, TaskId(2));
-        let ids: Vec<u64> = v["nodes"].as_array().unwrap().iter().map(|n| n["id"].as_u64().unwrap()).collect();
+        let ids: Vec<u64> =
+            v["nodes"].as_array().unwrap().iter().map(|n| n["id"].as_u64().unwrap()).collect();
         assert_eq!(ids, vec![1, 2, 3], "{v}");
         assert_eq!(v["edges"], json!([[1, 2], [2, 3]]), "{v}");
         assert_eq!(v["truncated"], false);

@@ -165,7 +165,10 @@ async fn metrics_page(State(node): State<Arc<Node>>, headers: HeaderMap) -> Resp
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("application/openmetrics-text"));
     let (ctype, body) = if open {
-        ("application/openmetrics-text; version=1.0.0; charset=utf-8", metrics::render_openmetrics(&node))
+        (
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics::render_openmetrics(&node),
+        )
     } else {
         ("text/plain; version=0.0.4; charset=utf-8", metrics::render(&node))
     };
@@ -194,7 +197,8 @@ pub fn auth_refusal(e: AuthError, json: bool) -> Response {
         _ => StatusCode::FORBIDDEN,
     };
     let mut resp = if json {
-        let reason = if code == StatusCode::UNAUTHORIZED { "unauthenticated" } else { "permission_denied" };
+        let reason =
+            if code == StatusCode::UNAUTHORIZED { "unauthenticated" } else { "permission_denied" };
         api::error_body(code, &e.to_string(), reason, None)
     } else {
         text(code, format!("{e}\n"))

@@ -143,9 +143,12 @@ impl Browser {
         let attached =
             b.call(None, "Target.attachToTarget", json!({"targetId": target_id, "flatten": true}));
         b.session = attached["sessionId"].as_str().expect("a session id").to_string();
-        b.page("Emulation.setDeviceMetricsOverride", json!({
-            "width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": false
-        }));
+        b.page(
+            "Emulation.setDeviceMetricsOverride",
+            json!({
+                "width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": false
+            }),
+        );
         b
     }
 
@@ -204,7 +207,10 @@ impl Browser {
     pub fn wait_for(&mut self, what: &str, expr: &str, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
-            if self.eval(&format!("(() => {{ try {{ return !!({expr}); }} catch (e) {{ return false; }} }})()")) == json!(true) {
+            if self.eval(&format!(
+                "(() => {{ try {{ return !!({expr}); }} catch (e) {{ return false; }} }})()"
+            )) == json!(true)
+            {
                 return;
             }
             if Instant::now() > deadline {
