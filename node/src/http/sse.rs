@@ -21,7 +21,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use proto::pb;
 use proto::pb::tasks_server::Tasks as _;
 use serde_json::json;
@@ -88,12 +88,30 @@ pub async fn events(
         },
     };
     let api = TasksApi::new(node.clone());
-    let mut stream = api
+    let stream = api
         .watch_events(request(pb::WatchEventsRequest { from_index: from }, &who))
         .await?
         .into_inner();
-    let fence = shows_fence(&who);
-    let (tx, rx) = mpsc::channel::<Bytes>(SSE_BUFFER);
+    let body = pump(stream, shows_fence(&who), from, SSE_BUFFER).map(Ok::<_, Infallible>);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
+/// Turns a gRPC event stream into SSE frames: a task forwards each batch into a buffer of
+/// `capacity` frames and ends the stream with a `close` event when the buffer is full (slow
+/// client), the stream fails, or it ends. The frames are read from the returned stream.
+pub fn pump<S>(mut stream: S, fence: bool, from: u64, capacity: usize) -> impl Stream<Item = Bytes>
+where
+    S: Stream<Item = Result<pb::EventBatch, tonic::Status>> + Send + Unpin + 'static,
+{
+    let (tx, rx) = mpsc::channel::<Bytes>(capacity);
     let (close_tx, close_rx) = oneshot::channel::<Bytes>();
     tokio::spawn(async move {
         let _ = tx.try_send(Bytes::from_static(b": connected\nretry: 2000\n\n"));
@@ -107,7 +125,7 @@ pub async fn events(
                             Ok(()) => next = index + 1,
                             Err(mpsc::error::TrySendError::Full(_)) => {
                                 let msg = format!(
-                                    "the client fell {SSE_BUFFER} events behind; reconnect with Last-Event-ID: {}",
+                                    "the client fell {capacity} events behind; reconnect with Last-Event-ID: {}",
                                     next.saturating_sub(1)
                                 );
                                 let _ = close_tx.send(close_frame("slow_consumer", &msg, Some(next)));
@@ -117,7 +135,12 @@ pub async fn events(
                         }
                     }
                     Some(Err(status)) => {
-                        let reason = super::api::http_status(status.code()).as_u16().to_string();
+                        let reason = status
+                            .metadata()
+                            .get(proto::status::REASON_KEY)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("error")
+                            .to_string();
                         let _ = close_tx.send(close_frame(&reason, status.message(), None));
                         return;
                     }
@@ -137,16 +160,50 @@ pub async fn events(
             }
         }
     });
-    let body = tokio_stream::wrappers::ReceiverStream::new(rx)
+    tokio_stream::wrappers::ReceiverStream::new(rx)
         .chain(futures::stream::once(close_rx).filter_map(|c| async move { c.ok() }))
-        .map(Ok::<_, Infallible>);
-    Ok((
-        [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
-            (header::HeaderName::from_static("x-accel-buffering"), "no"),
-        ],
-        Body::from_stream(body),
-    )
-        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(index: u64) -> Result<pb::EventBatch, tonic::Status> {
+        Ok(pb::EventBatch { index, ..Default::default() })
+    }
+
+    async fn collect(s: impl Stream<Item = Bytes>) -> Vec<String> {
+        s.map(|b| String::from_utf8_lossy(&b).into_owned()).collect().await
+    }
+
+    #[tokio::test]
+    async fn a_slow_client_is_dropped_with_a_close_event_naming_where_to_resume() {
+        // Nobody reads while 10 batches arrive for a buffer of 4 frames.
+        let events = futures::stream::iter((5..15).map(batch)).chain(futures::stream::pending());
+        let out = pump(Box::pin(events), false, 5, 4);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let frames = collect(out).await;
+        // The hello, three batches (5, 6, 7), then the close.
+        assert_eq!(frames.len(), 5, "{frames:?}");
+        assert!(frames[1].starts_with("id: 5\n") && frames[3].starts_with("id: 7\n"), "{frames:?}");
+        let close = &frames[4];
+        assert!(close.starts_with("event: close\n"), "{close}");
+        assert!(
+            close.contains("\"reason\":\"slow_consumer\"") && close.contains("\"resume_from\":8"),
+            "{close}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_stream_ends_with_its_reason() {
+        let status: tonic::Status =
+            crate::error::NodeError::OutOfRange("events before 9 are gone".into()).into();
+        let events = futures::stream::iter(vec![batch(1), Err(status)]);
+        let frames = collect(pump(Box::pin(events), false, 1, 16)).await;
+        assert_eq!(frames.len(), 3, "{frames:?}");
+        assert!(
+            frames[2].contains("\"reason\":\"out_of_range\"") && frames[2].contains("gone"),
+            "{frames:?}"
+        );
+    }
 }
