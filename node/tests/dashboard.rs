@@ -126,6 +126,22 @@ async fn dashboard_shows_the_cluster_and_follows_changes_live() {
         );
         b.screenshot(&shots.join("tasks-live.png"));
 
+        // Paging, newest first, one task a page: older, older, then newer again.
+        let only = |id: u64| {
+            format!(
+                "document.querySelectorAll('#task-table tbody tr[data-id]').length === 1 && \
+                 document.querySelector('#task-table tr[data-id=\"{id}\"]') !== null"
+            )
+        };
+        b.navigate(&format!("http://{http}/#/tasks?limit=1"));
+        b.wait_for("the first page", &only(parked), WITHIN);
+        b.eval("document.getElementById('page-older').click(); true");
+        b.wait_for("the second page", &only(dag[1]), WITHIN);
+        b.eval("document.getElementById('page-older').click(); true");
+        b.wait_for("the third page", &only(dag[0]), WITHIN);
+        b.eval("document.getElementById('page-newer').click(); true");
+        b.wait_for("the second page again", &only(dag[1]), WITHIN);
+
         b.navigate(&format!("http://{http}/#/task/{}", dag[1]));
         b.wait_for(
             "the task page with its DAG, explanation and result",

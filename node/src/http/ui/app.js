@@ -167,7 +167,11 @@ function scheduleRefresh() {
   app.refreshTimer = setTimeout(() => { app.refreshTimer = null; rerender(); }, 400);
 }
 
-window.addEventListener("hashchange", () => { app.pageToken = []; route(); });
+window.addEventListener("hashchange", () => {
+  // The task list's page stack lives while paging; any other page starts it afresh.
+  if (!location.hash.startsWith("#/tasks")) app.pageToken = [];
+  route();
+});
 
 // Membership, leadership and indexes change without task events: poll the overview too.
 setInterval(() => { if (app.view === overviewPage && !document.hidden) scheduleRefresh(); }, 3000);
@@ -239,6 +243,7 @@ async function tasksPage(params) {
     const f = new FormData(form);
     const idJump = String(f.get("id") || "").trim();
     if (idJump) { location.hash = "#/task/" + encodeURIComponent(idJump); return; }
+    app.pageToken = [];
     const n = new URLSearchParams();
     for (const k of ["state", "queue", "name", "since"]) if (f.get(k)) n.set(k, String(f.get(k)).trim());
     location.hash = "#/tasks?" + n.toString();
@@ -258,8 +263,8 @@ async function tasksPage(params) {
     h("tbody", {}, rows.length ? rows : h("tr", {}, h("td", { colspan: 9, class: "muted" }, "No tasks match."))));
   const go = (tok) => { const n = new URLSearchParams(params); if (tok) n.set("page_token", tok); else n.delete("page_token"); location.hash = "#/tasks?" + n.toString(); };
   const pager = h("div", { class: "pager" },
-    h("button", { class: "secondary", disabled: !params.get("page_token"), onclick: () => { const prev = app.pageToken.pop(); go(prev); setTimeout(() => { app.pageToken = app.pageToken; }, 0); } }, "← newer"),
-    h("button", { class: "secondary", disabled: !page.next_page_token, onclick: () => { const cur = params.get("page_token") || ""; go(page.next_page_token); app.pageToken.push(cur); } }, "older →"),
+    h("button", { class: "secondary", id: "page-newer", disabled: !params.get("page_token"), onclick: () => go(app.pageToken.pop() || "") }, "← newer"),
+    h("button", { class: "secondary", id: "page-older", disabled: !page.next_page_token, onclick: () => { app.pageToken.push(params.get("page_token") || ""); go(page.next_page_token); } }, "older →"),
     h("span", { class: "muted" }, page.remaining ? `${page.remaining}${page.remaining_is_lower_bound ? "+" : ""} more` : ""));
   return h("div", {}, h("h1", {}, "Tasks"), h("div", { class: "card" }, form, table, pager));
 }
