@@ -3,7 +3,8 @@
 //! One gRPC port serves the public API (`scheduler.v1`: [`api::tasks`], [`api::workers`],
 //! [`api::cluster`]), the node-to-node services ([`api::peer`]: Raft's RPCs and the peer
 //! service), the gRPC health service and reflection; an optional HTTP port serves `/metrics`,
-//! `/healthz` (liveness) and `/readyz` (readiness) ([`http`]).
+//! `/healthz` (liveness), `/readyz` (readiness), the JSON API `/api/v1` and the dashboard
+//! ([`http`]).
 //!
 //! * Any node serves any request; [`route`] decides where it goes. Writes go through
 //!   [`Node::write`]: proposed on the leader (with plan-ahead companions), or passed on one hop
@@ -27,6 +28,7 @@ pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod route;
+pub mod rpc_metrics;
 pub mod server;
 pub mod tls;
 

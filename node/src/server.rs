@@ -177,7 +177,7 @@ pub async fn run(
 
     let leader_loops = tokio::spawn(crate::leader::supervise(node.clone()));
     if let Some(l) = http_listener {
-        info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics and health on http");
+        info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics, health, api and dashboard on http");
         tokio::spawn(crate::http::serve(l, node.clone(), tls.clone()));
     }
 
@@ -202,6 +202,7 @@ pub async fn run(
             .http2_keepalive_interval(Some(Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .layer(AuthLayer::new(tokens.clone(), tls.is_some()))
+            .layer(crate::rpc_metrics::RpcMetricsLayer::new(node.clone()))
     };
     let raft_svc = RaftServiceServer::new(RaftApi::new(&node))
         .max_decoding_message_size(peer_max)
@@ -332,7 +333,10 @@ type Served = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
 /// Serve `router` on `listener` (TLS when `tls` is given) until `shutdown`.
 fn serve(
     router: tonic::transport::server::Router<
-        tower::layer::util::Stack<AuthLayer, tower::layer::util::Identity>,
+        tower::layer::util::Stack<
+            crate::rpc_metrics::RpcMetricsLayer,
+            tower::layer::util::Stack<AuthLayer, tower::layer::util::Identity>,
+        >,
     >,
     listener: TcpListener,
     tls: Option<Arc<NodeTls>>,

@@ -220,6 +220,25 @@ impl SchedulerState {
         out
     }
 
+    /// Per queue with queued tasks: when its earliest-submitted queued task became ready
+    /// (for the oldest-queued-task age). Walks the ready buckets once.
+    pub fn oldest_queued(&self) -> BTreeMap<String, Millis> {
+        let mut first: BTreeMap<String, TaskId> = BTreeMap::new();
+        for b in self.idx.buckets.values() {
+            if let Some(id) = b.tasks.iter().map(|(_, id)| *id).min() {
+                let e = first.entry(b.shape.queue.clone()).or_insert(id);
+                *e = (*e).min(id);
+            }
+        }
+        first
+            .into_iter()
+            .filter_map(|(q, id)| match self.task(id).map(|t| &t.state) {
+                Some(TaskState::Queued { since }) => Some((q, *since)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The earliest log time at which [`Op::AdvanceTime`] has something to do.
     pub fn next_timer(&self) -> Option<Millis> {
         let d = self.idx.delayed.first().map(|(t, _)| *t);

@@ -71,6 +71,13 @@ impl Liveness {
         Ok(matches!(w.status, WorkerStatus::Draining { .. }))
     }
 
+    /// How long ago `worker` last sent a heartbeat this leader saw (since its deadline was
+    /// last set; a session not heard from since this node leads counts from then).
+    pub fn heartbeat_age(&self, worker: &WorkerId, now: Instant) -> Option<Duration> {
+        let (_, deadline) = *self.lock().get(worker)?;
+        Some(now.saturating_duration_since(deadline.checked_sub(self.ttl)?))
+    }
+
     /// Track every live session of `state` (new ones get the grace period), drop the rest, and
     /// return the sessions whose deadline passed at `now`.
     pub fn expired(&self, state: &SchedulerState, now: Instant) -> Vec<(WorkerId, u64)> {

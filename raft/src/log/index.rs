@@ -129,6 +129,7 @@ pub(super) struct Counters {
     pub(super) bytes: AtomicU64,
     pub(super) syncs: AtomicU64,
     pub(super) sync_micros: AtomicU64,
+    pub(super) sync_buckets: [AtomicU64; super::SYNC_BUCKETS_MICROS.len() + 1],
 }
 
 pub(super) struct Shared {
@@ -190,6 +191,7 @@ impl Shared {
             bytes: s.bytes.load(Ordering::Relaxed),
             syncs: s.syncs.load(Ordering::Relaxed),
             sync_micros: s.sync_micros.load(Ordering::Relaxed),
+            sync_buckets: std::array::from_fn(|i| s.sync_buckets[i].load(Ordering::Relaxed)),
         }
     }
 }

@@ -180,4 +180,16 @@ pub struct LogStats {
     pub syncs: u64,
     /// Total time spent in those syncs, in microseconds.
     pub sync_micros: u64,
+    /// How many syncs took at most [`SYNC_BUCKETS_MICROS`]`[i]` microseconds and more than
+    /// the bucket before (the last slot: longer than every bound).
+    pub sync_buckets: [u64; SYNC_BUCKETS_MICROS.len() + 1],
+}
+
+/// Upper bounds of the sync latency buckets in [`LogStats::sync_buckets`], in microseconds.
+pub const SYNC_BUCKETS_MICROS: [u64; 12] =
+    [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000];
+
+/// The bucket of [`LogStats::sync_buckets`] a sync of `micros` falls in.
+pub fn sync_bucket(micros: u64) -> usize {
+    SYNC_BUCKETS_MICROS.iter().position(|b| micros <= *b).unwrap_or(SYNC_BUCKETS_MICROS.len())
 }

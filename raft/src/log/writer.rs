@@ -278,6 +278,7 @@ impl Writer {
         stats.syncs.fetch_add(1, Ordering::Relaxed);
         let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         stats.sync_micros.fetch_add(micros, Ordering::Relaxed);
+        stats.sync_buckets[super::sync_bucket(micros)].fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
