@@ -489,3 +489,214 @@ fn snapshot_save_and_inspect_describe_the_cluster_and_refuse_damage() {
         "{r:?}"
     );
 }
+
+/// Every task as `task list` shows it, by id.
+fn all_tasks(c: &Cluster) -> std::collections::BTreeMap<u64, Value> {
+    let v = c.ok(&["task", "list", "--limit", "100000"]);
+    v["tasks"].as_array().unwrap().iter().map(|t| (t["id"].as_u64().unwrap(), t.clone())).collect()
+}
+
+/// Runs `schedulerd ARGS` to its exit (bounded) and returns its status and output.
+fn schedulerd_exits(args: &[&str]) -> (i32, String) {
+    let bin = client::local::schedulerd_for_this_exe().unwrap_or_else(|e| panic!("{e}"));
+    let mut child = std::process::Command::new(bin)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run schedulerd");
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("schedulerd {args:?} did not exit");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().unwrap();
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn a_snapshot_saved_under_load_restores_into_a_new_cluster_with_every_task() {
+    use client::local::{LocalCluster, LocalClusterOptions, NodeOptions};
+    let _serial = serial();
+    let mut c = Cluster::start(3);
+    c.start_worker("dr-w1", "true", &[]);
+    let done: Vec<u64> = (0..4).map(|i| c.submit(&["--name", &format!("done-{i}")])).collect();
+    for id in &done {
+        c.wait_state(*id, "succeeded");
+    }
+    // A small DAG that waits on a queue nobody serves.
+    let root = c.submit(&["--name", "root", "--queue", "nobody-serves"]);
+    let leaf = c.submit(&["--name", "leaf", "--after", &root.to_string()]);
+
+    // Submissions keep coming while the snapshot is saved.
+    let endpoints = c.endpoints();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let load = {
+        let (stop, acked) = (stop.clone(), acked.clone());
+        std::thread::spawn(move || {
+            for i in 0..400 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let name = format!("load-{i}");
+                let r = common::schedctl(&[
+                    "--endpoints",
+                    &endpoints,
+                    "-o",
+                    "json",
+                    "task",
+                    "submit",
+                    "--name",
+                    &name,
+                    "--queue",
+                    "nobody-serves",
+                ]);
+                assert_eq!(r.code, 0, "{r:?}");
+                acked.lock().unwrap().push(r.json()["tasks"][0]["id"].as_u64().unwrap());
+            }
+        })
+    };
+    wait_until_blocking("some load to be acknowledged", WAIT, || {
+        (acked.lock().unwrap().len() >= 10).then_some(())
+    })
+    .unwrap();
+    let acked_before_save = acked.lock().unwrap().clone();
+    let file = c.dir.path().join("dr.snap");
+    let file_arg = file.to_str().unwrap().to_string();
+    let saved = c.ok(&["snapshot", "save", &file_arg]);
+    let acked_by_save = acked.lock().unwrap().len();
+    wait_until_blocking("more load after the save", WAIT, || {
+        (acked.lock().unwrap().len() >= acked_by_save + 5).then_some(())
+    })
+    .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.join().unwrap();
+    let original = all_tasks(&c);
+    let total = saved["tasks_total"].as_u64().unwrap() as usize;
+    assert!(original.len() >= total + 5, "tasks were acknowledged after the snapshot point");
+
+    // A new one-node cluster at a new address, from the file.
+    let bin = client::local::schedulerd_for_this_exe().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let restore_args = ["--restore", file_arg.as_str(), "--bootstrap"];
+    let opts = LocalClusterOptions::new(bin.clone(), 1)
+        .dir(dir.path())
+        .args(restore_args)
+        .init(false)
+        .startup_timeout(WAIT);
+    let local = LocalCluster::start_blocking(opts).unwrap_or_else(|e| panic!("{e}"));
+    let mut r = Cluster::adopt(local, dir);
+    assert_eq!(r.leader(), 1);
+    let compare = |r: &Cluster| {
+        let restored = all_tasks(r);
+        assert_eq!(restored.len(), total, "the restored cluster holds the snapshot's tasks");
+        for id in acked_before_save.iter().chain(&done).chain([&root, &leaf]) {
+            assert!(restored.contains_key(id), "task {id}, acknowledged before the save, is lost");
+        }
+        for (id, t) in &restored {
+            assert_eq!(Some(t), original.get(id), "task {id} differs from the original");
+        }
+    };
+    compare(&r);
+    let restored_max = *all_tasks(&r).keys().max().unwrap();
+    let status = r.ok(&["cluster", "status"]);
+    assert_eq!(status["nodes"].as_array().unwrap().len(), 1, "{status}");
+    // New tasks get new ids; the DAG still holds.
+    let fresh = r.submit(&["--name", "after-restore"]);
+    assert!(fresh > restored_max, "id {fresh} reused");
+    assert_eq!(r.task(leaf)["state"], "waiting");
+
+    // A restart with --restore still on the command line starts from the restored data.
+    r.local_mut().kill(0);
+    r.local_mut().start_node(0).unwrap();
+    assert_eq!(r.leader(), 1);
+    assert_eq!(r.task(fresh)["name"], "after-restore");
+
+    // The restored cluster grows like any other.
+    let i = r.local_mut().add_node(NodeOptions::new(2)).unwrap();
+    r.local_mut().start_node(i).unwrap();
+    let addr = r.local().nodes[i].addr.clone();
+    r.ok(&["cluster", "add-learner", "--id", "2", "--addr", &addr, "--wait", "60s"]);
+    r.ok(&["cluster", "promote", "--id", "2"]);
+    let status = r.ok(&["cluster", "status"]);
+    assert_eq!(status["nodes"].as_array().unwrap().len(), 2, "{status}");
+
+    // Refused: a directory that holds data, and (without --bootstrap) a node the snapshot's
+    // membership does not have at this address.
+    let busy = tempfile::tempdir().unwrap();
+    std::fs::write(busy.path().join("stray"), b"x").unwrap();
+    let port = common::free_ports(1)[0].to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let busy_dir = busy.path().to_str().unwrap();
+    let (code, out) = schedulerd_exits(&[
+        "--id",
+        "1",
+        "--listen",
+        &listen,
+        "--data-dir",
+        busy_dir,
+        "--restore",
+        &file_arg,
+    ]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("not empty") && out.contains("stray"), "{out}");
+    let empty = tempfile::tempdir().unwrap();
+    let empty_dir = empty.path().to_str().unwrap();
+    let (code, out) = schedulerd_exits(&[
+        "--id",
+        "1",
+        "--listen",
+        &listen,
+        "--data-dir",
+        empty_dir,
+        "--restore",
+        &file_arg,
+    ]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("--bootstrap") && out.contains("advertises"), "{out}");
+    let (code, out) = schedulerd_exits(&[
+        "--id",
+        "9",
+        "--listen",
+        &listen,
+        "--data-dir",
+        empty_dir,
+        "--restore",
+        &file_arg,
+    ]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("not a voter"), "{out}");
+    drop(r);
+
+    // The whole old cluster, each member restored at its old address from the same file
+    // (keeping the membership), elects a leader and holds the same tasks.
+    let old: Vec<(u64, std::net::SocketAddr)> =
+        c.local().nodes.iter().map(|n| (n.id, n.listen)).collect();
+    c.local_mut().kill_all();
+    let bin_dir = tempfile::tempdir().unwrap();
+    let mut opts = LocalClusterOptions::new(bin, 0)
+        .dir(bin_dir.path())
+        .args(["--restore", file_arg.as_str()])
+        .init(false)
+        .startup_timeout(WAIT);
+    opts.nodes = old
+        .iter()
+        .map(|(id, listen)| NodeOptions { listen: Some(*listen), ..NodeOptions::new(*id) })
+        .collect();
+    let local = LocalCluster::start_blocking(opts).unwrap_or_else(|e| panic!("{e}"));
+    let again = Cluster::adopt(local, bin_dir);
+    again.leader();
+    compare(&again);
+    let status = again.ok(&["cluster", "status"]);
+    assert_eq!(status["nodes"].as_array().unwrap().len(), 3, "{status}");
+}

@@ -120,6 +120,12 @@ pub struct Args {
     /// then change and delete tasks and membership). Logged loudly.
     #[arg(long, env = "SCHED_INSECURE")]
     pub insecure: bool,
+    /// Seed an empty data directory from this snapshot file (made by `schedctl snapshot
+    /// save`) before starting. With --bootstrap the node starts as a one-node cluster;
+    /// without it, it keeps the snapshot's membership (restore every member at its old
+    /// address). A directory already restored from the same file starts normally.
+    #[arg(long, env = "SCHED_RESTORE", value_name = "FILE")]
+    pub restore: Option<PathBuf>,
 }
 
 /// A flag's help text ending in its default, rendered from [`Config::default`] (the flags
@@ -183,6 +189,8 @@ pub struct Config {
     pub tls: Option<crate::tls::TlsFiles>,
     /// Allow serving a non-loopback address without TLS and tokens.
     pub insecure: bool,
+    /// Snapshot file to seed an empty data directory from (command line only).
+    pub restore: Option<PathBuf>,
 }
 
 /// How the leader judges worker liveness.
@@ -278,6 +286,7 @@ impl Default for Config {
             auth_tokens: None,
             tls: None,
             insecure: false,
+            restore: None,
         }
     }
 }
@@ -566,6 +575,7 @@ impl Config {
             c.auth_tokens = Some(v.clone());
         }
         c.insecure |= args.insecure;
+        c.restore = args.restore.clone().or(c.restore);
         for (flag, file) in
             [(&args.tls_cert, &mut tls.0), (&args.tls_key, &mut tls.1), (&args.tls_ca, &mut tls.2)]
         {

@@ -71,6 +71,9 @@ pub enum ServerError {
     /// Raft or its storage did not start.
     #[error(transparent)]
     Start(#[from] StartError),
+    /// `--restore` was refused or failed.
+    #[error(transparent)]
+    Restore(#[from] raft::restore::RestoreError),
     /// Bootstrapping a single-node cluster failed.
     #[error("bootstrap failed: {0}")]
     Bootstrap(String),
@@ -94,6 +97,32 @@ fn replicated_tokens(raft: Arc<RaftNode>) -> crate::auth::ReplicatedLookup {
             })
         })
     })
+}
+
+/// Seed the data directory from the snapshot `file` (`--restore`), keeping the snapshot's
+/// membership or, with `--bootstrap`, making this node a one-node cluster.
+async fn restore_data_dir(cfg: &Config, file: &std::path::Path) -> Result<(), ServerError> {
+    use raft::restore::{restore, RestoreMembership, Restored};
+    let membership =
+        if cfg.bootstrap { RestoreMembership::Bootstrap } else { RestoreMembership::Keep };
+    let info = cfg.node_info();
+    match restore(&cfg.data_dir, file, cfg.id, &info, membership, &cfg.raft).await? {
+        Restored::Seeded { meta, tasks, workers } => info!(
+            file = %file.display(),
+            data_dir = %cfg.data_dir.display(),
+            last_log_id = %meta.last_log_id.map(|l| l.to_string()).unwrap_or_default(),
+            members = ?meta.last_membership.voter_ids().collect::<Vec<_>>(),
+            tasks,
+            workers,
+            "restored the data directory from a snapshot"
+        ),
+        Restored::AlreadyRestored { meta } => info!(
+            file = %file.display(),
+            snapshot = %meta.snapshot_id,
+            "data directory was restored from this snapshot before; starting normally"
+        ),
+    }
+    Ok(())
 }
 
 /// Run a node until `shutdown` completes or Raft fails.
@@ -147,6 +176,9 @@ pub async fn run(
         ),
         None => None,
     };
+    if let Some(file) = &cfg.restore {
+        restore_data_dir(&cfg, file).await?;
+    }
     let raft =
         RaftNode::start(cfg.id, cfg.advertise.clone(), &cfg.data_dir, cfg.raft.clone()).await?;
     if let Some(t) = &tls {

@@ -14,6 +14,7 @@
 //!   [`plausible`] has refused absurd values and strangers;
 //! * [`node`]: one cluster member and what the server asks of consensus — propose (batched),
 //!   confirm a linearizable read, readiness, membership, snapshots, status;
+//! * [`restore`]: seeding a new node from a snapshot file (disaster recovery);
 //! * [`config`]: settings with fast-failover defaults.
 //!
 //! This crate answers "is it durable and agreed?" and nothing else. Where a request goes
@@ -34,6 +35,7 @@ pub mod network;
 pub mod node;
 mod persister;
 pub mod plausible;
+pub mod restore;
 pub mod service;
 pub mod sm_store;
 pub mod snapshot;

@@ -117,6 +117,22 @@ impl Cluster {
         c
     }
 
+    /// Wraps nodes the caller started (e.g. from restored data directories) with `dir` as
+    /// the directory for workers' logs.
+    pub fn adopt(local: LocalCluster, dir: tempfile::TempDir) -> Cluster {
+        Cluster { workers: Vec::new(), local, dir }
+    }
+
+    /// The harness behind this cluster (to kill, restart or add nodes).
+    pub fn local_mut(&mut self) -> &mut LocalCluster {
+        &mut self.local
+    }
+
+    /// The harness behind this cluster.
+    pub fn local(&self) -> &LocalCluster {
+        &self.local
+    }
+
     /// Every node address, comma-separated.
     pub fn endpoints(&self) -> String {
         self.local.nodes.iter().map(|n| n.addr.clone()).collect::<Vec<_>>().join(",")
