@@ -126,6 +126,10 @@ pub struct Args {
     /// address). A directory already restored from the same file starts normally.
     #[arg(long, env = "SCHED_RESTORE", value_name = "FILE")]
     pub restore: Option<PathBuf>,
+    /// Testing rolling upgrades: apply and report only command versions up to this one, as
+    /// an older release would.
+    #[arg(long, env = "SCHED_COMMAND_VERSION", hide = true)]
+    pub command_version: Option<u32>,
 }
 
 /// A flag's help text ending in its default, rendered from [`Config::default`] (the flags
@@ -576,6 +580,19 @@ impl Config {
         }
         c.insecure |= args.insecure;
         c.restore = args.restore.clone().or(c.restore);
+        if let Some(v) = args.command_version {
+            if !(state_machine::BASE_COMMAND_VERSION..=state_machine::COMMAND_VERSION).contains(&v) {
+                return Err(invalid(
+                    "command_version",
+                    format!(
+                        "{v} is not between {} and {}",
+                        state_machine::BASE_COMMAND_VERSION,
+                        state_machine::COMMAND_VERSION
+                    ),
+                ));
+            }
+            c.raft.sm.command_version = v;
+        }
         for (flag, file) in
             [(&args.tls_cert, &mut tls.0), (&args.tls_key, &mut tls.1), (&args.tls_ca, &mut tls.2)]
         {

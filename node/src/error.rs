@@ -21,6 +21,7 @@
 //! | a Raft message from a node that is not a member here | FAILED_PRECONDITION | invalid_state |
 //! | a request body that is not valid protobuf (built by `proto::codec` before any handler runs) | INVALID_ARGUMENT | invalid_argument |
 //! | a peer speaking another internal encoding | FAILED_PRECONDITION | invalid_state |
+//! | a kind of operation some member's release cannot apply yet (rolling upgrade) | FAILED_PRECONDITION | invalid_state |
 //! | a followed task was purged | NOT_FOUND | not_found |
 //! | a watch resumes before the retained events | OUT_OF_RANGE | out_of_range |
 //! | no token, or an unknown one | UNAUTHENTICATED | unauthenticated |
@@ -75,6 +76,10 @@ pub enum NodeError {
     /// The caller is not authenticated or not allowed ([`crate::auth`]).
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),
+    /// The operation needs a command version some member does not have yet
+    /// ([`crate::version`]).
+    #[error("{0}")]
+    Upgrade(String),
     /// An invariant of the node itself broke.
     #[error("internal error: {0}")]
     Internal(String),
@@ -122,6 +127,9 @@ impl From<NodeError> for Status {
                     }
                     Rejection::WorkerOwned { .. } => {
                         (Code::PermissionDenied, Reason::PermissionDenied)
+                    }
+                    Rejection::ClusterVersion { .. } => {
+                        (Code::FailedPrecondition, Reason::InvalidState)
                     }
                 };
                 with_meta(code, msg, reason, None)
@@ -181,6 +189,9 @@ impl From<NodeError> for Status {
                 | AuthError::WrongWorkerId { .. }
                 | AuthError::NotPeer { .. },
             ) => with_meta(Code::PermissionDenied, msg, Reason::PermissionDenied, None),
+            NodeError::Upgrade(_) => {
+                with_meta(Code::FailedPrecondition, msg, Reason::InvalidState, None)
+            }
             NodeError::Internal(_) => with_meta(Code::Internal, msg, Reason::Internal, None),
         }
     }

@@ -31,6 +31,7 @@ pub mod route;
 pub mod rpc_metrics;
 pub mod server;
 pub mod tls;
+pub mod version;
 
 use std::sync::Arc;
 
@@ -53,4 +54,6 @@ pub struct Node {
     pub stopping: watch::Receiver<bool>,
     /// The accepted tokens; `None`: authentication off.
     pub tokens: Option<Arc<auth::Tokens>>,
+    /// Serializes raising the cluster's command version ([`version`]).
+    pub version_gate: tokio::sync::Mutex<()>,
 }

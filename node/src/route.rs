@@ -64,6 +64,7 @@ impl Node {
     /// Propose `op` on this node (the leader side of a write). Plan-ahead companions ride in
     /// the same log entry right after it; the answer is `op`'s own response.
     pub async fn propose_here(&self, op: Op) -> NodeResult<Written> {
+        self.ensure_version(&op).await?;
         let mut ops = vec![op];
         if self.cfg.planner.plan_ahead && plan_ahead::considers(&ops[0]) {
             let companions = self.local(|s| plan_ahead::plan(self, s, &ops[0]));

@@ -191,6 +191,7 @@ pub async fn run(
         metrics: Metrics::default(),
         stopping: stop_rx,
         tokens: tokens.clone(),
+        version_gate: tokio::sync::Mutex::new(()),
         raft: raft.clone(),
         cfg,
     });

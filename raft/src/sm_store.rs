@@ -41,7 +41,7 @@ use openraft::{
     EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageIOError,
     StoredMembership,
 };
-use state_machine::{Output, RecordKey, Response, SchedulerState, StateLoader};
+use state_machine::{Op, Output, RecordKey, Response, SchedulerState, StateLoader};
 use tracing::{info, warn};
 
 use crate::events::{EventBatch, EventLog};
@@ -64,11 +64,20 @@ pub struct SmConfig {
     pub flush_every_ms: Option<u64>,
     /// Events retained in memory for watchers (see [`EventLog`]).
     pub retained_events: usize,
+    /// The newest command version this node applies ([`state_machine::COMMAND_VERSION`]; a
+    /// lower value makes the node behave as an older build would, for upgrade tests). An
+    /// entry above it stops the node instead of being misapplied.
+    pub command_version: u32,
 }
 
 impl Default for SmConfig {
     fn default() -> Self {
-        SmConfig { cache_capacity: 64 << 20, flush_every_ms: Some(500), retained_events: 200_000 }
+        SmConfig {
+            cache_capacity: 64 << 20,
+            flush_every_ms: Some(500),
+            retained_events: 200_000,
+            command_version: state_machine::COMMAND_VERSION,
+        }
     }
 }
 
@@ -121,6 +130,7 @@ struct Shared {
     build_lock: tokio::sync::Mutex<()>,
     events: EventLog,
     counter: AtomicU64,
+    command_version: u32,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -183,6 +193,11 @@ impl SmHandle {
     /// stays readable.
     pub fn current_snapshot(&self) -> Option<(Meta, PathBuf)> {
         lock(&self.shared.current).clone()
+    }
+
+    /// The newest command version this node applies.
+    pub fn command_version(&self) -> u32 {
+        self.shared.command_version
     }
 
     /// Where snapshot files live (files there not ending in `.snap` are removed at start).
@@ -307,6 +322,7 @@ impl StateMachineStore {
             build_lock: tokio::sync::Mutex::new(()),
             events: EventLog::new(applied_index, cfg.retained_events),
             counter: AtomicU64::new(generation + 1),
+            command_version: cfg.command_version,
         });
         let store = StateMachineStore { shared };
         if let Some((meta, path)) = best {
@@ -457,6 +473,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 match entry.payload {
                     EntryPayload::Blank => responses.push(Ok(Output::Noop)),
                     EntryPayload::Normal(cmd) => {
+                        let needed = match &cmd.op {
+                            Op::SetClusterVersion { version } => *version,
+                            op => op.version(),
+                        };
+                        if needed > sh.command_version {
+                            let e = format!(
+                                "log entry {} ({}) needs command version {needed}; this node \
+                                 applies up to {}: upgrade this node to a release that has it",
+                                entry.log_id,
+                                cmd.op.kind(),
+                                sh.command_version
+                            );
+                            tracing::error!(error = %e, "stopping: the cluster runs a newer version");
+                            return Err(sm_write_err(io::Error::other(e)));
+                        }
                         let r = st.apply(&cmd);
                         let ch = st.take_changes();
                         changed.extend(ch.records);

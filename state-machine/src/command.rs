@@ -128,6 +128,73 @@ pub enum Op {
         /// Its name.
         name: String,
     },
+    /// Raise the cluster's command version: from the apply on, operations of kinds up to
+    /// `version` are accepted. The leader proposes it only once every member reports that it
+    /// applies `version` (see [`Op::version`]). It never lowers the version.
+    SetClusterVersion {
+        /// The new version.
+        version: u32,
+    },
+}
+
+/// The command version of the first release: every kind of operation it knows. A state
+/// without a recorded cluster version runs at this version.
+pub const BASE_COMMAND_VERSION: u32 = 1;
+
+/// The newest command version this build applies: the largest [`Op::version`] of any kind.
+///
+/// # Rolling upgrades
+/// A node of an older build cannot decode a kind of operation added after it, so a leader
+/// must never put one in the log while such a node is a member. Every kind has the version
+/// that introduced it; the replicated *cluster version* is the largest version every member
+/// applies. A leader asked for an operation above the cluster version first asks every member
+/// for its version and proposes [`Op::SetClusterVersion`] when all have it; otherwise the
+/// request is refused. Apply refuses such operations too (a deterministic
+/// [`crate::Rejection::ClusterVersion`]), so no race can let one through.
+pub const COMMAND_VERSION: u32 = 2;
+
+impl Op {
+    /// The command version that introduced this kind of operation (for a batch, the largest of
+    /// its operations). Every new variant gets the next version when it is added.
+    pub fn version(&self) -> u32 {
+        match self {
+            Op::Submit { .. }
+            | Op::Cancel { .. }
+            | Op::RegisterWorker { .. }
+            | Op::DrainWorker { .. }
+            | Op::DeregisterWorker { .. }
+            | Op::ExpireWorker { .. }
+            | Op::Assign { .. }
+            | Op::Report { .. }
+            | Op::AdvanceTime
+            | Op::Purge { .. }
+            | Op::RegisterWorkerAs { .. }
+            | Op::CreateToken { .. }
+            | Op::RevokeToken { .. } => BASE_COMMAND_VERSION,
+            Op::SetClusterVersion { .. } => 2,
+            Op::Batch(ops) => ops.iter().map(Op::version).max().unwrap_or(BASE_COMMAND_VERSION),
+        }
+    }
+
+    /// A short name of the kind, for messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::Submit { .. } => "submit",
+            Op::Cancel { .. } => "cancel",
+            Op::RegisterWorker { .. } | Op::RegisterWorkerAs { .. } => "register worker",
+            Op::DrainWorker { .. } => "drain worker",
+            Op::DeregisterWorker { .. } => "deregister worker",
+            Op::ExpireWorker { .. } => "expire worker",
+            Op::Assign { .. } => "assign",
+            Op::Report { .. } => "report",
+            Op::AdvanceTime => "advance time",
+            Op::Purge { .. } => "purge",
+            Op::CreateToken { .. } => "create token",
+            Op::RevokeToken { .. } => "revoke token",
+            Op::SetClusterVersion { .. } => "set cluster version",
+            Op::Batch(_) => "batch",
+        }
+    }
 }
 
 /// A token to create.
@@ -302,6 +369,11 @@ pub enum Output {
         tasks: u32,
         /// Workers removed.
         workers: u32,
+    },
+    /// The cluster's command version after an [`Op::SetClusterVersion`].
+    ClusterVersion {
+        /// The version now in force.
+        version: u32,
     },
 }
 

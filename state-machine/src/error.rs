@@ -153,6 +153,20 @@ pub enum Rejection {
         /// The name.
         name: String,
     },
+    /// The operation's kind is newer than the cluster's command version: some member could
+    /// not apply it.
+    #[error(
+        "{kind} needs cluster command version {needed}, the cluster runs {current}: upgrade \
+         every member (cluster status shows each node's version)"
+    )]
+    ClusterVersion {
+        /// The kind of operation.
+        kind: String,
+        /// The version it needs.
+        needed: u32,
+        /// The cluster's version.
+        current: u32,
+    },
 }
 
 impl Rejection {

@@ -29,7 +29,7 @@ pub mod validate;
 
 pub use command::{
     Assignment, CancelOutcome, Command, DepRef, NewTask, NewToken, Op, Output, Report, ReportKind,
-    ReportOutcome, Response, Submitted,
+    ReportOutcome, Response, Submitted, BASE_COMMAND_VERSION, COMMAND_VERSION,
 };
 pub use error::Rejection;
 pub use explain::{Blocker, Explanation};

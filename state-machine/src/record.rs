@@ -41,8 +41,13 @@ pub enum RecordKey {
     Worker(WorkerId),
     /// One replicated API token, by name.
     Token(String),
+    /// The cluster's command version (absent: [`crate::BASE_COMMAND_VERSION`]).
+    ClusterVersion,
 }
 
+/// Sorts before every other key; written only once the version was raised, so states of
+/// the first release have the same records and digests as before.
+const VERSION_PREFIX: u8 = b'c';
 const META_PREFIX: u8 = b'm';
 const TASK_PREFIX: u8 = b't';
 const WORKER_PREFIX: u8 = b'w';
@@ -64,6 +69,7 @@ impl RecordKey {
     pub fn encode(&self) -> Vec<u8> {
         match self {
             RecordKey::Meta => vec![META_PREFIX],
+            RecordKey::ClusterVersion => vec![VERSION_PREFIX],
             RecordKey::TaskChunk(n) => {
                 let mut k = Vec::with_capacity(9);
                 k.push(TASK_PREFIX);
@@ -89,6 +95,7 @@ impl RecordKey {
     pub fn decode(bytes: &[u8]) -> Result<RecordKey, RecordError> {
         match bytes.split_first() {
             Some((&META_PREFIX, [])) => Ok(RecordKey::Meta),
+            Some((&VERSION_PREFIX, [])) => Ok(RecordKey::ClusterVersion),
             Some((&TASK_PREFIX, rest)) if rest.len() == 8 => {
                 Ok(RecordKey::TaskChunk(u64::from_be_bytes(rest.try_into().expect("8 bytes"))))
             }
@@ -104,7 +111,10 @@ impl RecordKey {
 
     /// True for bytes that could be a record key (the store keeps its own keys elsewhere).
     pub fn is_record_key(bytes: &[u8]) -> bool {
-        matches!(bytes.first(), Some(&META_PREFIX | &TASK_PREFIX | &WORKER_PREFIX | &TOKEN_PREFIX))
+        matches!(
+            bytes.first(),
+            Some(&VERSION_PREFIX | &META_PREFIX | &TASK_PREFIX | &WORKER_PREFIX | &TOKEN_PREFIX)
+        )
     }
 }
 
@@ -119,6 +129,8 @@ pub enum Record {
     Worker(Worker),
     /// A replicated API token.
     Token(ApiToken),
+    /// The cluster's command version.
+    ClusterVersion(u32),
 }
 
 /// A record value, borrowed from the state. Serializes exactly like [`Record`].
@@ -132,6 +144,8 @@ pub enum RecordRef<'a> {
     Worker(&'a Worker),
     /// A replicated API token.
     Token(&'a ApiToken),
+    /// The cluster's command version.
+    ClusterVersion(u32),
 }
 
 impl RecordRef<'_> {
@@ -256,6 +270,7 @@ pub struct StateLoader {
     tasks: Vec<Task>,
     workers: Vec<Worker>,
     tokens: Vec<ApiToken>,
+    cluster_version: Option<u32>,
 }
 
 impl StateLoader {
@@ -278,6 +293,9 @@ impl StateLoader {
             }
             (Record::Worker(w), RecordKey::Worker(id)) if w.spec.id == *id => self.workers.push(w),
             (Record::Token(t), RecordKey::Token(name)) if t.name == *name => self.tokens.push(t),
+            (Record::ClusterVersion(v), RecordKey::ClusterVersion) => {
+                self.cluster_version = Some(v)
+            }
             _ => return Err(RecordError::Mismatch(key)),
         }
         Ok(())
@@ -286,12 +304,14 @@ impl StateLoader {
     /// The state (an empty one if no meta record was seen: a fresh store).
     pub fn finish(mut self) -> SchedulerState {
         self.tasks.sort_by_key(|t| t.id);
-        SchedulerState::from_records(
+        let mut s = SchedulerState::from_records(
             self.meta.unwrap_or_else(Meta::initial),
             self.tasks,
             self.workers,
             self.tokens,
-        )
+        );
+        s.cluster_version = self.cluster_version.unwrap_or(crate::BASE_COMMAND_VERSION);
+        s
     }
 }
 
@@ -307,11 +327,16 @@ impl SchedulerState {
             }
             RecordKey::Worker(id) => self.workers.get(id).map(|w| RecordRef::Worker(w).encode()),
             RecordKey::Token(name) => self.tokens.get(name).map(|t| RecordRef::Token(t).encode()),
+            RecordKey::ClusterVersion => (self.cluster_version != crate::BASE_COMMAND_VERSION)
+                .then(|| RecordRef::ClusterVersion(self.cluster_version).encode()),
         }
     }
 
-    /// Every record, in key order (meta, task chunks, workers by id, tokens by name).
+    /// Every record, in key order (the cluster version once raised, meta, task chunks,
+    /// workers by id, tokens by name).
     pub fn records(&self) -> impl Iterator<Item = (RecordKey, RecordRef<'_>)> {
+        let version = (self.cluster_version != crate::BASE_COMMAND_VERSION)
+            .then_some((RecordKey::ClusterVersion, RecordRef::ClusterVersion(self.cluster_version)));
         let mut chunks: Vec<(RecordKey, RecordRef<'_>)> = Vec::new();
         for (id, t) in &self.tasks {
             let key = RecordKey::of_task(*id);
@@ -320,7 +345,7 @@ impl SchedulerState {
                 _ => chunks.push((key, RecordRef::TaskChunk(vec![&**t]))),
             }
         }
-        std::iter::once((RecordKey::Meta, RecordRef::Meta(&self.meta))).chain(chunks).chain(
+        version.into_iter().chain(std::iter::once((RecordKey::Meta, RecordRef::Meta(&self.meta)))).chain(chunks).chain(
             self.workers
                 .iter()
                 .map(|(id, w)| (RecordKey::Worker(id.clone()), RecordRef::Worker(w)))
@@ -349,6 +374,7 @@ mod tests {
     #[test]
     fn keys_round_trip_and_sort_like_records() {
         let keys = vec![
+            RecordKey::ClusterVersion,
             RecordKey::Meta,
             RecordKey::TaskChunk(0),
             RecordKey::TaskChunk(256),

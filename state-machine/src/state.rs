@@ -79,6 +79,8 @@ pub struct SchedulerState {
     /// Token names by secret digest (a point lookup per authenticated request).
     pub(crate) token_digests: std::collections::HashMap<[u8; 32], String>,
     pub(crate) idx: Indexes,
+    /// The cluster's command version (see [`crate::COMMAND_VERSION`]).
+    pub(crate) cluster_version: u32,
     changes: Changes,
 }
 
@@ -97,8 +99,14 @@ impl SchedulerState {
             tokens: BTreeMap::new(),
             token_digests: std::collections::HashMap::new(),
             idx: Indexes::default(),
+            cluster_version: crate::BASE_COMMAND_VERSION,
             changes: Changes::default(),
         }
+    }
+
+    /// The cluster's command version: operations of kinds up to it are accepted.
+    pub fn cluster_version(&self) -> u32 {
+        self.cluster_version
     }
 
     /// Rebuild a state (records and every index) from its records alone.
@@ -283,7 +291,24 @@ impl SchedulerState {
     }
 
     fn apply_op(&mut self, now: Millis, op: &Op) -> Response {
+        // A kind some member may not decode is refused (a batch's items are judged one by
+        // one); the leader raises the version first, so this holds only against races.
+        let exempt = matches!(op, Op::Batch(_) | Op::SetClusterVersion { .. });
+        if !exempt && op.version() > self.cluster_version {
+            return Err(Rejection::ClusterVersion {
+                kind: op.kind().to_string(),
+                needed: op.version(),
+                current: self.cluster_version,
+            });
+        }
         match op {
+            Op::SetClusterVersion { version } => {
+                if *version > self.cluster_version {
+                    self.cluster_version = *version;
+                    self.touch(RecordKey::ClusterVersion);
+                }
+                Ok(Output::ClusterVersion { version: self.cluster_version })
+            }
             Op::Submit { tasks } => self.submit(now, tasks),
             Op::Cancel { ids, reason } => Ok(self.cancel(now, ids, reason)),
             Op::RegisterWorker { spec, instance } => self.register_worker(now, spec, *instance, ""),

@@ -965,3 +965,54 @@ fn planned_at_of_a_batch_is_its_earliest_assign() {
     assert_eq!(batch.planned_at(), Some(4));
     assert_eq!(Op::Batch(vec![Op::AdvanceTime]).planned_at(), None);
 }
+
+// ----- cluster command version ------------------------------------------------------------
+
+/// Rebuild the state from its encoded records, as a restart or a snapshot install does.
+fn reloaded(s: &SchedulerState) -> SchedulerState {
+    let mut loader = StateLoader::new();
+    for (k, v) in s.records() {
+        loader.add(&k.encode(), &v.encode()).unwrap();
+    }
+    loader.finish()
+}
+
+#[test]
+fn the_cluster_version_starts_at_the_base_and_only_rises() {
+    let mut h = H::base();
+    h.submit1(spec("a"));
+    assert_eq!(h.s.cluster_version(), BASE_COMMAND_VERSION);
+    // A state of the first release has no version record: same records, same digest.
+    assert!(h.s.records().all(|(k, _)| k != RecordKey::ClusterVersion));
+    let before = h.s.digest();
+
+    h.s.take_changes();
+    let r = h.apply(Op::SetClusterVersion { version: 2 });
+    assert_eq!(r, Ok(Output::ClusterVersion { version: 2 }));
+    assert!(h.s.take_changes().records.contains(&RecordKey::ClusterVersion));
+    assert_ne!(h.s.digest(), before, "the version is part of the replicated state");
+    let back = reloaded(&h.s);
+    assert_eq!(back.cluster_version(), 2);
+    assert_eq!(back.digest(), h.s.digest());
+
+    // Lowering is ignored, and changes nothing.
+    let digest = h.s.digest();
+    let r = h.apply(Op::SetClusterVersion { version: 1 });
+    assert_eq!(r, Ok(Output::ClusterVersion { version: 2 }));
+    assert_eq!(h.s.digest(), digest);
+}
+
+#[test]
+fn every_kind_has_a_version_within_this_build() {
+    let ops = [
+        Op::AdvanceTime,
+        Op::SetClusterVersion { version: 2 },
+        Op::Batch(vec![Op::AdvanceTime, Op::SetClusterVersion { version: 2 }]),
+        Op::Batch(vec![]),
+    ];
+    for op in &ops {
+        assert!((BASE_COMMAND_VERSION..=COMMAND_VERSION).contains(&op.version()), "{op:?}");
+    }
+    assert_eq!(ops[2].version(), 2, "a batch needs its newest operation's version");
+    assert_eq!(ops[3].version(), BASE_COMMAND_VERSION);
+}

@@ -171,6 +171,8 @@ impl Model {
             Op::CreateToken { .. } | Op::RevokeToken { .. } => {
                 panic!("the generator makes no token commands")
             }
+            // The version touches no task or worker; tests/apply.rs covers it.
+            Op::SetClusterVersion { .. } => panic!("the generator makes no version commands"),
             Op::DrainWorker { worker } => match self.workers.get_mut(&worker.0) {
                 Some(w) if w.alive => {
                     w.draining = true;

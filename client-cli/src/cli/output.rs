@@ -485,16 +485,23 @@ pub fn status_json(s: &pb::ClusterStatusResponse) -> Value {
                 "leader_id": n.leader_id,
                 "matched_index": n.matched_index,
                 "digest": n.digest,
+                "command_version": n.command_version,
             })
         })
         .collect();
-    json!({ "leader_id": s.leader_id, "term": s.term, "nodes": nodes })
+    json!({
+        "leader_id": s.leader_id,
+        "term": s.term,
+        "cluster_version": s.cluster_version,
+        "nodes": nodes,
+    })
 }
 
 /// The human view of the cluster status.
 pub fn status_text(s: &pb::ClusterStatusResponse) -> String {
     let leader = if s.leader_id == 0 { "none".to_string() } else { s.leader_id.to_string() };
-    let mut out = format!("leader: {leader}   term: {}\n\n", s.term);
+    let mut out =
+        format!("leader: {leader}   term: {}   version: {}\n\n", s.term, s.cluster_version);
     if s.nodes.is_empty() {
         out.push_str(
             "this node has no cluster yet: initialise it with `schedctl cluster init --member \
@@ -514,6 +521,7 @@ pub fn status_text(s: &pb::ClusterStatusResponse) -> String {
         "APPLIED",
         "SNAPSHOT",
         "MATCHED",
+        "VERSION",
     ]);
     for n in &s.nodes {
         let role = if n.reachable { n.role.clone() } else { "-".into() };
@@ -532,6 +540,7 @@ pub fn status_text(s: &pb::ClusterStatusResponse) -> String {
             n.applied_index.to_string(),
             n.snapshot_index.to_string(),
             if n.matched_index == 0 { "-".into() } else { n.matched_index.to_string() },
+            if n.command_version == 0 { "-".into() } else { n.command_version.to_string() },
         ]);
     }
     out.push_str(&t.render());

@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::internal::v1 as ipb;
 use proto::pb;
 use proto::pb::cluster_client::ClusterClient;
 use state_machine::{ApiToken, NewToken, Op, Output, Rejection, Role};
@@ -55,36 +54,11 @@ impl ClusterApi {
     async fn status(&self) -> NodeResult<pb::ClusterStatusResponse> {
         let raft = &self.node.raft;
         let local = raft.local_status(false);
-        let members = raft.members();
         let matched = raft.replication();
-        let mut calls = Vec::new();
-        for (id, (info, voter)) in members {
-            let node = self.node.clone();
-            calls.push(tokio::spawn(async move {
-                let reply: Result<ipb::NodeStatusReply, String> = if id == node.raft.id() {
-                    Ok(node.raft.local_status(false))
-                } else {
-                    match node.peer(info.peer()) {
-                        Err(e) => Err(e.to_string()),
-                        Ok(mut c) => {
-                            let mut req = Request::new(ipb::NodeStatusRequest { digest: false });
-                            req.set_timeout(Duration::from_secs(1));
-                            c.node_status(req)
-                                .await
-                                .map(|r| r.into_inner())
-                                .map_err(|s| s.message().to_string())
-                        }
-                    }
-                };
-                (id, info, voter, reply)
-            }));
-        }
         let mut nodes = Vec::new();
-        for c in calls {
-            let (id, info, voter, reply) =
-                c.await.map_err(|e| NodeError::Internal(e.to_string()))?;
-            let addr = info.addr;
-            let mut n = match reply {
+        for m in self.node.member_statuses(Duration::from_secs(1)).await {
+            let (id, voter, addr) = (m.id, m.voter, m.info.addr);
+            let mut n = match m.reply {
                 Ok(r) => pb::NodeStatus {
                     id,
                     addr,
@@ -98,6 +72,7 @@ impl ClusterApi {
                     snapshot_index: r.snapshot_index,
                     purged_index: r.purged_index,
                     leader_id: r.leader_id,
+                    command_version: r.command_version,
                     ..Default::default()
                 },
                 Err(e) => pb::NodeStatus {
@@ -110,10 +85,16 @@ impl ClusterApi {
                 },
             };
             n.matched_index = matched.get(&id).copied().unwrap_or(0);
-            n.peer_addr = info.peer_addr.unwrap_or_default();
+            n.peer_addr = m.info.peer_addr.unwrap_or_default();
             nodes.push(n);
         }
-        Ok(pb::ClusterStatusResponse { leader_id: local.leader_id, term: local.term, nodes })
+        let cluster_version = self.node.local(|s| s.cluster_version());
+        Ok(pb::ClusterStatusResponse {
+            leader_id: local.leader_id,
+            term: local.term,
+            nodes,
+            cluster_version,
+        })
     }
 }
 
@@ -345,12 +326,17 @@ impl pb::cluster_server::Cluster for ClusterApi {
         } else if let Err((field, why)) = member_addrs(&r.addr, &r.peer_addr) {
             Err(Rejection::invalid(field, why).into())
         } else {
-            self.node
-                .raft
-                .add_learner(r.id, NodeInfo::with_peer(r.addr, Some(r.peer_addr)), wait)
-                .await
-                .map(|matched_index| pb::AddLearnerResponse { matched_index })
-                .map_err(NodeError::from)
+            let info = NodeInfo::with_peer(r.addr, Some(r.peer_addr));
+            match self.node.check_joiner_version(r.id, &info).await {
+                Err(e) => Err(e),
+                Ok(()) => self
+                    .node
+                    .raft
+                    .add_learner(r.id, info, wait)
+                    .await
+                    .map(|matched_index| pb::AddLearnerResponse { matched_index })
+                    .map_err(NodeError::from),
+            }
         };
         answer(&self.node, out)
     }

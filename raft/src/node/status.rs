@@ -29,6 +29,7 @@ impl RaftNode {
             purged_index: m.purged.map_or(0, |l| l.index),
             leader_id: m.current_leader.unwrap_or(0),
             digest,
+            command_version: self.sm.command_version(),
         }
     }
 

@@ -12,7 +12,17 @@ pub struct H {
 }
 
 impl H {
+    /// A fresh state at this build's command version (every kind of operation accepted).
     pub fn new() -> Self {
+        let mut h = H::base();
+        h.s.apply(&Command::new(0, Op::SetClusterVersion { version: COMMAND_VERSION }))
+            .expect("a fresh state takes any version");
+        h.s.take_changes();
+        h
+    }
+
+    /// A fresh state as a new cluster starts: at the base command version.
+    pub fn base() -> Self {
         H { s: SchedulerState::new(), now: 1_000 }
     }
 

@@ -642,7 +642,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("id", "addr", "voter", "reachable", "error", "role", "term", "last_log_index", "committed_index", "applied_index", "snapshot_index", "purged_index", "leader_id", "digest", "matched_index", "peer_addr")
+    __slots__ = ("id", "addr", "voter", "reachable", "error", "role", "term", "last_log_index", "committed_index", "applied_index", "snapshot_index", "purged_index", "leader_id", "digest", "matched_index", "peer_addr", "command_version")
     ID_FIELD_NUMBER: _ClassVar[int]
     ADDR_FIELD_NUMBER: _ClassVar[int]
     VOTER_FIELD_NUMBER: _ClassVar[int]
@@ -659,6 +659,7 @@ class NodeStatus(_message.Message):
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     MATCHED_INDEX_FIELD_NUMBER: _ClassVar[int]
     PEER_ADDR_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_VERSION_FIELD_NUMBER: _ClassVar[int]
     id: int
     addr: str
     voter: bool
@@ -675,17 +676,20 @@ class NodeStatus(_message.Message):
     digest: int
     matched_index: int
     peer_addr: str
-    def __init__(self, id: _Optional[int] = ..., addr: _Optional[str] = ..., voter: _Optional[bool] = ..., reachable: _Optional[bool] = ..., error: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., last_log_index: _Optional[int] = ..., committed_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., snapshot_index: _Optional[int] = ..., purged_index: _Optional[int] = ..., leader_id: _Optional[int] = ..., digest: _Optional[int] = ..., matched_index: _Optional[int] = ..., peer_addr: _Optional[str] = ...) -> None: ...
+    command_version: int
+    def __init__(self, id: _Optional[int] = ..., addr: _Optional[str] = ..., voter: _Optional[bool] = ..., reachable: _Optional[bool] = ..., error: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., last_log_index: _Optional[int] = ..., committed_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., snapshot_index: _Optional[int] = ..., purged_index: _Optional[int] = ..., leader_id: _Optional[int] = ..., digest: _Optional[int] = ..., matched_index: _Optional[int] = ..., peer_addr: _Optional[str] = ..., command_version: _Optional[int] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
-    __slots__ = ("leader_id", "term", "nodes")
+    __slots__ = ("leader_id", "term", "nodes", "cluster_version")
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     leader_id: int
     term: int
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
-    def __init__(self, leader_id: _Optional[int] = ..., term: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ...) -> None: ...
+    cluster_version: int
+    def __init__(self, leader_id: _Optional[int] = ..., term: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., cluster_version: _Optional[int] = ...) -> None: ...
 
 class AddLearnerRequest(_message.Message):
     __slots__ = ("id", "addr", "wait_ms", "peer_addr")
