@@ -191,6 +191,18 @@ impl ChaosCluster {
         Ok(c.node_status(ipb::NodeStatusRequest { digest }).await?.into_inner())
     }
 
+    /// Set an environment variable for node `id`'s next starts (a later value wins).
+    pub fn set_env(&mut self, id: u64, key: &str, value: &str) -> Result<()> {
+        let i = self.index(id)?;
+        self.local.nodes[i].process_mut().spec_mut().env.push((key.into(), value.into()));
+        Ok(())
+    }
+
+    /// Whether node `id`'s process is running (a paused one is).
+    pub fn is_running(&self, id: u64) -> bool {
+        self.local.index_of(id).is_some_and(|i| self.local.nodes[i].is_running())
+    }
+
     /// The data directory of the run.
     pub fn dir(&self) -> &Path {
         self.local.dir()

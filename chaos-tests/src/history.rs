@@ -407,9 +407,11 @@ pub mod fault {
     pub const CLUSTER_RESTART: &str = "cluster-restart";
     /// Adding/promoting/removing members.
     pub const MEMBERSHIP_CHANGE: &str = "membership-change";
+    /// Every member restarted, one at a time, from an older command version to this build's.
+    pub const ROLLING_UPGRADE: &str = "rolling-upgrade";
 
     /// Every known kind.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         KILL_LEADER,
         KILL_FOLLOWER,
         PAUSE_LEADER,
@@ -419,6 +421,7 @@ pub mod fault {
         WORKER_PAUSE,
         CLUSTER_RESTART,
         MEMBERSHIP_CHANGE,
+        ROLLING_UPGRADE,
     ];
 
     /// Kinds that take the leader away, after which failover time is measured.

@@ -23,3 +23,4 @@ pub mod cluster;
 pub mod history;
 pub mod proxy;
 pub mod scenario;
+pub mod upgrade;

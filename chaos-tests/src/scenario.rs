@@ -27,6 +27,7 @@ use client::local::{Proc, ProcSpec};
 
 use crate::cluster::{channel, ChaosCluster};
 use crate::history::{fault, read_histories, EventKind, HistoryWriter, RunClock};
+use crate::upgrade;
 
 /// Size of a run.
 #[derive(Clone, Debug)]
@@ -49,6 +50,11 @@ pub struct ChaosConfig {
     pub cluster_restarts: usize,
     /// Add a node, promote it, remove another (under load).
     pub membership_changes: usize,
+    /// Start every node as a release with this command version would run
+    /// (`SCHED_COMMAND_VERSION`); `None`: this build's.
+    pub start_command_version: Option<u32>,
+    /// Rolling upgrades from `start_command_version` to this build, one member at a time.
+    pub rolling_upgrades: usize,
     /// Pause between submits.
     pub submit_interval: Duration,
     /// Where to keep data dirs, logs and the history.
@@ -68,8 +74,29 @@ impl ChaosConfig {
             partitions: 2,
             cluster_restarts: 2,
             membership_changes: 1,
+            start_command_version: None,
+            rolling_upgrades: 0,
             submit_interval: Duration::from_millis(40),
             dir,
+        }
+    }
+
+    /// A rolling upgrade under load: every node starts as the previous release (the base
+    /// command version), and is restarted as this build one at a time, among a few other
+    /// faults.
+    pub fn upgrade(seed: u64, dir: PathBuf) -> Self {
+        ChaosConfig {
+            tasks: 200,
+            leader_kills: 1,
+            follower_kills: 0,
+            pauses: 1,
+            worker_pauses: 1,
+            partitions: 0,
+            cluster_restarts: 0,
+            membership_changes: 0,
+            start_command_version: Some(state_machine::BASE_COMMAND_VERSION),
+            rolling_upgrades: 1,
+            ..ChaosConfig::smoke(seed, dir)
         }
     }
 
@@ -403,6 +430,7 @@ fn fault_plan(cfg: &ChaosConfig, rng: &mut StdRng) -> Vec<&'static str> {
     }
     plan.extend(std::iter::repeat_n(fault::CLUSTER_RESTART, cfg.cluster_restarts));
     plan.extend(std::iter::repeat_n(fault::MEMBERSHIP_CHANGE, cfg.membership_changes));
+    plan.extend(std::iter::repeat_n(fault::ROLLING_UPGRADE, cfg.rolling_upgrades));
     plan.shuffle(rng);
     plan
 }
@@ -514,6 +542,40 @@ async fn run_fault(
             members.push(new_id);
             cluster.lock().await.kill(victim);
         }
+        fault::ROLLING_UPGRADE => {
+            let to = state_machine::COMMAND_VERSION;
+            start(format!("{members:?} to command version {to}, leader {leader} last"));
+            let mut order: Vec<u64> = members.iter().copied().filter(|m| *m != leader).collect();
+            order.push(leader);
+            let any = cluster.lock().await.endpoints(members);
+            let admin = client::Client::new(any)?.with_retry_budget(Duration::from_secs(20));
+            for m in &order {
+                // While any member runs the old release, a newer kind must be refused.
+                if let Err(e) = upgrade::newer_kind_refused(&admin).await {
+                    rec.record(EventKind::HarnessError { what: format!("rolling upgrade: {e}") });
+                }
+                {
+                    let mut c = cluster.lock().await;
+                    c.kill(*m);
+                    c.set_env(*m, "SCHED_COMMAND_VERSION", &to.to_string())?;
+                    c.start(*m)?;
+                }
+                let c = cluster.lock().await;
+                c.wait_leader(members, Duration::from_secs(30)).await?;
+                upgrade::wait_caught_up(&c, members, *m).await?;
+            }
+            if let Err(e) = upgrade::newer_kind_accepted(&admin, to).await {
+                rec.record(EventKind::HarnessError { what: format!("rolling upgrade: {e}") });
+            }
+            let c = cluster.lock().await;
+            for m in members.iter() {
+                if !c.is_running(*m) {
+                    rec.record(EventKind::HarnessError {
+                        what: format!("rolling upgrade: node {m} stopped"),
+                    });
+                }
+            }
+        }
         other => bail!("unknown fault {other}"),
     }
     rec.record(EventKind::FaultEnd { id });
@@ -535,8 +597,13 @@ pub async fn run(cfg: ChaosConfig) -> Result<Outcome> {
     };
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut members: Vec<u64> = vec![1, 2, 3];
-    let cluster =
-        Arc::new(tokio::sync::Mutex::new(ChaosCluster::new(&cfg.dir, 3, NODE_CONFIG).await?));
+    let mut first = ChaosCluster::new(&cfg.dir, 3, NODE_CONFIG).await?;
+    if let Some(v) = cfg.start_command_version {
+        for id in 1..=3 {
+            first.set_env(id, "SCHED_COMMAND_VERSION", &v.to_string())?;
+        }
+    }
+    let cluster = Arc::new(tokio::sync::Mutex::new(first));
     {
         // Starts nodes 1-3, initializes them as the members, waits for a leader.
         let mut c = cluster.lock().await;

@@ -150,6 +150,11 @@ impl Proc {
         &self.spec
     }
 
+    /// The spec, to change how the next start runs it (e.g. an upgrade test's new version).
+    pub fn spec_mut(&mut self) -> &mut ProcSpec {
+        &mut self.spec
+    }
+
     /// Its log file.
     pub fn log(&self) -> &Path {
         &self.spec.log
