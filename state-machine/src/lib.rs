@@ -38,8 +38,8 @@ pub use error::Rejection;
 pub use explain::{Blocker, Explanation};
 pub use model::{
     ApiToken, AttemptFailure, DeathReason, FailureKind, Fence, Meta, Millis, PausedQueue,
-    Resources, RetryPolicy, Role, Task, TaskId, TaskSpec, TaskState, TaskStateKind, Worker, WorkerId,
-    WorkerSpec, WorkerStatus,
+    Resources, RetryPolicy, Role, Task, TaskId, TaskSpec, TaskState, TaskStateKind, Worker,
+    WorkerId, WorkerSpec, WorkerStatus,
 };
 pub use planner::{plan, plan_after_reports, Plan, PlanPolicy, Reservation};
 pub use record::{Record, RecordKey, RecordRef, StateLoader};

@@ -417,9 +417,7 @@ impl SchedulerState {
         // Key bytes sort `m` < `q` < `t` < `w` < `x`.
         std::iter::once((RecordKey::Meta, RecordRef::Meta(&self.meta)))
             .chain(
-                self.paused
-                    .iter()
-                    .map(|(n, q)| (RecordKey::Queue(n.clone()), RecordRef::Queue(q))),
+                self.paused.iter().map(|(n, q)| (RecordKey::Queue(n.clone()), RecordRef::Queue(q))),
             )
             .chain(chunks)
             .chain(
@@ -477,6 +475,50 @@ mod tests {
         let mut bad = v.clone();
         bad[0] = 9;
         assert_eq!(Record::decode(&bad), Err(RecordError::UnknownVersion(9)));
+    }
+
+    #[test]
+    fn version_3_tasks_decode_as_never_retried() {
+        use crate::model::{AttemptFailure, Fence, TaskSpec, TaskState};
+        // The version 3 shape, written the way version 3 wrote it.
+        #[derive(serde::Serialize)]
+        #[allow(clippy::type_complexity)]
+        struct TaskV3(
+            TaskId,
+            TaskSpec,
+            Vec<TaskId>,
+            u64,
+            u64,
+            u32,
+            Fence,
+            Option<Box<AttemptFailure>>,
+            TaskState,
+        );
+        #[derive(serde::Serialize)]
+        enum RecordV3 {
+            _Meta(Meta),
+            TaskChunk(Vec<TaskV3>),
+        }
+        let old = TaskV3(
+            TaskId(5),
+            TaskSpec::new("a"),
+            vec![TaskId(4)],
+            1,
+            2,
+            3,
+            Fence(9),
+            None,
+            TaskState::Failed { at: 2 },
+        );
+        let mut bytes = vec![3u8];
+        bytes.extend(postcard::to_allocvec(&RecordV3::TaskChunk(vec![old])).unwrap());
+        let Record::TaskChunk(tasks) = Record::decode(&bytes).unwrap() else { panic!("tasks") };
+        let t = &tasks[0];
+        assert_eq!((t.id, t.attempt, t.last_fence, t.attempt_base), (TaskId(5), 3, Fence(9), 0));
+        assert_eq!(
+            (t.deps.clone(), t.state.clone()),
+            (vec![TaskId(4)], TaskState::Failed { at: 2 })
+        );
     }
 
     #[test]

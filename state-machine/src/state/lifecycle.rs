@@ -30,9 +30,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::SchedulerState;
 use crate::command::{Output, Response};
 use crate::error::Rejection;
-use crate::model::{
-    Millis, PausedQueue, TaskId, TaskState, TaskStateKind, WorkerId, WorkerStatus,
-};
+use crate::model::{Millis, PausedQueue, TaskId, TaskState, TaskStateKind, WorkerId, WorkerStatus};
 use crate::record::RecordKey;
 use crate::validate::{self, HARD};
 
@@ -41,14 +39,16 @@ pub const MAX_PAUSED_QUEUES: usize = 1_024;
 
 /// Failed, Cancelled or UpstreamFailed: ended without success.
 fn ended_badly(kind: TaskStateKind) -> bool {
-    matches!(
-        kind,
-        TaskStateKind::Failed | TaskStateKind::Cancelled | TaskStateKind::UpstreamFailed
-    )
+    matches!(kind, TaskStateKind::Failed | TaskStateKind::Cancelled | TaskStateKind::UpstreamFailed)
 }
 
 impl SchedulerState {
-    pub(super) fn retry_task(&mut self, now: Millis, id: TaskId, with_dependents: bool) -> Response {
+    pub(super) fn retry_task(
+        &mut self,
+        now: Millis,
+        id: TaskId,
+        with_dependents: bool,
+    ) -> Response {
         let task = self.tasks.get(&id).ok_or(Rejection::TaskNotFound { task: id })?;
         let kind = task.state.kind();
         if !ended_badly(kind) {
