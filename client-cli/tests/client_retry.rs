@@ -135,6 +135,34 @@ impl Tasks for Fake {
         Err(Status::unimplemented("fake"))
     }
 
+    async fn retry_task(
+        &self,
+        _: Request<pb::RetryTaskRequest>,
+    ) -> Result<Response<pb::RetryTaskResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn pause_queue(
+        &self,
+        _: Request<pb::PauseQueueRequest>,
+    ) -> Result<Response<pb::PauseQueueResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn resume_queue(
+        &self,
+        _: Request<pb::ResumeQueueRequest>,
+    ) -> Result<Response<pb::ResumeQueueResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn list_queues(
+        &self,
+        _: Request<pb::ListQueuesRequest>,
+    ) -> Result<Response<pb::ListQueuesResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
     type WatchTaskStream = BoxStream<pb::Task>;
 
     async fn watch_task(

@@ -95,12 +95,14 @@ pub fn need_of(path: &str) -> Need {
         }
         s if s.starts_with("raftsched.internal.") => Need::Peer,
         "scheduler.v1.Tasks" => match method {
-            "SubmitTasks" | "CancelTasks" => Need::Submitter,
+            "SubmitTasks" | "CancelTasks" | "RetryTask" => Need::Submitter,
+            "PauseQueue" | "ResumeQueue" => Need::Admin,
             "GetTask" => Need::ReaderOrWorker,
             _ => Need::Reader,
         },
         "scheduler.v1.Workers" => match method {
             "ListWorkers" => Need::Reader,
+            "RemoveWorker" => Need::Admin,
             _ => Need::Worker,
         },
         "scheduler.v1.Cluster" => match method {
@@ -546,6 +548,10 @@ worker_id_prefix = "gpu-"
         ("/scheduler.v1.Tasks/ExplainTask", true, true, true, false),
         ("/scheduler.v1.Tasks/WatchTask", true, true, true, false),
         ("/scheduler.v1.Tasks/WatchEvents", true, true, true, false),
+        ("/scheduler.v1.Tasks/RetryTask", true, true, false, false),
+        ("/scheduler.v1.Tasks/PauseQueue", true, false, false, false),
+        ("/scheduler.v1.Tasks/ResumeQueue", true, false, false, false),
+        ("/scheduler.v1.Tasks/ListQueues", true, true, true, false),
         ("/scheduler.v1.Workers/RegisterWorker", true, false, false, true),
         ("/scheduler.v1.Workers/OpenAssignments", true, false, false, true),
         ("/scheduler.v1.Workers/Heartbeat", true, false, false, true),
@@ -556,6 +562,8 @@ worker_id_prefix = "gpu-"
         ("/scheduler.v1.Workers/DrainWorker", true, false, false, true),
         ("/scheduler.v1.Workers/DeregisterWorker", true, false, false, true),
         ("/scheduler.v1.Workers/ListWorkers", true, true, true, false),
+        ("/scheduler.v1.Workers/UndrainWorker", true, false, false, true),
+        ("/scheduler.v1.Workers/RemoveWorker", true, false, false, false),
         ("/scheduler.v1.Cluster/InitCluster", true, false, false, false),
         ("/scheduler.v1.Cluster/Status", true, true, true, false),
         ("/scheduler.v1.Cluster/AddLearner", true, false, false, false),

@@ -159,7 +159,8 @@ async fn dashboard_shows_the_cluster_and_follows_changes_live() {
 }
 
 /// With TLS and tokens: the page asks for a token, a reader sees tasks but no cancel button
-/// and no fencing token, a submitter cancels from the page and sees the change live.
+/// and no fencing token, a submitter cancels from the page and sees the change live, then
+/// retries the cancelled task from the page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dashboard_asks_for_a_token_and_offers_actions_by_role() {
     if !Browser::available() {
@@ -240,11 +241,22 @@ async fn dashboard_asks_for_a_token_and_offers_actions_by_role() {
             WITHIN,
         );
         b.screenshot(&shots.join("task-cancelled.png"));
+        // The cancelled task offers Retry; it runs again (queued) and the button goes away.
+        b.wait_for("the retry button", "document.querySelector('#retry-task') !== null", WITHIN);
+        b.eval("window.confirm = () => true; document.querySelector('#retry-task').click(); true");
+        b.wait_for(
+            "the retried task on the page",
+            "document.querySelector('h1 [data-state=queued]') !== null && \
+             document.querySelector('#retry-task') === null && \
+             document.querySelector('#cancel-task') !== null",
+            WITHIN,
+        );
     })
     .await
     .expect("the browser script");
     let t = client.get_task(parked).await.unwrap();
-    assert_eq!(t.state, pb::TaskState::Cancelled as i32);
+    assert_eq!(t.state, pb::TaskState::Queued as i32, "cancelled, then retried from the page");
+    assert_eq!(t.cancel_reason, "", "{t:?}");
     for i in 0..3 {
         assert!(c.nodes[i].is_running(), "node {i} died");
         c.wait_serving(i, Duration::from_secs(10)).await.expect("still serving");

@@ -291,6 +291,71 @@ async fn json_api_roles_validation_events_and_metrics() {
     }
     grafana_names_exist(&page);
 
+    // Retry: the reader may not; the body is checked; the submitter runs the cancelled task
+    // again (through a follower); a second retry of the now queued task is a conflict.
+    let retry = format!("/api/v1/tasks/{parked}/retry");
+    let (code, body) = call(&sec, &fh, "POST", &retry, Some(reader), &ctype, "{}").await;
+    assert_eq!(code, 403, "{body}");
+    assert!(json(&body)["error"].as_str().unwrap().contains("submitter"), "{body}");
+    for (bad, field) in [(r#"{"with_dependents": "yes"}"#, "with_dependents"), (r#"{"x": 1}"#, "x")]
+    {
+        let (code, body) = call(&sec, &fh, "POST", &retry, Some(submitter), &ctype, bad).await;
+        assert!(code == 400 && body.contains(field), "{code} {body}");
+    }
+    let (code, body) = call(&sec, &fh, "POST", &retry, Some(submitter), &[], "{}").await;
+    assert_eq!(code, 415, "{body}");
+    assert_eq!(client.get_task(parked).await.unwrap().state, pb::TaskState::Cancelled as i32);
+    let (code, body) = call(&sec, &fh, "POST", &retry, Some(submitter), &ctype, "").await;
+    assert_eq!(code, 200, "{body}");
+    let v = json(&body);
+    assert_eq!(
+        (v["retried"][0]["id"].as_u64(), v["retried"][0]["state"].as_str()),
+        (Some(parked), Some("queued")),
+        "{body}"
+    );
+    assert_eq!(client.get_task(parked).await.unwrap().state, pb::TaskState::Queued as i32);
+    let (code, body) = call(&sec, &fh, "POST", &retry, Some(submitter), &ctype, "").await;
+    assert_eq!(code, 409, "{body}");
+    assert!(json(&body)["error"].as_str().unwrap().contains("is queued"), "{body}");
+
+    // Undrain: admins (like drain); a drained worker is alive again.
+    let spec = pb::WorkerSpec {
+        id: "w-http".into(),
+        queues: vec!["nothing".into()],
+        slots: 1,
+        ..Default::default()
+    };
+    let reg = client
+        .register_worker(pb::RegisterWorkerRequest { worker: Some(spec), instance: 1 })
+        .await
+        .unwrap();
+    let (code, body) =
+        call(&sec, &fh, "POST", "/api/v1/workers/w-http/undrain", Some(submitter), &ctype, "")
+            .await;
+    assert_eq!(code, 403, "{body}");
+    let (code, body) =
+        call(&sec, &fh, "POST", "/api/v1/workers/w-nobody/undrain", Some(admin), &ctype, "").await;
+    assert_eq!(code, 404, "{body}");
+    let status = |body: &str| {
+        json(body)["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["id"] == "w-http")
+            .map(|w| w["status"].as_str().unwrap().to_string())
+    };
+    let (code, body) =
+        call(&sec, &fh, "POST", "/api/v1/workers/w-http/drain", Some(admin), &ctype, "").await;
+    assert_eq!(code, 200, "{body}");
+    let (_, body) = call(&sec, &lh, "GET", "/api/v1/workers", Some(reader), &[], "").await;
+    assert_eq!(status(&body).as_deref(), Some("draining"), "{body}");
+    let (code, body) =
+        call(&sec, &fh, "POST", "/api/v1/workers/w-http/undrain", Some(admin), &ctype, "").await;
+    assert_eq!((code, json(&body)["draining"].as_bool()), (200, Some(false)), "{body}");
+    let (_, body) = call(&sec, &lh, "GET", "/api/v1/workers", Some(reader), &[], "").await;
+    assert_eq!(status(&body).as_deref(), Some("alive"), "{body}");
+    client.deregister_worker("w-http", reg.session).await.unwrap();
+
     drop(logs);
     for i in 0..3 {
         assert!(c.nodes[i].is_running(), "node {i} died");

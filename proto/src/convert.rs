@@ -387,6 +387,7 @@ mod tests {
             last_fence: sm::Fence(0),
             last_failure: None,
             state: sm::TaskState::Queued { since: 2 },
+            attempt_base: 0,
         };
         let wire = task_to_pb(&task, true);
         assert_eq!(new_task_from_pb(wire.spec.unwrap()).spec, spec);

@@ -128,6 +128,42 @@ pub enum Op {
         /// Its name.
         name: String,
     },
+    /// Run a Failed, Cancelled or UpstreamFailed task again, as a new run: it keeps its id,
+    /// its attempt counter (the next attempt is `attempt + 1`) and its last failure, and its
+    /// retry policy starts over. It returns to Waiting when a dependency has not succeeded
+    /// (refused when one has ended without success: retry that one instead), else to Queued
+    /// (or Delayed until `not_before`). With `with_dependents`, every transitive dependent
+    /// that ended Failed or UpstreamFailed is run again too, unless it also depends on
+    /// another task that ended without success; those dependents wait for this task again.
+    /// Costs one pass over all tasks when `with_dependents` is set.
+    RetryTask {
+        /// The task.
+        task: TaskId,
+        /// Also re-run the failed subtree of dependents.
+        with_dependents: bool,
+    },
+    /// The reverse of [`Op::DrainWorker`]: a draining worker takes new tasks again.
+    UndrainWorker {
+        /// Which worker.
+        worker: WorkerId,
+    },
+    /// Delete a dead worker's record (a live one is refused: it holds or may take tasks, and
+    /// would register again on its next heartbeat).
+    RemoveWorker {
+        /// Which worker.
+        worker: WorkerId,
+    },
+    /// Stop placing the queue's tasks: the planner skips it and apply refuses assignments of
+    /// its tasks; tasks already assigned or running carry on. Pausing twice is a no-op.
+    PauseQueue {
+        /// The queue.
+        queue: String,
+    },
+    /// Place the queue's tasks again. Resuming a queue that is not paused is a no-op.
+    ResumeQueue {
+        /// The queue.
+        queue: String,
+    },
     /// Raise the cluster's command version: from the apply on, operations of kinds up to
     /// `version` are accepted. The leader proposes it only once every member reports that it
     /// applies `version` (see [`Op::version`]). It never lowers the version.
@@ -171,7 +207,12 @@ impl Op {
             | Op::RegisterWorkerAs { .. }
             | Op::CreateToken { .. }
             | Op::RevokeToken { .. } => BASE_COMMAND_VERSION,
-            Op::SetClusterVersion { .. } => 2,
+            Op::RetryTask { .. }
+            | Op::UndrainWorker { .. }
+            | Op::RemoveWorker { .. }
+            | Op::PauseQueue { .. }
+            | Op::ResumeQueue { .. }
+            | Op::SetClusterVersion { .. } => 2,
             Op::Batch(ops) => ops.iter().map(Op::version).max().unwrap_or(BASE_COMMAND_VERSION),
         }
     }
@@ -191,6 +232,11 @@ impl Op {
             Op::Purge { .. } => "purge",
             Op::CreateToken { .. } => "create token",
             Op::RevokeToken { .. } => "revoke token",
+            Op::RetryTask { .. } => "retry task",
+            Op::UndrainWorker { .. } => "undrain worker",
+            Op::RemoveWorker { .. } => "remove worker",
+            Op::PauseQueue { .. } => "pause queue",
+            Op::ResumeQueue { .. } => "resume queue",
             Op::SetClusterVersion { .. } => "set cluster version",
             Op::Batch(_) => "batch",
         }
@@ -369,6 +415,18 @@ pub enum Output {
         tasks: u32,
         /// Workers removed.
         workers: u32,
+    },
+    /// The tasks a retry re-ran (the retried task first, then its dependents in id order),
+    /// with their states after it.
+    Retried(Vec<(TaskId, TaskStateKind)>),
+    /// A worker's record was removed.
+    WorkerRemoved,
+    /// A queue was paused or resumed.
+    QueueUpdated {
+        /// Paused since (log time), or `None`: not paused.
+        paused_since: Option<Millis>,
+        /// False when it already was in the requested state.
+        changed: bool,
     },
     /// The cluster's command version after an [`Op::SetClusterVersion`].
     ClusterVersion {

@@ -78,6 +78,13 @@ pub enum Explanation {
 /// What keeps a queued task from being placed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Blocker {
+    /// An operator paused the task's queue.
+    QueuePaused {
+        /// The queue.
+        queue: String,
+        /// When it was paused (log time).
+        since: Millis,
+    },
     /// No alive worker subscribes to the queue.
     NoWorkerForQueue {
         /// The queue.
@@ -128,6 +135,10 @@ fn amount(resource: &str, n: u64) -> String {
 impl fmt::Display for Blocker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Blocker::QueuePaused { queue, .. } => write!(
+                f,
+                "queue {queue:?} is paused; nothing of it is placed until `schedctl queue resume {queue}`"
+            ),
             Blocker::NoWorkerForQueue { queue } => {
                 write!(f, "no alive worker serves queue {queue:?}; start one with --queue {queue}")
             }
@@ -248,7 +259,11 @@ impl SchedulerState {
                 detail: match &task.last_failure {
                     Some(f) => format!(
                         "attempt {} of {} on worker {} ended by {}: {}",
-                        f.attempt, task.spec.retry.max_attempts, f.worker, f.kind, f.message
+                        f.attempt,
+                        task.attempt_base + task.spec.retry.max_attempts,
+                        f.worker,
+                        f.kind,
+                        f.message
                     ),
                     None => "failed".into(),
                 },
@@ -269,6 +284,9 @@ impl SchedulerState {
     /// The first obstacle to placing a queued task right now (see module docs).
     fn blocker(&self, id: TaskId) -> Option<Blocker> {
         let spec = &self.task(id)?.spec;
+        if let Some(q) = self.paused.get(&spec.queue) {
+            return Some(Blocker::QueuePaused { queue: q.queue.clone(), since: q.since });
+        }
         let on_queue: Vec<_> = self
             .workers
             .values()

@@ -37,6 +37,9 @@ impl SchedulerState {
                     t.last_fence, self.meta.next_fence
                 ));
             }
+            if t.attempt_base > t.attempt {
+                e(format!("task {id} run began at attempt {} > {}", t.attempt_base, t.attempt));
+            }
             if (t.attempt == 0) != (t.last_fence.0 == 0) {
                 e(format!("task {id} attempt {} with last fence {}", t.attempt, t.last_fence));
             }
@@ -238,6 +241,17 @@ impl SchedulerState {
         let live = self.workers.values().filter(|w| w.status.is_live()).count();
         if live != self.idx.loads.len() {
             e(format!("{} load entries for {live} live workers", self.idx.loads.len()));
+        }
+        for (name, q) in &self.paused {
+            if q.queue != *name {
+                e(format!("paused queue {name:?} stored as {:?}", q.queue));
+            }
+            if q.since > self.meta.log_time {
+                e(format!("queue {name:?} paused at {} after log time", q.since));
+            }
+        }
+        if self.paused.len() > crate::state::MAX_PAUSED_QUEUES {
+            e(format!("{} paused queues", self.paused.len()));
         }
         if errs.is_empty() {
             Ok(())

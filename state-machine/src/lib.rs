@@ -14,6 +14,9 @@
 //!   [`record::StateLoader`], which rebuilds every index from records alone;
 //! * [`SchedulerState::check_invariants`]: what must hold after every apply.
 //!
+//! Besides what workers and the planner do, operators retry finished tasks, undrain and remove
+//! workers, and pause queues (`state/lifecycle.rs`); each is a command like any other.
+//!
 //! House rule: no clock, randomness, I/O, async runtime or storage engine in this crate. Time
 //! arrives inside each command, stamped by the leader; log time never moves backwards.
 
@@ -34,14 +37,15 @@ pub use command::{
 pub use error::Rejection;
 pub use explain::{Blocker, Explanation};
 pub use model::{
-    ApiToken, AttemptFailure, DeathReason, FailureKind, Fence, Meta, Millis, Resources,
-    RetryPolicy, Role, Task, TaskId, TaskSpec, TaskState, TaskStateKind, Worker, WorkerId,
-    WorkerSpec, WorkerStatus,
+    ApiToken, AttemptFailure, DeathReason, FailureKind, Fence, Meta, Millis, PausedQueue,
+    Resources, RetryPolicy, Role, Task, TaskId, TaskSpec, TaskState, TaskStateKind, Worker,
+    WorkerId, WorkerSpec, WorkerStatus,
 };
 pub use planner::{plan, plan_after_reports, Plan, PlanPolicy, Reservation};
 pub use record::{Record, RecordKey, RecordRef, StateLoader};
 pub use state::{
-    valid_token_name, Changes, SchedulerState, TaskEvent, MAX_TOKENS, MAX_TOKEN_TTL_MS,
+    valid_token_name, Changes, SchedulerState, TaskEvent, MAX_PAUSED_QUEUES, MAX_TOKENS,
+    MAX_TOKEN_TTL_MS,
 };
 pub use validate::Limits;
 

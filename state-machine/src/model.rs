@@ -296,10 +296,14 @@ pub struct AttemptFailure {
 ///                 ▼                            └──────complete─────┴──► Succeeded
 ///          UpstreamFailed          (any non-terminal) ──cancel──► Cancelled
 ///                                  (attempts exhausted / fatal) ──► Failed
+///
+///   Failed / Cancelled / UpstreamFailed ──retry──► Waiting / Queued / Delayed (a new run)
 /// ```
 /// Every non-terminal state has a way out: Waiting ends when its dependencies end; Queued when a
-/// worker fits (or it is cancelled); Delayed when log time passes `until`; Assigned and Running
-/// when the worker reports, the attempt times out, or the worker is expired.
+/// worker fits (or it is cancelled; a paused queue is resumed by an operator); Delayed when log
+/// time passes `until`; Assigned and Running when the worker reports, the attempt times out, or
+/// the worker is expired. Terminal states other than Succeeded are left only by an explicit
+/// retry ([`crate::Op::RetryTask`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TaskState {
     /// Some dependency has not succeeded yet.
@@ -422,7 +426,8 @@ impl TaskStateKind {
         TaskStateKind::ALL.into_iter().find(|k| k.as_str().replace('_', "") == norm)
     }
 
-    /// Succeeded, Failed, Cancelled and UpstreamFailed never change again.
+    /// Succeeded, Failed, Cancelled and UpstreamFailed: nothing changes them except an explicit
+    /// retry (of the last three).
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
@@ -508,6 +513,28 @@ pub struct Task {
     pub last_failure: Option<Box<AttemptFailure>>,
     /// Where it is now.
     pub state: TaskState,
+    /// Attempts made before the latest manual retry ([`crate::Op::RetryTask`]); 0 if it was
+    /// never retried. The retry policy counts only the attempts after it, so a retried task
+    /// gets its whole policy again while `attempt` (and the fencing tokens) keep counting.
+    pub attempt_base: u32,
+}
+
+impl Task {
+    /// Attempts made since the task was submitted or last retried by hand: what the retry
+    /// policy's `max_attempts` and backoff count.
+    pub fn attempts_in_run(&self) -> u32 {
+        self.attempt.saturating_sub(self.attempt_base)
+    }
+}
+
+/// A paused queue: the planner gives none of its tasks to workers until it is resumed; tasks
+/// already assigned or running carry on. One record per paused queue; resuming deletes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PausedQueue {
+    /// The queue's name.
+    pub queue: String,
+    /// Log time of the pause.
+    pub since: Millis,
 }
 
 /// A worker's self-description, sent at registration.

@@ -10,7 +10,7 @@
 //!   always gets the best task it can take.
 //! * **Eligibility.** A worker can take a task when it is Alive (not draining), serves the
 //!   task's queue, carries every required label, has a free slot and enough free cpu, memory
-//!   and named resources.
+//!   and named resources. Tasks of a paused queue are not considered at all.
 //! * **Spreading.** Among eligible workers the least loaded (fraction of slots in use) wins;
 //!   ties go to the smaller worker id, so plans are deterministic.
 //! * **No starvation of large tasks (reservation).** When the best remaining task of a shape
@@ -227,7 +227,8 @@ fn plan_with(state: &SchedulerState, policy: &PlanPolicy, overlay: &Overlay<'_>)
     // same shape, then the overlay's shapes that have no bucket yet.
     let mut cursors: Vec<Cursor> = Vec::new();
     let mut merged: BTreeSet<&Shape> = BTreeSet::new();
-    for b in state.idx.buckets.values() {
+    let paused = |shape: &Shape| state.paused.contains_key(&shape.queue);
+    for b in state.idx.buckets.values().filter(|b| !paused(&b.shape)) {
         let extra = overlay.ready.get(&b.shape).map_or(&[][..], |v| &v[..]);
         if !extra.is_empty() {
             merged.insert(&b.shape);
@@ -240,7 +241,7 @@ fn plan_with(state: &SchedulerState, policy: &PlanPolicy, overlay: &Overlay<'_>)
         });
     }
     for (shape, extra) in &overlay.ready {
-        if !merged.contains(shape) {
+        if !merged.contains(shape) && !paused(shape) {
             cursors.push(Cursor {
                 shape,
                 base: None,
@@ -256,7 +257,8 @@ fn plan_with(state: &SchedulerState, policy: &PlanPolicy, overlay: &Overlay<'_>)
             heads.push((p, Reverse(id), c, extra));
         }
     }
-    let mut extras_left: usize = overlay.ready.values().map(Vec::len).sum();
+    let mut extras_left: usize =
+        overlay.ready.iter().filter(|(s, _)| !paused(s)).map(|(_, v)| v.len()).sum();
     let ahead = extras_left > 0;
 
     while out.assignments.len() < policy.max_assignments

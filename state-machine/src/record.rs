@@ -2,8 +2,9 @@
 //!
 //! The `raft` crate stores each record under [`RecordKey::encode`] in sled and writes only
 //! the keys an apply reported in [`crate::Changes::records`]. Keys sort (as bytes) in the same
-//! order as [`SchedulerState::records`] yields them — meta, task chunks by id, workers by id —
-//! so a digest computed from sled and one computed from memory agree.
+//! order as [`SchedulerState::records`] yields them — meta, paused queues by name, task chunks
+//! by id, workers by id, tokens by name — so a digest computed from sled and one computed from
+//! memory agree.
 //!
 //! Tasks are stored in **chunks** of [`CHUNK_TASKS`] consecutive ids, one record per chunk:
 //! a task is found by `id / CHUNK_TASKS`, and a change to any task rewrites its chunk. Sled
@@ -17,13 +18,17 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{ApiToken, Meta, Task, TaskId, Worker, WorkerId};
+use crate::model::{ApiToken, Meta, PausedQueue, Task, TaskId, Worker, WorkerId};
 use crate::state::SchedulerState;
 
 /// Format version of encoded records (first byte of every value).
-pub const RECORD_VERSION: u8 = 3;
+pub const RECORD_VERSION: u8 = 4;
 
-/// The previous format, still read: version 2 workers had no `owner`.
+/// The previous format, still read: version 3 tasks had no `attempt_base` (nor were there
+/// paused-queue records).
+const RECORD_VERSION_3: u8 = 3;
+
+/// An older format, still read: version 2 workers had no `owner` either.
 const RECORD_VERSION_2: u8 = 2;
 
 /// Tasks per chunk record (a power of two: the chunk of task `id` is `id >> CHUNK_BITS`).
@@ -41,6 +46,8 @@ pub enum RecordKey {
     Worker(WorkerId),
     /// One replicated API token, by name.
     Token(String),
+    /// One paused queue, by name.
+    Queue(String),
     /// The cluster's command version (absent: [`crate::BASE_COMMAND_VERSION`]).
     ClusterVersion,
 }
@@ -52,6 +59,7 @@ const META_PREFIX: u8 = b'm';
 const TASK_PREFIX: u8 = b't';
 const WORKER_PREFIX: u8 = b'w';
 const TOKEN_PREFIX: u8 = b'x';
+const QUEUE_PREFIX: u8 = b'q';
 
 impl RecordKey {
     /// The record holding task `id`.
@@ -65,7 +73,7 @@ impl RecordKey {
     }
 
     /// Bytes of the key: `m`, `t` + big-endian chunk number, `w` + worker id, `x` + token
-    /// name.
+    /// name, `q` + queue name.
     pub fn encode(&self) -> Vec<u8> {
         match self {
             RecordKey::Meta => vec![META_PREFIX],
@@ -88,6 +96,12 @@ impl RecordKey {
                 k.extend_from_slice(name.as_bytes());
                 k
             }
+            RecordKey::Queue(name) => {
+                let mut k = Vec::with_capacity(1 + name.len());
+                k.push(QUEUE_PREFIX);
+                k.extend_from_slice(name.as_bytes());
+                k
+            }
         }
     }
 
@@ -105,6 +119,9 @@ impl RecordKey {
             Some((&TOKEN_PREFIX, rest)) if !rest.is_empty() => std::str::from_utf8(rest)
                 .map(|s| RecordKey::Token(s.to_string()))
                 .map_err(|_| RecordError::BadKey(bytes.to_vec())),
+            Some((&QUEUE_PREFIX, rest)) if !rest.is_empty() => std::str::from_utf8(rest)
+                .map(|s| RecordKey::Queue(s.to_string()))
+                .map_err(|_| RecordError::BadKey(bytes.to_vec())),
             _ => Err(RecordError::BadKey(bytes.to_vec())),
         }
     }
@@ -113,7 +130,14 @@ impl RecordKey {
     pub fn is_record_key(bytes: &[u8]) -> bool {
         matches!(
             bytes.first(),
-            Some(&VERSION_PREFIX | &META_PREFIX | &TASK_PREFIX | &WORKER_PREFIX | &TOKEN_PREFIX)
+            Some(
+                &VERSION_PREFIX
+                    | &META_PREFIX
+                    | &TASK_PREFIX
+                    | &WORKER_PREFIX
+                    | &TOKEN_PREFIX
+                    | &QUEUE_PREFIX
+            )
         )
     }
 }
@@ -129,6 +153,8 @@ pub enum Record {
     Worker(Worker),
     /// A replicated API token.
     Token(ApiToken),
+    /// A paused queue.
+    Queue(PausedQueue),
     /// The cluster's command version.
     ClusterVersion(u32),
 }
@@ -144,6 +170,8 @@ pub enum RecordRef<'a> {
     Worker(&'a Worker),
     /// A replicated API token.
     Token(&'a ApiToken),
+    /// A paused queue.
+    Queue(&'a PausedQueue),
     /// The cluster's command version.
     ClusterVersion(u32),
 }
@@ -164,6 +192,9 @@ impl Record {
             Some((&RECORD_VERSION, rest)) => {
                 postcard::from_bytes(rest).map_err(|e| RecordError::BadValue(e.to_string()))
             }
+            Some((&RECORD_VERSION_3, rest)) => postcard::from_bytes::<v3::Record>(rest)
+                .map(Record::from)
+                .map_err(|e| RecordError::BadValue(e.to_string())),
             Some((&RECORD_VERSION_2, rest)) => postcard::from_bytes::<v2::Record>(rest)
                 .map(Record::from)
                 .map_err(|e| RecordError::BadValue(e.to_string())),
@@ -173,16 +204,76 @@ impl Record {
     }
 }
 
-/// Version 2 of the record format: as 3, without a worker's `owner`.
-mod v2 {
+/// Version 3 of the record format: as 4, without a task's `attempt_base`.
+mod v3 {
     use serde::Deserialize;
 
-    use crate::model::{Meta, Millis, Task, WorkerSpec, WorkerStatus};
+    use crate::model::{
+        ApiToken, AttemptFailure, Fence, Meta, Millis, TaskId, TaskSpec, TaskState, Worker,
+    };
 
     #[derive(Deserialize)]
     pub(super) enum Record {
         Meta(Meta),
         TaskChunk(Vec<Task>),
+        Worker(Worker),
+        Token(ApiToken),
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct Task {
+        id: TaskId,
+        spec: TaskSpec,
+        deps: Vec<TaskId>,
+        submitted_at: Millis,
+        updated_at: Millis,
+        attempt: u32,
+        last_fence: Fence,
+        last_failure: Option<Box<AttemptFailure>>,
+        state: TaskState,
+    }
+
+    impl From<Task> for crate::model::Task {
+        fn from(t: Task) -> crate::model::Task {
+            crate::model::Task {
+                id: t.id,
+                spec: t.spec,
+                deps: t.deps,
+                submitted_at: t.submitted_at,
+                updated_at: t.updated_at,
+                attempt: t.attempt,
+                last_fence: t.last_fence,
+                last_failure: t.last_failure,
+                state: t.state,
+                attempt_base: 0,
+            }
+        }
+    }
+
+    impl From<Record> for super::Record {
+        fn from(r: Record) -> super::Record {
+            match r {
+                Record::Meta(m) => super::Record::Meta(m),
+                Record::TaskChunk(t) => {
+                    super::Record::TaskChunk(t.into_iter().map(Into::into).collect())
+                }
+                Record::Worker(w) => super::Record::Worker(w),
+                Record::Token(t) => super::Record::Token(t),
+            }
+        }
+    }
+}
+
+/// Version 2 of the record format: as 3, without a worker's `owner`.
+mod v2 {
+    use serde::Deserialize;
+
+    use crate::model::{Meta, Millis, WorkerSpec, WorkerStatus};
+
+    #[derive(Deserialize)]
+    pub(super) enum Record {
+        Meta(Meta),
+        TaskChunk(Vec<super::v3::Task>),
         Worker(Worker),
     }
 
@@ -199,7 +290,9 @@ mod v2 {
         fn from(r: Record) -> super::Record {
             match r {
                 Record::Meta(m) => super::Record::Meta(m),
-                Record::TaskChunk(t) => super::Record::TaskChunk(t),
+                Record::TaskChunk(t) => {
+                    super::Record::TaskChunk(t.into_iter().map(Into::into).collect())
+                }
                 Record::Worker(w) => super::Record::Worker(crate::model::Worker {
                     spec: w.spec,
                     instance: w.instance,
@@ -270,6 +363,7 @@ pub struct StateLoader {
     tasks: Vec<Task>,
     workers: Vec<Worker>,
     tokens: Vec<ApiToken>,
+    queues: Vec<PausedQueue>,
     cluster_version: Option<u32>,
 }
 
@@ -293,6 +387,7 @@ impl StateLoader {
             }
             (Record::Worker(w), RecordKey::Worker(id)) if w.spec.id == *id => self.workers.push(w),
             (Record::Token(t), RecordKey::Token(name)) if t.name == *name => self.tokens.push(t),
+            (Record::Queue(q), RecordKey::Queue(name)) if q.queue == *name => self.queues.push(q),
             (Record::ClusterVersion(v), RecordKey::ClusterVersion) => {
                 self.cluster_version = Some(v)
             }
@@ -309,6 +404,7 @@ impl StateLoader {
             self.tasks,
             self.workers,
             self.tokens,
+            self.queues,
         );
         s.cluster_version = self.cluster_version.unwrap_or(crate::BASE_COMMAND_VERSION);
         s
@@ -327,13 +423,14 @@ impl SchedulerState {
             }
             RecordKey::Worker(id) => self.workers.get(id).map(|w| RecordRef::Worker(w).encode()),
             RecordKey::Token(name) => self.tokens.get(name).map(|t| RecordRef::Token(t).encode()),
+            RecordKey::Queue(name) => self.paused.get(name).map(|q| RecordRef::Queue(q).encode()),
             RecordKey::ClusterVersion => (self.cluster_version != crate::BASE_COMMAND_VERSION)
                 .then(|| RecordRef::ClusterVersion(self.cluster_version).encode()),
         }
     }
 
-    /// Every record, in key order (the cluster version once raised, meta, task chunks,
-    /// workers by id, tokens by name).
+    /// Every record, in key order (the cluster version once raised, meta, paused queues by
+    /// name, task chunks, workers by id, tokens by name).
     pub fn records(&self) -> impl Iterator<Item = (RecordKey, RecordRef<'_>)> {
         let version = (self.cluster_version != crate::BASE_COMMAND_VERSION)
             .then_some((RecordKey::ClusterVersion, RecordRef::ClusterVersion(self.cluster_version)));
@@ -345,16 +442,22 @@ impl SchedulerState {
                 _ => chunks.push((key, RecordRef::TaskChunk(vec![&**t]))),
             }
         }
-        version.into_iter().chain(std::iter::once((RecordKey::Meta, RecordRef::Meta(&self.meta)))).chain(chunks).chain(
-            self.workers
-                .iter()
-                .map(|(id, w)| (RecordKey::Worker(id.clone()), RecordRef::Worker(w)))
-                .chain(
-                    self.tokens
-                        .iter()
-                        .map(|(n, t)| (RecordKey::Token(n.clone()), RecordRef::Token(t))),
-                ),
-        )
+        // Key bytes sort `c` < `m` < `q` < `t` < `w` < `x`.
+        version
+            .into_iter()
+            .chain(std::iter::once((RecordKey::Meta, RecordRef::Meta(&self.meta))))
+            .chain(
+                self.paused.iter().map(|(n, q)| (RecordKey::Queue(n.clone()), RecordRef::Queue(q))),
+            )
+            .chain(chunks)
+            .chain(
+                self.workers
+                    .iter()
+                    .map(|(id, w)| (RecordKey::Worker(id.clone()), RecordRef::Worker(w))),
+            )
+            .chain(
+                self.tokens.iter().map(|(n, t)| (RecordKey::Token(n.clone()), RecordRef::Token(t))),
+            )
     }
 
     /// Digest of all records in key order; equal states have equal digests on every replica.
@@ -376,11 +479,14 @@ mod tests {
         let keys = vec![
             RecordKey::ClusterVersion,
             RecordKey::Meta,
+            RecordKey::Queue("a".into()),
+            RecordKey::Queue("b".into()),
             RecordKey::TaskChunk(0),
             RecordKey::TaskChunk(256),
             RecordKey::TaskChunk(u64::MAX),
             RecordKey::Worker(WorkerId("a".into())),
             RecordKey::Worker(WorkerId("b".into())),
+            RecordKey::Token("t".into()),
         ];
         for k in &keys {
             assert_eq!(&RecordKey::decode(&k.encode()).unwrap(), k);
@@ -400,6 +506,50 @@ mod tests {
         let mut bad = v.clone();
         bad[0] = 9;
         assert_eq!(Record::decode(&bad), Err(RecordError::UnknownVersion(9)));
+    }
+
+    #[test]
+    fn version_3_tasks_decode_as_never_retried() {
+        use crate::model::{AttemptFailure, Fence, TaskSpec, TaskState};
+        // The version 3 shape, written the way version 3 wrote it.
+        #[derive(serde::Serialize)]
+        #[allow(clippy::type_complexity)]
+        struct TaskV3(
+            TaskId,
+            TaskSpec,
+            Vec<TaskId>,
+            u64,
+            u64,
+            u32,
+            Fence,
+            Option<Box<AttemptFailure>>,
+            TaskState,
+        );
+        #[derive(serde::Serialize)]
+        enum RecordV3 {
+            _Meta(Meta),
+            TaskChunk(Vec<TaskV3>),
+        }
+        let old = TaskV3(
+            TaskId(5),
+            TaskSpec::new("a"),
+            vec![TaskId(4)],
+            1,
+            2,
+            3,
+            Fence(9),
+            None,
+            TaskState::Failed { at: 2 },
+        );
+        let mut bytes = vec![3u8];
+        bytes.extend(postcard::to_allocvec(&RecordV3::TaskChunk(vec![old])).unwrap());
+        let Record::TaskChunk(tasks) = Record::decode(&bytes).unwrap() else { panic!("tasks") };
+        let t = &tasks[0];
+        assert_eq!((t.id, t.attempt, t.last_fence, t.attempt_base), (TaskId(5), 3, Fence(9), 0));
+        assert_eq!(
+            (t.deps.clone(), t.state.clone()),
+            (vec![TaskId(4)], TaskState::Failed { at: 2 })
+        );
     }
 
     #[test]

@@ -18,8 +18,9 @@
 //! # Files
 //! This file holds the state, its queries and the apply dispatch; the rest is split by job:
 //! `index` (the derived indexes and placement fit checks), `tasks` (submit, cancel and every
-//! task state transition), `workers` (register, drain, end, assign and reports) and `time`
-//! (advancing log time: deadlines and delays; retention purge).
+//! task state transition), `workers` (register, drain, end, assign and reports), `time`
+//! (advancing log time: deadlines and delays; retention purge) and `lifecycle` (the operator's
+//! commands: retry a task, undrain or remove a worker, pause or resume a queue).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -28,12 +29,14 @@ use serde::{Deserialize, Serialize};
 use crate::command::{Command, Op, Output, Response};
 use crate::error::Rejection;
 use crate::model::{
-    ApiToken, DeathReason, Fence, Meta, Millis, Resources, Task, TaskId, TaskState, TaskStateKind,
-    Worker, WorkerId, WorkerStatus,
+    ApiToken, DeathReason, Fence, Meta, Millis, PausedQueue, Resources, Task, TaskId, TaskState,
+    TaskStateKind, Worker, WorkerId, WorkerStatus,
 };
 use crate::record::RecordKey;
 
 mod index;
+mod lifecycle;
+pub use lifecycle::MAX_PAUSED_QUEUES;
 mod tasks;
 mod time;
 mod tokens;
@@ -78,6 +81,8 @@ pub struct SchedulerState {
     pub(crate) tokens: BTreeMap<String, ApiToken>,
     /// Token names by secret digest (a point lookup per authenticated request).
     pub(crate) token_digests: std::collections::HashMap<[u8; 32], String>,
+    /// Paused queues by name.
+    pub(crate) paused: BTreeMap<String, PausedQueue>,
     pub(crate) idx: Indexes,
     /// The cluster's command version (see [`crate::COMMAND_VERSION`]).
     pub(crate) cluster_version: u32,
@@ -98,6 +103,7 @@ impl SchedulerState {
             workers: BTreeMap::new(),
             tokens: BTreeMap::new(),
             token_digests: std::collections::HashMap::new(),
+            paused: BTreeMap::new(),
             idx: Indexes::default(),
             cluster_version: crate::BASE_COMMAND_VERSION,
             changes: Changes::default(),
@@ -115,9 +121,13 @@ impl SchedulerState {
         tasks: impl IntoIterator<Item = Task>,
         workers: impl IntoIterator<Item = Worker>,
         tokens: impl IntoIterator<Item = ApiToken>,
+        queues: impl IntoIterator<Item = PausedQueue>,
     ) -> Self {
         let mut s = SchedulerState::new();
         s.meta = meta;
+        for q in queues {
+            s.paused.insert(q.queue.clone(), q);
+        }
         for t in tokens {
             s.token_digests.insert(t.secret_sha256, t.name.clone());
             s.tokens.insert(t.name.clone(), t);
@@ -217,6 +227,16 @@ impl SchedulerState {
     /// Number of tasks in one state.
     pub fn count(&self, kind: TaskStateKind) -> u64 {
         self.idx.counts[kind.index()]
+    }
+
+    /// Paused queues, by name.
+    pub fn paused_queues(&self) -> impl Iterator<Item = &PausedQueue> {
+        self.paused.values()
+    }
+
+    /// When `queue` was paused, if it is paused.
+    pub fn queue_paused_since(&self, queue: &str) -> Option<Millis> {
+        self.paused.get(queue).map(|q| q.since)
     }
 
     /// Queued tasks per queue, in queue-name order.
@@ -328,6 +348,13 @@ impl SchedulerState {
             Op::Purge { finished_before, limit } => Ok(self.purge(*finished_before, *limit)),
             Op::CreateToken { token } => self.create_token(now, token),
             Op::RevokeToken { name } => self.revoke_token(name),
+            Op::RetryTask { task, with_dependents } => {
+                self.retry_task(now, *task, *with_dependents)
+            }
+            Op::UndrainWorker { worker } => self.undrain_worker(worker),
+            Op::RemoveWorker { worker } => self.remove_worker(worker),
+            Op::PauseQueue { queue } => self.pause_queue(now, queue),
+            Op::ResumeQueue { queue } => self.resume_queue(queue),
             Op::Batch(ops) => Ok(Output::Batch(
                 ops.iter()
                     .map(|op| match op {

@@ -1016,3 +1016,24 @@ fn every_kind_has_a_version_within_this_build() {
     assert_eq!(ops[2].version(), 2, "a batch needs its newest operation's version");
     assert_eq!(ops[3].version(), BASE_COMMAND_VERSION);
 }
+
+#[test]
+fn a_kind_newer_than_the_cluster_version_is_refused_and_changes_nothing() {
+    let mut h = H::base();
+    h.submit1(spec("a"));
+    let before = h.s.digest();
+    let pause = Op::PauseQueue { queue: "default".into() };
+    assert_eq!(
+        h.apply(pause.clone()),
+        Err(Rejection::ClusterVersion { kind: "pause queue".into(), needed: 2, current: 1 })
+    );
+    assert_eq!(h.s.digest(), before);
+    // In a batch only the newer item is refused.
+    let r = h.apply(Op::Batch(vec![Op::Submit { tasks: vec![nt(spec("b"), vec![])] }, pause.clone()]));
+    let Ok(Output::Batch(items)) = r else { panic!("{r:?}") };
+    assert!(items[0].is_ok());
+    assert!(matches!(items[1], Err(Rejection::ClusterVersion { .. })));
+    // Raised, it is accepted.
+    h.apply(Op::SetClusterVersion { version: 2 }).unwrap();
+    assert!(h.apply(pause).is_ok());
+}

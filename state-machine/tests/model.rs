@@ -29,6 +29,8 @@ struct MTask {
     done_fence: Option<(u64, String)>,
     fail_fence: Option<(u64, String)>,
     finished_at: u64,
+    /// Attempts before the latest manual retry.
+    base: u32,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -49,6 +51,7 @@ struct Model {
     next_session: u64,
     tasks: BTreeMap<u64, MTask>,
     workers: BTreeMap<String, MWorker>,
+    paused: std::collections::BTreeSet<String>,
 }
 
 /// The outcome shape the model predicts: Ok/Err per item (the exact errors are covered by the
@@ -133,8 +136,9 @@ impl Model {
         let w = t.holder.take().unwrap();
         t.fail_fence = Some((t.fence, w));
         t.deadline = None;
-        if !fatal && t.attempt < t.spec.retry.max_attempts {
-            let delay = if lost { 0 } else { t.spec.retry.backoff_after(TaskId(id), t.attempt) };
+        let run = t.attempt - t.base;
+        if !fatal && run < t.spec.retry.max_attempts {
+            let delay = if lost { 0 } else { t.spec.retry.backoff_after(TaskId(id), run) };
             if delay == 0 {
                 t.kind = TaskStateKind::Queued;
             } else {
@@ -204,6 +208,29 @@ impl Model {
             Op::Report { worker, reports } => {
                 Shape::Items(reports.iter().map(|r| self.report(&worker.0, r)).collect())
             }
+            Op::RetryTask { task, with_dependents } => self.retry(task.0, *with_dependents),
+            Op::UndrainWorker { worker } => match self.workers.get_mut(&worker.0) {
+                Some(w) if w.alive => {
+                    w.draining = false;
+                    Shape::Ok
+                }
+                _ => Shape::Rejected,
+            },
+            Op::RemoveWorker { worker } => match self.workers.get(&worker.0) {
+                Some(w) if !w.alive => {
+                    self.workers.remove(&worker.0);
+                    Shape::Ok
+                }
+                _ => Shape::Rejected,
+            },
+            Op::PauseQueue { queue } => {
+                self.paused.insert(queue.clone());
+                Shape::Ok
+            }
+            Op::ResumeQueue { queue } => {
+                self.paused.remove(queue);
+                Shape::Ok
+            }
             Op::Batch(_) => unreachable!(
                 "the generator makes no batches; see a_batch_equals_its_operations_in_sequence"
             ),
@@ -242,6 +269,68 @@ impl Model {
             }
         };
         shape
+    }
+
+    fn ended_badly(&self, id: u64) -> bool {
+        self.tasks.get(&id).is_some_and(|t| {
+            matches!(
+                t.kind,
+                TaskStateKind::Failed | TaskStateKind::Cancelled | TaskStateKind::UpstreamFailed
+            )
+        })
+    }
+
+    /// Retry: the root, plus (with dependents) every Failed/UpstreamFailed task that depends
+    /// on a member, less those that also depend on a non-member that ended without success.
+    fn retry(&mut self, root: u64, with_dependents: bool) -> Shape {
+        if !self.ended_badly(root) {
+            return Shape::Rejected;
+        }
+        let blocked = |m: &Model, id: u64, set: &std::collections::BTreeSet<u64>| {
+            m.tasks[&id].deps.iter().any(|d| !set.contains(d) && m.ended_badly(*d))
+        };
+        let mut set = std::collections::BTreeSet::from([root]);
+        if blocked(self, root, &set) {
+            return Shape::Rejected;
+        }
+        if with_dependents {
+            loop {
+                let grow: Vec<u64> = self
+                    .tasks
+                    .iter()
+                    .filter(|(id, t)| {
+                        !set.contains(id)
+                            && matches!(
+                                t.kind,
+                                TaskStateKind::Failed | TaskStateKind::UpstreamFailed
+                            )
+                            && t.deps.iter().any(|d| set.contains(d))
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
+                if grow.is_empty() {
+                    break;
+                }
+                set.extend(grow);
+            }
+            loop {
+                let drop: Vec<u64> =
+                    set.iter().copied().filter(|&t| t != root && blocked(self, t, &set)).collect();
+                if drop.is_empty() {
+                    break;
+                }
+                for t in drop {
+                    set.remove(&t);
+                }
+            }
+        }
+        for id in set {
+            let t = self.tasks.get_mut(&id).unwrap();
+            t.kind = TaskStateKind::Waiting;
+            t.base = t.attempt;
+        }
+        self.settle();
+        Shape::Ok
     }
 
     fn submit(&mut self, batch: &[NewTask]) -> Shape {
@@ -334,6 +423,7 @@ impl Model {
                     done_fence: None,
                     fail_fence: None,
                     finished_at: 0,
+                    base: 0,
                 },
             );
         }
@@ -382,6 +472,9 @@ impl Model {
         let Some(t) = self.tasks.get(&a.task.0) else { return false };
         let Some(w) = self.workers.get(&a.worker.0) else { return false };
         if t.kind != TaskStateKind::Queued || !w.alive || w.draining {
+            return false;
+        }
+        if self.paused.contains(&t.spec.queue) {
             return false;
         }
         if !w.spec.queues.contains(&t.spec.queue) {
@@ -471,6 +564,10 @@ enum AOp {
     Report { pick: u8, stale: bool, wrong_worker: bool, outcome: u8 },
     Advance,
     Purge(u32),
+    Retry(u8, bool),
+    Undrain(u8),
+    Remove(u8),
+    Pause { q2: bool, resume: bool },
 }
 
 fn task_strategy() -> impl Strategy<Value = ATask> {
@@ -501,6 +598,10 @@ fn op_strategy() -> impl Strategy<Value = AOp> {
             .prop_map(|(pick, stale, wrong_worker, outcome)| AOp::Report { pick, stale, wrong_worker, outcome }),
         2 => Just(AOp::Advance),
         1 => (1u32..5).prop_map(AOp::Purge),
+        2 => (any::<u8>(), any::<bool>()).prop_map(|(k, d)| AOp::Retry(k, d)),
+        1 => (0u8..3).prop_map(AOp::Undrain),
+        1 => (0u8..3).prop_map(AOp::Remove),
+        1 => (any::<bool>(), any::<bool>()).prop_map(|(q2, resume)| AOp::Pause { q2, resume }),
     ]
 }
 
@@ -600,6 +701,36 @@ fn concretize(op: &AOp, s: &SchedulerState, now: u64) -> Op {
             };
             Op::Report { worker, reports: vec![Report { task: t.id, fence, outcome }] }
         }
+        AOp::Retry(k, with_dependents) => {
+            // Mostly tasks that ended without success; sometimes any task.
+            let done: Vec<TaskId> = s
+                .tasks_from(TaskId(0))
+                .filter(|t| {
+                    matches!(
+                        t.state.kind(),
+                        TaskStateKind::Failed
+                            | TaskStateKind::Cancelled
+                            | TaskStateKind::UpstreamFailed
+                    )
+                })
+                .map(|t| t.id)
+                .collect();
+            let task = match done.get(*k as usize % done.len().max(1)) {
+                Some(id) if k % 8 != 0 => *id,
+                _ => pick(*k),
+            };
+            Op::RetryTask { task, with_dependents: *with_dependents }
+        }
+        AOp::Undrain(w) => Op::UndrainWorker { worker: wid(*w) },
+        AOp::Remove(w) => Op::RemoveWorker { worker: wid(*w) },
+        AOp::Pause { q2, resume } => {
+            let queue = if *q2 { "q2".to_string() } else { "default".to_string() };
+            if *resume {
+                Op::ResumeQueue { queue }
+            } else {
+                Op::PauseQueue { queue }
+            }
+        }
         AOp::Advance => Op::AdvanceTime,
         AOp::Purge(limit) => Op::Purge { finished_before: now.saturating_sub(100), limit: *limit },
     }
@@ -615,6 +746,7 @@ fn compare(model: &Model, s: &SchedulerState) -> Result<(), String> {
         let m = &model.tasks[&t.id.0];
         let holder = t.state.holder().map(|(w, _)| w.0.clone());
         if t.state.kind() != m.kind
+            || t.attempt_base != m.base
             || t.attempt != m.attempt
             || t.last_fence.0 != m.fence
             || holder != m.holder
@@ -644,11 +776,15 @@ fn compare(model: &Model, s: &SchedulerState) -> Result<(), String> {
     if s.workers().count() != model.workers.len() {
         return Err("worker count differs".into());
     }
+    let paused: Vec<&String> = s.paused_queues().map(|q| &q.queue).collect();
+    if paused != model.paused.iter().collect::<Vec<_>>() {
+        return Err(format!("paused queues: real {paused:?} model {:?}", model.paused));
+    }
     Ok(())
 }
 
 fn run(ops: &[(AOp, u64)]) -> Result<(), TestCaseError> {
-    let mut s = SchedulerState::new();
+    let mut s = newest_state();
     let mut model = Model::new();
     let mut now = 1_000u64;
     for (i, (aop, dt)) in ops.iter().enumerate() {
@@ -716,7 +852,7 @@ fn plans_apply_cleanly_and_respect_priority() {
     });
     runner
         .run(&proptest::collection::vec((op_strategy(), 0u64..150), 1..50), |ops| {
-            let mut s = SchedulerState::new();
+            let mut s = newest_state();
             let mut now = 1_000;
             for (aop, dt) in &ops {
                 now += dt;
@@ -740,6 +876,7 @@ fn plans_apply_cleanly_and_respect_priority() {
                     for t in s.tasks_from(TaskId(0)) {
                         if t.state.kind() != TaskStateKind::Queued
                             || p.reservations.iter().any(|r| r.task == t.id)
+                            || s.queue_paused_since(&t.spec.queue).is_some()
                         {
                             continue;
                         }
@@ -802,7 +939,7 @@ fn planning_ahead_of_a_completion_matches_planning_after_it() {
     ];
     runner
         .run(&proptest::collection::vec((step, 0u64..150), 1..60), |ops| {
-            let mut s = SchedulerState::new();
+            let mut s = newest_state();
             let mut now = 1_000;
             let policy = PlanPolicy::default();
             for (step, dt) in &ops {
@@ -886,8 +1023,8 @@ fn a_batch_equals_its_operations_in_sequence() {
         .run(
             &(proptest::collection::vec((op_strategy(), 0u64..150), 1..40), 1usize..6),
             |(ops, group)| {
-                let mut single = SchedulerState::new();
-                let mut batched = SchedulerState::new();
+                let mut single = newest_state();
+                let mut batched = newest_state();
                 let mut now = 1_000;
                 for chunk in ops.chunks(group) {
                     now += chunk[0].1;
@@ -909,4 +1046,14 @@ fn a_batch_equals_its_operations_in_sequence() {
             },
         )
         .unwrap();
+}
+
+/// A fresh state at this build's command version, so every kind the generator makes is
+/// accepted (the version gate has its own tests in tests/apply.rs).
+fn newest_state() -> SchedulerState {
+    let mut s = SchedulerState::new();
+    s.apply(&Command::new(0, Op::SetClusterVersion { version: COMMAND_VERSION }))
+        .expect("a fresh state takes any version");
+    s.take_changes();
+    s
 }

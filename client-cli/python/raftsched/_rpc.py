@@ -27,6 +27,7 @@ _METHODS: Dict[str, Tuple[str, Any, Any, bool]] = {
     "GetTask": ("Tasks", pb.GetTaskRequest, pb.Task, False),
     "ListTasks": ("Tasks", pb.ListTasksRequest, pb.ListTasksResponse, False),
     "CancelTasks": ("Tasks", pb.CancelTasksRequest, pb.CancelTasksResponse, False),
+    "RetryTask": ("Tasks", pb.RetryTaskRequest, pb.RetryTaskResponse, False),
     "ExplainTask": ("Tasks", pb.ExplainTaskRequest, pb.ExplainTaskResponse, False),
     "WatchTask": ("Tasks", pb.WatchTaskRequest, pb.Task, True),
     "WatchEvents": ("Tasks", pb.WatchEventsRequest, pb.EventBatch, True),

@@ -13,7 +13,8 @@ waits costs nothing here). Once started it:
   some). A sweep is cheap: a range read skips the unfinished tasks on the server. A periodic
   sweep that finds nothing doubles the period (up to ``SWEEP_MAX``); a reconnect resets it.
 
-A terminal state never changes, so a filled slot is final.
+A terminal state changes only by an explicit retry, which gives the id a fresh slot
+(:meth:`Waiter.reset`); a filled slot is final.
 """
 
 from __future__ import annotations
@@ -139,6 +140,17 @@ class Waiter:
         if started and fresh:
             self._todo.put(fresh)
         return out
+
+    def reset(self, task_id: int) -> Slot:
+        """A fresh slot for a task that runs again after a retry. Whoever holds the old slot
+        keeps the outcome it saw. Slots are only filled from linearizable reads made after
+        this, so an event of the earlier run cannot fill the new slot."""
+        with self._lock:
+            s = self._slots[task_id] = Slot(task_id)
+            started = self._started
+        if started:
+            self._todo.put([task_id])
+        return s
 
     def start(self) -> None:
         with self._lock:

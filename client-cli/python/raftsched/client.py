@@ -324,6 +324,17 @@ class AsyncResult(Generic[R]):
         r = resp.results[0]
         return r.ok or r.already_cancelled
 
+    def retry(self, with_dependents: bool = False) -> List[int]:
+        """Runs a task that ended ``FAILED``, ``CANCELLED`` or ``UPSTREAM_FAILED`` again, as a new
+        attempt (same id; its retry policy starts over). With ``with_dependents`` its failed and
+        upstream-failed dependents run again too, after it succeeds. Returns the ids re-run.
+        ``get()`` on this result then waits for the new run. A task in another state raises
+        ``grpc.RpcError`` with ``FAILED_PRECONDITION``."""
+        resp = self.app._conn.call(
+            "RetryTask", pb.RetryTaskRequest(id=self.id, with_dependents=with_dependents))
+        self._slot = self.app._waiter.reset(self.id)
+        return [t.id for t in resp.tasks]
+
     def explain(self) -> str:
         """One sentence saying why the task is where it is."""
         return self.app._conn.call("ExplainTask", pb.ExplainTaskRequest(id=self.id)).summary

@@ -50,6 +50,16 @@ def big(n):
     return "x" * n
 
 
+@app.task(max_attempts=1)
+def flaky_once(marker_dir):
+    """Fails the first time it runs (leaving a marker), then returns its attempt number."""
+    marker = os.path.join(marker_dir, "ran-once")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        raise RuntimeError("first run fails")
+    return current_task().attempt
+
+
 @app.task
 def pid():
     return os.getpid()

@@ -66,6 +66,20 @@ def test_upstream_failure_and_cancel(app, workers):
     assert isinstance(late.explain(), str)
 
 
+def test_retry_runs_a_failed_task_again(app, workers, tmp_path):
+    import grpc
+    import tasks_app as t
+    r = t.flaky_once.delay(str(tmp_path))
+    with pytest.raises(TaskFailed):
+        r.get(timeout=30)
+    assert r.retry() == [r.id]
+    assert r.get(timeout=30) == 2, "the retry is the task's second attempt"
+    assert r.state == "SUCCEEDED"
+    with pytest.raises(grpc.RpcError) as ei:
+        r.retry()
+    assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
 def test_get_timeout(app, workers):
     import tasks_app as t
     r = t.add.apply_async(args=(1, 2), countdown=600)

@@ -14,6 +14,7 @@ mod cluster;
 mod dev;
 mod docs;
 mod output;
+mod queue;
 mod snapshot;
 mod task;
 mod token;
@@ -104,9 +105,12 @@ pub enum Command {
     /// Submit a DAG of tasks from a JSON or YAML file.
     #[command(subcommand)]
     Workflow(task::WorkflowCmd),
-    /// Run a worker, list and drain workers.
+    /// Run a worker; list, drain, undrain and remove workers.
     #[command(subcommand)]
     Worker(worker::WorkerCmd),
+    /// Pause, resume and list queues.
+    #[command(subcommand)]
+    Queue(queue::QueueCmd),
     /// Local development cluster.
     #[command(subcommand)]
     Dev(dev::DevCmd),
@@ -212,10 +216,19 @@ pub async fn run(cli: Cli) -> u8 {
         cli.endpoints.iter().flat_map(|e| client::client::parse_endpoints(e)).collect();
     let writes = match &cli.command {
         Command::Cluster(c) => !matches!(c, cluster::ClusterCmd::Status),
-        Command::Task(t) => matches!(t, task::TaskCmd::Submit(_) | task::TaskCmd::Cancel { .. }),
+        Command::Task(t) => matches!(
+            t,
+            task::TaskCmd::Submit(_) | task::TaskCmd::Cancel { .. } | task::TaskCmd::Retry { .. }
+        ),
+        Command::Queue(q) => !matches!(q, queue::QueueCmd::List),
         Command::Workflow(_) => true,
         Command::Snapshot(_) => false,
-        Command::Worker(w) => matches!(w, worker::WorkerCmd::Drain { .. }),
+        Command::Worker(w) => matches!(
+            w,
+            worker::WorkerCmd::Drain { .. }
+                | worker::WorkerCmd::Undrain { .. }
+                | worker::WorkerCmd::Remove { .. }
+        ),
         Command::Dev(_)
         | Command::Bench(_)
         | Command::Token(_)
@@ -246,6 +259,7 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Task(c) => task::run(&ctx, c).await,
         Command::Workflow(c) => task::run_workflow(&ctx, c).await,
         Command::Worker(c) => worker::run(&ctx, c).await,
+        Command::Queue(c) => queue::run(&ctx, c).await,
         Command::Token(c) => token::run(&ctx, c).await,
         Command::Dev(c) => dev::run(&ctx, c).await,
         Command::Bench(c) => bench::run(&ctx, c).await,
@@ -406,12 +420,19 @@ mod tests {
             vec!["task", "get", "1"],
             vec!["task", "list", "--state", "queued,running", "--queue", "q", "--limit", "5"],
             vec!["task", "cancel", "1"],
+            vec!["task", "retry", "1"],
+            vec!["task", "retry", "1", "--with-dependents"],
             vec!["task", "watch", "1"],
             vec!["task", "explain", "1"],
             vec!["workflow", "submit", "wf.yaml"],
             vec!["worker", "run", "--exec", "sh -c \"$SCHED_PAYLOAD\""],
             vec!["worker", "list"],
             vec!["worker", "drain", "w1"],
+            vec!["worker", "undrain", "w1"],
+            vec!["worker", "remove", "w1"],
+            vec!["queue", "pause", "q"],
+            vec!["queue", "resume", "q"],
+            vec!["queue", "list"],
             vec!["dev", "up"],
             vec![
                 "dev",

@@ -44,6 +44,15 @@ pub enum TaskCmd {
         #[arg(long, default_value = "cancelled with schedctl")]
         reason: String,
     },
+    /// Run a failed, cancelled or upstream-failed task again as a new attempt (same id; its
+    /// retry policy starts over). Refused for a task that is not finished or succeeded.
+    Retry {
+        /// Task id.
+        id: u64,
+        /// Also re-run its failed and upstream-failed dependents (they wait for it again).
+        #[arg(long)]
+        with_dependents: bool,
+    },
     /// Follow a task until it ends; exits 1 unless it succeeded.
     Watch {
         /// Task id.
@@ -232,6 +241,25 @@ pub async fn run(ctx: &Ctx, cmd: TaskCmd) -> Result<u8> {
         }
         TaskCmd::List(a) => list(ctx, a).await,
         TaskCmd::Cancel { ids, reason } => cancel(ctx, ids, reason).await,
+        TaskCmd::Retry { id, with_dependents } => {
+            let r = ctx.client()?.retry_task(id, with_dependents).await?;
+            match ctx.format {
+                Format::Json => {
+                    let tasks: Vec<_> = r
+                        .tasks
+                        .iter()
+                        .map(|t| json!({ "id": t.id, "state": state_name(t.state) }))
+                        .collect();
+                    print_json(&json!({ "id": id, "retried": tasks, "log_index": r.log_index }));
+                }
+                Format::Table => {
+                    for t in &r.tasks {
+                        outln!("task {} retried: {}", t.id, state_name(t.state));
+                    }
+                }
+            }
+            Ok(0)
+        }
         TaskCmd::Watch { id } => watch(ctx, id).await,
         TaskCmd::Explain { id } => {
             let e = ctx.client()?.explain_task(id).await?;

@@ -1,4 +1,4 @@
-//! `schedctl worker ...`: run a shell worker, list workers, drain one.
+//! `schedctl worker ...`: run a shell worker, list workers, drain, undrain or remove one.
 //!
 //! `worker run` is the library's [`client::worker::Worker`] with a
 //! [`client::exec::ShellHandler`]. The first SIGINT/SIGTERM drains (no new work, finish what
@@ -31,6 +31,17 @@ pub enum WorkerCmd {
     List,
     /// Stop assigning new tasks to a worker; what it runs may finish.
     Drain {
+        /// Worker id.
+        id: String,
+    },
+    /// Give a drained worker new tasks again.
+    Undrain {
+        /// Worker id.
+        id: String,
+    },
+    /// Delete a dead worker's record (refused while it is alive or draining: stop it, or
+    /// let its heartbeats expire, first). Admin role.
+    Remove {
         /// Worker id.
         id: String,
     },
@@ -120,6 +131,22 @@ pub async fn run(ctx: &Ctx, cmd: WorkerCmd) -> Result<u8> {
             match ctx.format {
                 Format::Json => print_json(&serde_json::json!({ "id": id, "draining": true })),
                 Format::Table => outln!("worker {id} is draining: it gets no new tasks"),
+            }
+            Ok(0)
+        }
+        WorkerCmd::Undrain { id } => {
+            ctx.client()?.undrain_worker(&id).await?;
+            match ctx.format {
+                Format::Json => print_json(&serde_json::json!({ "id": id, "draining": false })),
+                Format::Table => outln!("worker {id} takes new tasks again"),
+            }
+            Ok(0)
+        }
+        WorkerCmd::Remove { id } => {
+            ctx.client()?.remove_worker(&id).await?;
+            match ctx.format {
+                Format::Json => print_json(&serde_json::json!({ "id": id, "removed": true })),
+                Format::Table => outln!("worker {id} removed"),
             }
             Ok(0)
         }

@@ -137,6 +137,57 @@ impl Client {
             .ok_or_else(|| Error::Protocol(format!("the cancel answer does not list task {id}")))
     }
 
+    /// Runs a failed, cancelled or upstream-failed task again (with its failed dependents
+    /// when `with_dependents`). Not idempotent: when an earlier try of this call was applied
+    /// but its answer lost, the retried call answers FAILED_PRECONDITION (the task is queued).
+    pub async fn retry_task(
+        &self,
+        id: u64,
+        with_dependents: bool,
+    ) -> Result<pb::RetryTaskResponse, Error> {
+        let req = pb::RetryTaskRequest { id, with_dependents };
+        self.call(
+            "retry_task",
+            Kind::Write,
+            req,
+            |ch, r| async move { tasks(ch).retry_task(r).await },
+        )
+        .await
+    }
+
+    /// Pauses a queue: none of its tasks is assigned until it is resumed.
+    pub async fn pause_queue(&self, queue: &str) -> Result<pb::PauseQueueResponse, Error> {
+        let req = pb::PauseQueueRequest { queue: queue.to_string() };
+        self.call(
+            "pause_queue",
+            Kind::Write,
+            req,
+            |ch, r| async move { tasks(ch).pause_queue(r).await },
+        )
+        .await
+    }
+
+    /// Resumes a paused queue.
+    pub async fn resume_queue(&self, queue: &str) -> Result<pb::ResumeQueueResponse, Error> {
+        let req = pb::ResumeQueueRequest { queue: queue.to_string() };
+        self.call("resume_queue", Kind::Write, req, |ch, r| async move {
+            tasks(ch).resume_queue(r).await
+        })
+        .await
+    }
+
+    /// Queues with tasks, workers or a pause.
+    pub async fn list_queues(&self) -> Result<pb::ListQueuesResponse, Error> {
+        let req = pb::ListQueuesRequest { stale_ok: false };
+        self.call(
+            "list_queues",
+            Kind::Read,
+            req,
+            |ch, r| async move { tasks(ch).list_queues(r).await },
+        )
+        .await
+    }
+
     /// Why a task is where it is.
     pub async fn explain_task(&self, id: u64) -> Result<pb::ExplainTaskResponse, Error> {
         let req = pb::ExplainTaskRequest { id, stale_ok: false };

@@ -119,6 +119,26 @@ impl Client {
         Ok(())
     }
 
+    /// The reverse of a drain: the worker takes new tasks again.
+    pub async fn undrain_worker(&self, worker_id: &str) -> Result<(), Error> {
+        let req = pb::UndrainWorkerRequest { worker_id: worker_id.to_string() };
+        self.call("undrain_worker", Kind::Write, req, |ch, r| async move {
+            workers(ch).undrain_worker(r).await
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes a dead worker's record (a live worker is refused).
+    pub async fn remove_worker(&self, worker_id: &str) -> Result<(), Error> {
+        let req = pb::RemoveWorkerRequest { worker_id: worker_id.to_string() };
+        self.call("remove_worker", Kind::Write, req, |ch, r| async move {
+            workers(ch).remove_worker(r).await
+        })
+        .await?;
+        Ok(())
+    }
+
     /// Removes a worker; the tasks it still holds are requeued.
     pub async fn deregister_worker(
         &self,

@@ -1,5 +1,6 @@
-//! The `Tasks` service: submit, get, list, cancel, explain, watch one task, and the event
-//! stream of applied changes (resumable from a log index).
+//! The `Tasks` service: submit, get, list, cancel, retry, explain, watch one task, the event
+//! stream of applied changes (resumable from a log index), and the queues: pause, resume and
+//! list them.
 
 use std::sync::Arc;
 
@@ -8,7 +9,8 @@ use proto::pb;
 use raft::events::ReadError;
 use raft::node::now_ms;
 use state_machine::{
-    validate, CancelOutcome, NewTask, Op, Output, Rejection, TaskId, TaskStateKind,
+    validate, CancelOutcome, NewTask, Op, Output, Rejection, SchedulerState, TaskId, TaskStateKind,
+    WorkerStatus,
 };
 use tonic::{Request, Response, Status};
 
@@ -174,6 +176,53 @@ impl TasksApi {
         })
     }
 
+    async fn retry(&self, req: pb::RetryTaskRequest) -> NodeResult<pb::RetryTaskResponse> {
+        let op = Op::RetryTask { task: TaskId(req.id), with_dependents: req.with_dependents };
+        let (index, out) = self.node.write(op).await?;
+        let Output::Retried(tasks) = out else {
+            return Err(NodeError::Internal(format!("retry answered {out:?}")));
+        };
+        Ok(pb::RetryTaskResponse {
+            tasks: tasks
+                .into_iter()
+                .map(|(id, state)| pb::RetriedTask {
+                    id: id.0,
+                    state: convert::state_to_pb(state) as i32,
+                })
+                .collect(),
+            log_index: index,
+        })
+    }
+
+    /// Pause (`true`) or resume a queue; answers the queue as the apply left it.
+    async fn set_paused(&self, queue: String, pause: bool) -> NodeResult<(pb::QueueInfo, bool)> {
+        validate::ident("queue", &queue, &self.node.cfg.limits.fields)?;
+        let op = if pause {
+            Op::PauseQueue { queue: queue.clone() }
+        } else {
+            Op::ResumeQueue { queue: queue.clone() }
+        };
+        let (_, out) = self.node.write(op).await?;
+        let Output::QueueUpdated { changed, .. } = out else {
+            return Err(NodeError::Internal(format!("queue update answered {out:?}")));
+        };
+        Ok((self.node.local(|s| queue_info(s, &queue)), changed))
+    }
+
+    async fn queues(&self, req: pb::ListQueuesRequest) -> NodeResult<pb::ListQueuesResponse> {
+        self.node
+            .read(req.stale_ok, |s| {
+                let mut names: std::collections::BTreeSet<String> =
+                    s.queue_depths().into_keys().collect();
+                names.extend(s.paused_queues().map(|q| q.queue.clone()));
+                for w in s.workers().filter(|w| w.status.is_live()) {
+                    names.extend(w.spec.queues.iter().cloned());
+                }
+                pb::ListQueuesResponse { queues: names.iter().map(|n| queue_info(s, n)).collect() }
+            })
+            .await
+    }
+
     async fn explain(&self, req: pb::ExplainTaskRequest) -> NodeResult<pb::ExplainTaskResponse> {
         let id = TaskId(req.id);
         self.node
@@ -234,6 +283,39 @@ impl pb::tasks_server::Tasks for TasksApi {
             e
         });
         answer(&self.node, explained)
+    }
+
+    async fn retry_task(
+        &self,
+        req: Request<pb::RetryTaskRequest>,
+    ) -> Result<Response<pb::RetryTaskResponse>, Status> {
+        answer(&self.node, self.retry(req.into_inner()).await)
+    }
+
+    async fn pause_queue(
+        &self,
+        req: Request<pb::PauseQueueRequest>,
+    ) -> Result<Response<pb::PauseQueueResponse>, Status> {
+        let r = self.set_paused(req.into_inner().queue, true).await;
+        answer(&self.node, r.map(|(q, changed)| pb::PauseQueueResponse { queue: Some(q), changed }))
+    }
+
+    async fn resume_queue(
+        &self,
+        req: Request<pb::ResumeQueueRequest>,
+    ) -> Result<Response<pb::ResumeQueueResponse>, Status> {
+        let r = self.set_paused(req.into_inner().queue, false).await;
+        answer(
+            &self.node,
+            r.map(|(q, changed)| pb::ResumeQueueResponse { queue: Some(q), changed }),
+        )
+    }
+
+    async fn list_queues(
+        &self,
+        req: Request<pb::ListQueuesRequest>,
+    ) -> Result<Response<pb::ListQueuesResponse>, Status> {
+        answer(&self.node, self.queues(req.into_inner()).await)
     }
 
     type WatchTaskStream = BoxStream<pb::Task>;
@@ -376,6 +458,21 @@ impl View {
             e.revoked_fence = 0;
         }
         e
+    }
+}
+
+/// One queue's pause state, ready tasks and serving workers.
+fn queue_info(s: &SchedulerState, name: &str) -> pb::QueueInfo {
+    let since = s.queue_paused_since(name);
+    pb::QueueInfo {
+        name: name.to_string(),
+        paused: since.is_some(),
+        paused_since_ms: since.unwrap_or(0),
+        queued: s.queue_depths().get(name).copied().unwrap_or(0),
+        workers: s
+            .workers()
+            .filter(|w| w.status == WorkerStatus::Alive && w.spec.queues.iter().any(|q| q == name))
+            .count() as u32,
     }
 }
 

@@ -316,6 +316,7 @@ acts_for!(
     pb::CompleteTaskRequest,
     pb::FailTaskRequest,
     pb::DrainWorkerRequest,
+    pb::UndrainWorkerRequest,
     pb::DeregisterWorkerRequest
 );
 
@@ -450,6 +451,36 @@ impl pb::workers_server::Workers for WorkersApi {
         let worker = WorkerId(self.permitted(req)?.worker_id);
         let r =
             self.node.write(Op::DrainWorker { worker }).await.map(|_| pb::DrainWorkerResponse {});
+        answer(&self.node, r)
+    }
+
+    async fn undrain_worker(
+        &self,
+        req: Request<pb::UndrainWorkerRequest>,
+    ) -> Result<Response<pb::UndrainWorkerResponse>, Status> {
+        let worker = WorkerId(self.permitted(req)?.worker_id);
+        let r = self
+            .node
+            .write(Op::UndrainWorker { worker })
+            .await
+            .map(|_| pb::UndrainWorkerResponse {});
+        answer(&self.node, r)
+    }
+
+    /// Admins only (the method table): no worker may remove a record.
+    async fn remove_worker(
+        &self,
+        req: Request<pb::RemoveWorkerRequest>,
+    ) -> Result<Response<pb::RemoveWorkerResponse>, Status> {
+        let worker = WorkerId(req.into_inner().worker_id);
+        let r = match validate::worker_id("worker_id", &worker) {
+            Err(e) => Err(e.into()),
+            Ok(()) => self
+                .node
+                .write(Op::RemoveWorker { worker })
+                .await
+                .map(|_| pb::RemoveWorkerResponse {}),
+        };
         answer(&self.node, r)
     }
 

@@ -15,16 +15,16 @@
 //! | `GET /api/v1/tasks` | `Tasks/ListTasks` | `state` (comma list), `queue`, `name`, `since` (`10m` or unix ms), `limit`, `page_token`, `order=oldest` |
 //! | `GET /api/v1/tasks/{id}` | `Tasks/GetTask` + `ExplainTask` | result, explanation, retained history, DAG |
 //! | `POST /api/v1/tasks/{id}/cancel` | `Tasks/CancelTasks` | optional body `{"reason": "..."}` |
+//! | `POST /api/v1/tasks/{id}/retry` | `Tasks/RetryTask` | optional body `{"with_dependents": true}` |
 //! | `GET /api/v1/workers` | `Workers/ListWorkers` | resources, load, heartbeat age (leader), draining |
 //! | `POST /api/v1/workers/{id}/drain` | `Workers/DrainWorker` | |
+//! | `POST /api/v1/workers/{id}/undrain` | `Workers/UndrainWorker` | |
 //! | `GET /api/v1/events` | `Tasks/WatchEvents` | Server-Sent Events, see [`super::sse`] |
 //!
 //! Reads are linearizable unless `?stale=1`. Errors are JSON `{"error", "code", "reason"}`
 //! with the HTTP status of the gRPC code (INVALID_ARGUMENT 400 naming the field, NOT_FOUND 404,
 //! FAILED_PRECONDITION 409, RESOURCE_EXHAUSTED 429, UNAVAILABLE 503 with the leader hint,
-//! UNAUTHENTICATED 401, PERMISSION_DENIED 403, OUT_OF_RANGE 410). Retrying a task is not
-//! offered: the server has no retry command (a failed attempt is retried by the retry policy).
-//! Undraining is not offered either: there is no such command.
+//! UNAUTHENTICATED 401, PERMISSION_DENIED 403, OUT_OF_RANGE 410).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -72,8 +72,10 @@ pub fn routes() -> Router<Arc<Node>> {
         .route("/api/v1/tasks", get(list_tasks))
         .route("/api/v1/tasks/{id}", get(get_task))
         .route("/api/v1/tasks/{id}/cancel", post(cancel_task))
+        .route("/api/v1/tasks/{id}/retry", post(retry_task))
         .route("/api/v1/workers", get(list_workers))
         .route("/api/v1/workers/{id}/drain", post(drain_worker))
+        .route("/api/v1/workers/{id}/undrain", post(undrain_worker))
         .route("/api/v1/events", get(super::sse::events))
 }
 
@@ -650,6 +652,36 @@ async fn cancel_task(
     .into_response())
 }
 
+async fn retry_task(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    let id = task_id(&raw)?;
+    let who = caller(&node, &headers, "/scheduler.v1.Tasks/RetryTask")?;
+    json_content(&headers)?;
+    let v = body_json(&body)?;
+    for k in v.as_object().into_iter().flat_map(|o| o.keys()) {
+        if k != "with_dependents" {
+            return Err(ApiError::bad(k, "unknown field (expected with_dependents)"));
+        }
+    }
+    let with_dependents = match v.get("with_dependents") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::bad("with_dependents", "expected true or false")),
+    };
+    let api = TasksApi::new(node.clone());
+    let r = api
+        .retry_task(request(pb::RetryTaskRequest { id, with_dependents }, &who))
+        .await?
+        .into_inner();
+    let tasks: Vec<Value> =
+        r.tasks.iter().map(|t| json!({"id": t.id, "state": state_name(t.state)})).collect();
+    Ok(axum::Json(json!({"id": id, "retried": tasks, "log_index": r.log_index})).into_response())
+}
+
 async fn list_workers(
     State(node): State<Arc<Node>>,
     headers: HeaderMap,
@@ -707,6 +739,18 @@ async fn drain_worker(
     let api = WorkersApi::new(node.clone());
     api.drain_worker(request(pb::DrainWorkerRequest { worker_id: id.clone() }, &who)).await?;
     Ok(axum::Json(json!({"id": id, "draining": true})).into_response())
+}
+
+async fn undrain_worker(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let who = caller(&node, &headers, "/scheduler.v1.Workers/UndrainWorker")?;
+    json_content(&headers)?;
+    let api = WorkersApi::new(node.clone());
+    api.undrain_worker(request(pb::UndrainWorkerRequest { worker_id: id.clone() }, &who)).await?;
+    Ok(axum::Json(json!({"id": id, "draining": false})).into_response())
 }
 
 /// Actions take JSON bodies only: a cross-site HTML form cannot send

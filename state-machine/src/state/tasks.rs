@@ -211,6 +211,7 @@ impl SchedulerState {
                 last_fence: Fence(0),
                 last_failure: None,
                 state,
+                attempt_base: 0,
             }),
         );
         self.touch(RecordKey::of_task(id));
@@ -348,11 +349,12 @@ impl SchedulerState {
             message: validate::truncate_message(&message, HARD.max_error_bytes),
             at: now,
         }));
-        let next = if retryable && task.attempt < task.spec.retry.max_attempts {
+        let run = task.attempts_in_run();
+        let next = if retryable && run < task.spec.retry.max_attempts {
             let delay = if kind == FailureKind::WorkerLost {
                 0
             } else {
-                task.spec.retry.backoff_after(id, task.attempt)
+                task.spec.retry.backoff_after(id, run)
             };
             if delay == 0 {
                 TaskState::Queued { since: now }

@@ -170,6 +170,14 @@ impl SchedulerState {
                 reason: "only a queued task can be assigned".into(),
             });
         }
+        if self.paused.contains_key(&task.spec.queue) {
+            // Planned before the pause was applied: the pause wins.
+            return Err(Rejection::InvalidState {
+                task: a.task,
+                state: task.state.kind(),
+                reason: format!("queue {:?} is paused", task.spec.queue),
+            });
+        }
         let worker = self
             .workers
             .get(&a.worker)

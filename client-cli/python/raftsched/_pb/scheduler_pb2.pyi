@@ -287,6 +287,84 @@ class ExplainTaskResponse(_message.Message):
     last_failure: AttemptFailure
     def __init__(self, id: _Optional[int] = ..., state: _Optional[_Union[TaskState, str]] = ..., summary: _Optional[str] = ..., waiting_on: _Optional[_Iterable[int]] = ..., ahead: _Optional[int] = ..., blocker: _Optional[str] = ..., until_ms: _Optional[int] = ..., worker: _Optional[str] = ..., attempt: _Optional[int] = ..., fence: _Optional[int] = ..., last_failure: _Optional[_Union[AttemptFailure, _Mapping]] = ...) -> None: ...
 
+class RetryTaskRequest(_message.Message):
+    __slots__ = ("id", "with_dependents")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    WITH_DEPENDENTS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    with_dependents: bool
+    def __init__(self, id: _Optional[int] = ..., with_dependents: _Optional[bool] = ...) -> None: ...
+
+class RetriedTask(_message.Message):
+    __slots__ = ("id", "state")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    state: TaskState
+    def __init__(self, id: _Optional[int] = ..., state: _Optional[_Union[TaskState, str]] = ...) -> None: ...
+
+class RetryTaskResponse(_message.Message):
+    __slots__ = ("tasks", "log_index")
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    LOG_INDEX_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[RetriedTask]
+    log_index: int
+    def __init__(self, tasks: _Optional[_Iterable[_Union[RetriedTask, _Mapping]]] = ..., log_index: _Optional[int] = ...) -> None: ...
+
+class QueueInfo(_message.Message):
+    __slots__ = ("name", "paused", "paused_since_ms", "queued", "workers")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_SINCE_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    paused: bool
+    paused_since_ms: int
+    queued: int
+    workers: int
+    def __init__(self, name: _Optional[str] = ..., paused: _Optional[bool] = ..., paused_since_ms: _Optional[int] = ..., queued: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
+
+class PauseQueueRequest(_message.Message):
+    __slots__ = ("queue",)
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    queue: str
+    def __init__(self, queue: _Optional[str] = ...) -> None: ...
+
+class PauseQueueResponse(_message.Message):
+    __slots__ = ("queue", "changed")
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    queue: QueueInfo
+    changed: bool
+    def __init__(self, queue: _Optional[_Union[QueueInfo, _Mapping]] = ..., changed: _Optional[bool] = ...) -> None: ...
+
+class ResumeQueueRequest(_message.Message):
+    __slots__ = ("queue",)
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    queue: str
+    def __init__(self, queue: _Optional[str] = ...) -> None: ...
+
+class ResumeQueueResponse(_message.Message):
+    __slots__ = ("queue", "changed")
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    queue: QueueInfo
+    changed: bool
+    def __init__(self, queue: _Optional[_Union[QueueInfo, _Mapping]] = ..., changed: _Optional[bool] = ...) -> None: ...
+
+class ListQueuesRequest(_message.Message):
+    __slots__ = ("stale_ok",)
+    STALE_OK_FIELD_NUMBER: _ClassVar[int]
+    stale_ok: bool
+    def __init__(self, stale_ok: _Optional[bool] = ...) -> None: ...
+
+class ListQueuesResponse(_message.Message):
+    __slots__ = ("queues",)
+    QUEUES_FIELD_NUMBER: _ClassVar[int]
+    queues: _containers.RepeatedCompositeFieldContainer[QueueInfo]
+    def __init__(self, queues: _Optional[_Iterable[_Union[QueueInfo, _Mapping]]] = ...) -> None: ...
+
 class WatchTaskRequest(_message.Message):
     __slots__ = ("id",)
     ID_FIELD_NUMBER: _ClassVar[int]
@@ -572,6 +650,26 @@ class DrainWorkerRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
 
 class DrainWorkerResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UndrainWorkerRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
+class UndrainWorkerResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RemoveWorkerRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
+class RemoveWorkerResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 

@@ -5,6 +5,7 @@
 const TOKEN_KEY = "raftsched.token";
 const STATES = ["waiting", "queued", "delayed", "assigned", "running", "succeeded", "failed", "cancelled", "upstream_failed"];
 const TERMINAL = new Set(["succeeded", "failed", "cancelled", "upstream_failed"]);
+const RETRYABLE = new Set(["failed", "cancelled", "upstream_failed"]);
 const STATE_COLORS = {
   waiting: "#7c3aed", queued: "#2f6fde", delayed: "#d08a00", assigned: "#0284c7", running: "#16a34a",
   succeeded: "#1f9d55", failed: "#d64545", cancelled: "#4b5563", upstream_failed: "#e08585",
@@ -102,6 +103,7 @@ function post(path, body) {
 
 function canCancel() { return app.role === "admin" || app.role === "submitter"; }
 function canDrain() { return app.role === "admin"; }
+function canRetry() { return canCancel(); }
 
 // ---------------------------------------------------------------------------- login
 
@@ -279,7 +281,18 @@ async function taskPage(id) {
       catch (e) { flash(e.message, true); }
     } }, "Cancel"));
   }
-  actions.append(h("span", { class: "muted" }, "Retry is not offered: the server has no retry command; failed attempts are retried by the task's retry policy."));
+  if (canRetry() && RETRYABLE.has(t.state)) {
+    const deps = h("input", { type: "checkbox", id: "retry-dependents" });
+    actions.append(h("button", { id: "retry-task", onclick: async () => {
+      const withDeps = deps.checked;
+      if (!confirm(`Run task ${t.id} (${t.name}) again${withDeps ? " with its failed dependents" : ""}?`)) return;
+      try {
+        const r = await post(`/api/v1/tasks/${t.id}/retry`, { with_dependents: withDeps });
+        flash(`task ${t.id} retried` + (r.retried.length > 1 ? ` with ${r.retried.length - 1} dependents` : ""));
+        rerender();
+      } catch (e) { flash(e.message, true); }
+    } }, "Retry"), h("label", { class: "muted" }, deps, " with dependents"));
+  }
   const kv = (pairs) => h("div", { class: "kv" }, pairs.flatMap(([k, v]) => [h("div", {}, k), h("div", {}, v)]));
   const details = kv([
     ["state", statePill(t.state)], ["queue", t.queue], ["priority", t.priority],
@@ -380,16 +393,19 @@ async function workersPage() {
     h("td", {}, `${x.used.memory_mib} / ${x.capacity.memory_mib} MiB`, bar(x.used.memory_mib, x.capacity.memory_mib)),
     h("td", {}, x.heartbeat_age_ms === null ? (w.heartbeats_known ? "—" : "known by the leader") : fmtDur(x.heartbeat_age_ms)),
     h("td", {}, x.tasks.slice(0, 8).map((t) => h("a", { href: "#/task/" + t }, t, " ")), x.tasks.length > 8 ? "…" : ""),
-    h("td", {}, canDrain() && x.status === "alive" ? h("button", { class: "secondary", onclick: async () => {
-      if (!confirm(`Drain worker ${x.id}? It takes no new work; there is no undrain command.`)) return;
+    h("td", {}, !canDrain() ? "" : x.status === "alive" ? h("button", { class: "secondary", onclick: async () => {
+      if (!confirm(`Drain worker ${x.id}? It keeps its tasks and takes no new work until undrained.`)) return;
       try { await post(`/api/v1/workers/${encodeURIComponent(x.id)}/drain`); flash(`worker ${x.id} draining`); rerender(); }
       catch (e) { flash(e.message, true); }
-    } }, "Drain") : "")));
+    } }, "Drain") : x.status === "draining" ? h("button", { class: "secondary", "data-action": "undrain", onclick: async () => {
+      try { await post(`/api/v1/workers/${encodeURIComponent(x.id)}/undrain`); flash(`worker ${x.id} takes tasks again`); rerender(); }
+      catch (e) { flash(e.message, true); }
+    } }, "Undrain") : "")));
   return h("div", {}, h("h1", {}, "Workers"), h("div", { class: "card" },
     h("table", { id: "workers-table" },
       h("thead", {}, h("tr", {}, ["id", "status", "queues", "slots", "cpu", "memory", "heartbeat", "tasks", ""].map((x) => h("th", {}, x)))),
       h("tbody", {}, rows.length ? rows : h("tr", {}, h("td", { colspan: 9, class: "muted" }, "No workers registered.")))),
-    h("p", { class: "muted" }, "Draining stops new assignments; undraining is not offered (the server has no such command).")));
+    h("p", { class: "muted" }, "Draining stops new assignments (the worker keeps what it holds); undraining gives it tasks again.")));
 }
 
 // ---------------------------------------------------------------------------- live updates
