@@ -90,7 +90,7 @@ impl ChaosConfig {
             leader_kills: 1,
             follower_kills: 0,
             pauses: 1,
-            worker_pauses: 1,
+            worker_pauses: 0,
             partitions: 0,
             cluster_restarts: 0,
             membership_changes: 0,

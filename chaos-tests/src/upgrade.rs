@@ -21,7 +21,9 @@ pub async fn newer_kind_refused(admin: &client::Client) -> Result<()> {
     match admin.pause_queue(PROBE_QUEUE).await {
         Ok(_) => bail!("a queue pause was accepted while a member runs the older release"),
         Err(e) if e.code() == Code::FailedPrecondition => Ok(()),
-        Err(e) => bail!("a queue pause failed with {:?} instead of FAILED_PRECONDITION: {e}", e.code()),
+        Err(e) => {
+            bail!("a queue pause failed with {:?} instead of FAILED_PRECONDITION: {e}", e.code())
+        }
     }
 }
 

@@ -581,7 +581,8 @@ impl Config {
         c.insecure |= args.insecure;
         c.restore = args.restore.clone().or(c.restore);
         if let Some(v) = args.command_version {
-            if !(state_machine::BASE_COMMAND_VERSION..=state_machine::COMMAND_VERSION).contains(&v) {
+            if !(state_machine::BASE_COMMAND_VERSION..=state_machine::COMMAND_VERSION).contains(&v)
+            {
                 return Err(invalid(
                     "command_version",
                     format!(

@@ -54,9 +54,8 @@ impl Node {
                     None => Ok(self.raft.local_status(false)),
                     Some(Err(e)) => Err(e.to_string()),
                     Some(Ok(mut c)) => {
-                        let mut req = Request::new(proto::internal::v1::NodeStatusRequest {
-                            digest: false,
-                        });
+                        let mut req =
+                            Request::new(proto::internal::v1::NodeStatusRequest { digest: false });
                         req.set_timeout(timeout);
                         c.node_status(req)
                             .await
@@ -121,14 +120,12 @@ impl Node {
         let mut req = Request::new(proto::internal::v1::NodeStatusRequest { digest: false });
         req.set_timeout(ASK_TIMEOUT);
         match c.node_status(req).await {
-            Ok(r) if r.get_ref().command_version < current => {
-                Err(NodeError::Upgrade(format!(
-                    "node {id} at {} applies command version {} but the cluster runs {current}: \
+            Ok(r) if r.get_ref().command_version < current => Err(NodeError::Upgrade(format!(
+                "node {id} at {} applies command version {} but the cluster runs {current}: \
                      start it with the cluster's release, then add it",
-                    info.peer(),
-                    r.get_ref().command_version
-                )))
-            }
+                info.peer(),
+                r.get_ref().command_version
+            ))),
             _ => Ok(()),
         }
     }

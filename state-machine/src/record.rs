@@ -13,8 +13,10 @@
 //! time; chunks divide those by 32 at the price of re-encoding up to 31 neighbours when a
 //! single task changes (microseconds, against a Raft commit of about a millisecond).
 //!
-//! Values are `[RECORD_VERSION][postcard(Record)]`. The version byte lets a later release
-//! read older records; a record with an unknown version is refused rather than misread.
+//! Values are `[version][postcard(Record)]`. The version byte lets a later release read older
+//! records; a record with an unknown version is refused rather than misread. Each record is
+//! written in the oldest version that holds it ([`RecordRef::encode`]), so a rolling upgrade
+//! writes what the previous release reads until the cluster version enables what it cannot.
 
 use serde::{Deserialize, Serialize};
 
@@ -177,10 +179,33 @@ pub enum RecordRef<'a> {
 }
 
 impl RecordRef<'_> {
-    /// `[RECORD_VERSION][postcard]`.
+    /// `[version][postcard]`, in the **oldest** format that holds the record: version 3
+    /// (what the previous release reads) unless it has something only version 4 has (a
+    /// paused queue, the cluster version, a task with a retry budget reset). Those exist only
+    /// once the cluster version allows the operations that make them, so during a rolling
+    /// upgrade every record, every snapshot and every digest is the same as the previous
+    /// release would make: an older node can install a snapshot from a newer leader, and
+    /// replicas of both releases agree on digests.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![RECORD_VERSION];
-        postcard::to_io(self, &mut out).expect("encoding to a Vec cannot fail");
+        let mut out = Vec::new();
+        match self {
+            RecordRef::Meta(_) | RecordRef::Worker(_) | RecordRef::Token(_) => {
+                // Variants 0..4 are laid out alike in versions 3 and 4.
+                out.push(RECORD_VERSION_3);
+                postcard::to_io(self, &mut out)
+            }
+            RecordRef::TaskChunk(tasks) if tasks.iter().all(|t| t.attempt_base == 0) => {
+                out.push(RECORD_VERSION_3);
+                let v3: Vec<v3::TaskRef<'_>> =
+                    tasks.iter().map(|t| v3::TaskRef::from(*t)).collect();
+                postcard::to_io(&v3::RecordRef::TaskChunk(v3), &mut out)
+            }
+            _ => {
+                out.push(RECORD_VERSION);
+                postcard::to_io(self, &mut out)
+            }
+        }
+        .expect("encoding to a Vec cannot fail");
         out
     }
 }
@@ -206,7 +231,7 @@ impl Record {
 
 /// Version 3 of the record format: as 4, without a task's `attempt_base`.
 mod v3 {
-    use serde::Deserialize;
+    use serde::{Deserialize, Serialize};
 
     use crate::model::{
         ApiToken, AttemptFailure, Fence, Meta, Millis, TaskId, TaskSpec, TaskState, Worker,
@@ -231,6 +256,45 @@ mod v3 {
         last_fence: Fence,
         last_failure: Option<Box<AttemptFailure>>,
         state: TaskState,
+    }
+
+    /// A task as version 3 lays it out, borrowed, for writing.
+    #[derive(Serialize)]
+    pub(super) struct TaskRef<'a> {
+        id: &'a TaskId,
+        spec: &'a TaskSpec,
+        deps: &'a Vec<TaskId>,
+        submitted_at: &'a Millis,
+        updated_at: &'a Millis,
+        attempt: &'a u32,
+        last_fence: &'a Fence,
+        last_failure: &'a Option<Box<AttemptFailure>>,
+        state: &'a TaskState,
+    }
+
+    impl<'a> From<&'a crate::model::Task> for TaskRef<'a> {
+        fn from(t: &'a crate::model::Task) -> Self {
+            TaskRef {
+                id: &t.id,
+                spec: &t.spec,
+                deps: &t.deps,
+                submitted_at: &t.submitted_at,
+                updated_at: &t.updated_at,
+                attempt: &t.attempt,
+                last_fence: &t.last_fence,
+                last_failure: &t.last_failure,
+                state: &t.state,
+            }
+        }
+    }
+
+    /// The record enum of version 3 (only the task chunk is written through it; its variant
+    /// index must stay that of [`Record::TaskChunk`]).
+    #[derive(Serialize)]
+    pub(super) enum RecordRef<'a> {
+        #[allow(dead_code)]
+        Meta(&'a Meta),
+        TaskChunk(Vec<TaskRef<'a>>),
     }
 
     impl From<Task> for crate::model::Task {
@@ -432,8 +496,10 @@ impl SchedulerState {
     /// Every record, in key order (the cluster version once raised, meta, paused queues by
     /// name, task chunks, workers by id, tokens by name).
     pub fn records(&self) -> impl Iterator<Item = (RecordKey, RecordRef<'_>)> {
-        let version = (self.cluster_version != crate::BASE_COMMAND_VERSION)
-            .then_some((RecordKey::ClusterVersion, RecordRef::ClusterVersion(self.cluster_version)));
+        let version = (self.cluster_version != crate::BASE_COMMAND_VERSION).then_some((
+            RecordKey::ClusterVersion,
+            RecordRef::ClusterVersion(self.cluster_version),
+        ));
         let mut chunks: Vec<(RecordKey, RecordRef<'_>)> = Vec::new();
         for (id, t) in &self.tasks {
             let key = RecordKey::of_task(*id);
@@ -509,6 +575,37 @@ mod tests {
     }
 
     #[test]
+    fn records_are_written_in_the_oldest_format_that_holds_them() {
+        use crate::model::{TaskSpec, TaskState};
+        let mut t = Task {
+            id: TaskId(7),
+            spec: TaskSpec::new("a"),
+            deps: vec![],
+            submitted_at: 1,
+            updated_at: 2,
+            attempt: 1,
+            last_fence: crate::model::Fence(3),
+            last_failure: None,
+            state: TaskState::Queued { since: 2 },
+            attempt_base: 0,
+        };
+        // What the previous release wrote and reads: version 3, decoded by its own layout.
+        let old = RecordRef::TaskChunk(vec![&t]).encode();
+        assert_eq!(old[0], RECORD_VERSION_3);
+        assert!(postcard::from_bytes::<v3::Record>(&old[1..]).is_ok());
+        assert_eq!(Record::decode(&old).unwrap(), Record::TaskChunk(vec![t.clone()]));
+        let meta = RecordRef::Meta(&Meta::initial()).encode();
+        assert_eq!(meta[0], RECORD_VERSION_3);
+        assert!(matches!(postcard::from_bytes::<v3::Record>(&meta[1..]), Ok(v3::Record::Meta(_))));
+        // A task with what only version 4 has is written as version 4, and read back whole.
+        t.attempt_base = 2;
+        let new = RecordRef::TaskChunk(vec![&t]).encode();
+        assert_eq!(new[0], RECORD_VERSION);
+        assert_eq!(Record::decode(&new).unwrap(), Record::TaskChunk(vec![t]));
+        assert_eq!(RecordRef::ClusterVersion(2).encode()[0], RECORD_VERSION);
+    }
+
+    #[test]
     fn version_3_tasks_decode_as_never_retried() {
         use crate::model::{AttemptFailure, Fence, TaskSpec, TaskState};
         // The version 3 shape, written the way version 3 wrote it.
@@ -580,7 +677,7 @@ mod tests {
         // Written again, it is version 3 and keeps the owner.
         let w = Worker { owner: "ci".into(), ..w };
         let v3 = RecordRef::Worker(&w).encode();
-        assert_eq!(v3[0], RECORD_VERSION);
+        assert_eq!(v3[0], RECORD_VERSION_3);
         assert_eq!(Record::decode(&v3).unwrap(), Record::Worker(w));
     }
 }

@@ -1029,7 +1029,8 @@ fn a_kind_newer_than_the_cluster_version_is_refused_and_changes_nothing() {
     );
     assert_eq!(h.s.digest(), before);
     // In a batch only the newer item is refused.
-    let r = h.apply(Op::Batch(vec![Op::Submit { tasks: vec![nt(spec("b"), vec![])] }, pause.clone()]));
+    let r =
+        h.apply(Op::Batch(vec![Op::Submit { tasks: vec![nt(spec("b"), vec![])] }, pause.clone()]));
     let Ok(Output::Batch(items)) = r else { panic!("{r:?}") };
     assert!(items[0].is_ok());
     assert!(matches!(items[1], Err(Rejection::ClusterVersion { .. })));
