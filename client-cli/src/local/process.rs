@@ -150,6 +150,11 @@ impl Proc {
         &self.spec
     }
 
+    /// The spec, to change for the next start (e.g. restart a node with other flags).
+    pub fn spec_mut(&mut self) -> &mut ProcSpec {
+        &mut self.spec
+    }
+
     /// Its log file.
     pub fn log(&self) -> &Path {
         &self.spec.log

@@ -62,7 +62,9 @@ impl ClusterApi {
             let node = self.node.clone();
             calls.push(tokio::spawn(async move {
                 let reply: Result<ipb::NodeStatusReply, String> = if id == node.raft.id() {
-                    Ok(node.raft.local_status(false))
+                    let mut s = node.raft.local_status(false);
+                    node.disk.fill(&mut s);
+                    Ok(s)
                 } else {
                     match node.peer(info.peer()) {
                         Err(e) => Err(e.to_string()),
@@ -98,6 +100,10 @@ impl ClusterApi {
                     snapshot_index: r.snapshot_index,
                     purged_index: r.purged_index,
                     leader_id: r.leader_id,
+                    disk_free_bytes: r.disk_free_bytes,
+                    disk_min_free_bytes: r.disk_min_free_bytes,
+                    disk_low: r.disk_low,
+                    data_dir: r.data_dir,
                     ..Default::default()
                 },
                 Err(e) => pb::NodeStatus {

@@ -29,6 +29,8 @@ impl RaftNode {
             purged_index: m.purged.map_or(0, |l| l.index),
             leader_id: m.current_leader.unwrap_or(0),
             digest,
+            // The disk fields belong to the server (`node` crate), which fills them in.
+            ..Default::default()
         }
     }
 
