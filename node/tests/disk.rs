@@ -177,8 +177,8 @@ async fn d10_a_node_below_its_disk_floor_refuses_new_submits_and_nothing_else() 
     let low_addr = c.nodes[low].addr.clone();
 
     // Tasks accepted while a healthy node leads: one to cancel, one for a worker to finish.
-    let to_cancel = submit(&[ok.clone()], vec![spec("to-cancel", 0)]).await[0];
-    let to_run = submit(&[ok.clone()], vec![spec("to-run", 0)]).await[0];
+    let to_cancel = submit(std::slice::from_ref(&ok), vec![spec("to-cancel", 0)]).await[0];
+    let to_run = submit(std::slice::from_ref(&ok), vec![spec("to-run", 0)]).await[0];
 
     // Through the low node itself: refused, naming the node, its directory and the floor.
     let e = submit_via(&low_addr, "via-low").await.expect_err("the low node refuses");
@@ -224,7 +224,7 @@ async fn d10_a_node_below_its_disk_floor_refuses_new_submits_and_nothing_else() 
     assert_eq!(r.results.len(), 1);
     let worker = TestWorker::spawn(c.addrs(), "disk-w", 1, Duration::from_millis(50));
     wait_until("the task runs to completion under the floor", Duration::from_secs(30), || async {
-        let tasks = all_tasks(&[ok.clone()]).await;
+        let tasks = all_tasks(std::slice::from_ref(&ok)).await;
         state(&tasks[&to_run]) == "succeeded" && state(&tasks[&to_cancel]) == "cancelled"
     })
     .await
@@ -237,7 +237,7 @@ async fn d10_a_node_below_its_disk_floor_refuses_new_submits_and_nothing_else() 
     set_flag(&mut c, low, "--min-free-disk", "1MiB");
     c.restart(low);
     c.wait_serving(low, Duration::from_secs(30)).await.unwrap();
-    let id = retry(&[low_addr.clone()], |ch| async move {
+    let id = retry(std::slice::from_ref(&low_addr), |ch| async move {
         let req = pb::SubmitTasksRequest { tasks: vec![spec("after-lowering", 0)] };
         TasksClient::new(ch).submit_tasks(req).await.map(|r| r.into_inner().tasks[0].id)
     })
@@ -271,7 +271,7 @@ async fn d20_eio_on_the_leaders_fsync_stops_it_and_the_cluster_keeps_every_task(
     assert!(!status.success(), "a node whose disk failed exits non-zero: {status}");
     let log = log_of(&c, leader);
     assert!(log.contains("Input/output error"), "the message names the error:\n{log}");
-    assert!(log.contains("raft-log/seg-"), "the message names the file:\n{log}");
+    assert!(log.contains("raft-log/"), "the message names the file:\n{log}");
     assert!(log.contains("free on"), "the message tells the free space:\n{log}");
     eprintln!("leader exited {status} {took:?} after the injected EIO");
 
@@ -319,7 +319,7 @@ async fn d30_a_full_disk_stops_the_node_promptly_even_after_sigterm() {
     assert!(!status.success(), "{status}");
     let log = log_of(&c, f);
     assert!(log.contains("No space left on device"), "{log}");
-    assert!(log.contains("raft-log/seg-") && log.contains("free on"), "{log}");
+    assert!(log.contains("raft-log/") && log.contains("free on"), "{log}");
     // The others keep serving with nothing lost.
     let rest: Vec<String> = (0..3).filter(|i| *i != f).map(|i| c.nodes[i].addr.clone()).collect();
     let after = submit(&rest, vec![spec("after", 0)]).await[0];
@@ -339,7 +339,8 @@ async fn d30_a_full_disk_stops_the_node_promptly_even_after_sigterm() {
     let (status, took) = wait_exit(&mut c, f, PROMPTLY).await;
     let log = log_of(&c, f);
     let failed = log[seen..].contains("No space left on device");
-    assert_eq!(status.success(), !failed, "clean unless a storage error came first: {status}");
+    // Whichever came first, the stop or the failure: a non-zero exit names the error.
+    assert!(status.success() || failed, "{status}:\n{}", &log[seen..]);
     eprintln!("full node exited {status} {took:?} after SIGTERM (storage error seen: {failed})");
     let last = submit(&rest, vec![spec("last", 0)]).await[0];
     assert!(all_tasks(&rest).await.contains_key(&last));
