@@ -116,6 +116,13 @@ pub struct Args {
     /// The cluster CA certificate (PEM) that node and client certificates chain to.
     #[arg(long, env = "SCHED_TLS_CA", value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
+    /// Refuse new submits (RESOURCE_EXHAUSTED) while the data directory's filesystem has less
+    /// free space than this, e.g. `1GiB`, `500MB`; `0` turns the check off.
+    #[arg(long, env = "SCHED_MIN_FREE_DISK", value_parser = crate::disk::parse_bytes, help = with_default(
+        "Refuse new submits (RESOURCE_EXHAUSTED) while the data directory's filesystem has less free space than this, e.g. 1GiB or 500MB; 0 turns the check off",
+        |d| crate::disk::format_bytes(d.limits.min_free_disk),
+    ))]
+    pub min_free_disk: Option<u64>,
     /// Serve a non-loopback address without TLS and tokens (anyone who reaches the port can
     /// then change and delete tasks and membership). Logged loudly.
     #[arg(long, env = "SCHED_INSECURE")]
@@ -218,6 +225,9 @@ pub struct LimitSettings {
     pub fields: Limits,
     /// Non-terminal tasks allowed in the cluster; submits beyond it get RESOURCE_EXHAUSTED.
     pub max_pending_tasks: u64,
+    /// Free bytes the data directory's filesystem must keep: below it new submits get
+    /// RESOURCE_EXHAUSTED ([`crate::disk`]); 0: no floor.
+    pub min_free_disk: u64,
 }
 
 /// Leader planner knobs.
@@ -276,6 +286,7 @@ impl Default for Config {
                 max_message_bytes: 16 << 20,
                 fields: Limits::default(),
                 max_pending_tasks: 5_000_000,
+                min_free_disk: 512 << 20,
             },
             planner: PlannerSettings {
                 max_assignments_per_round: 4_096,
@@ -399,6 +410,7 @@ struct FileLimits {
     max_batch_tasks: Option<usize>,
     max_deps: Option<usize>,
     max_pending_tasks: Option<u64>,
+    min_free_disk: Option<String>,
     max_worker_slots: Option<u32>,
     max_cpu_milli: Option<u64>,
     max_memory_mib: Option<u64>,
@@ -523,6 +535,10 @@ impl Config {
         if let Some(v) = l.max_pending_tasks {
             c.limits.max_pending_tasks = v;
         }
+        if let Some(v) = &l.min_free_disk {
+            c.limits.min_free_disk =
+                crate::disk::parse_bytes(v).map_err(|e| invalid("limits.min_free_disk", e))?;
+        }
         if let Some(v) = l.max_worker_slots {
             c.limits.fields.max_worker_slots = v;
         }
@@ -615,6 +631,9 @@ impl Config {
             (Some(v), _) => c.log = v.clone(),
             (None, Some(v)) => c.log = v,
             (None, None) => {}
+        }
+        if let Some(v) = args.min_free_disk {
+            c.limits.min_free_disk = v;
         }
         if let Some(d) = args.heartbeat_ttl {
             c.workers.heartbeat_ttl = d;
@@ -846,6 +865,20 @@ mod tests {
         let e =
             Config::load(&Args { config: Some(path.clone()), ..Default::default() }).unwrap_err();
         assert!(e.to_string().contains("workers.heartbeat_ttl"), "{e}");
+        std::fs::write(&path, "[limits]\nmin_free_disk = \"lots\"\n").unwrap();
+        let e =
+            Config::load(&Args { config: Some(path.clone()), ..Default::default() }).unwrap_err();
+        assert!(e.to_string().contains("limits.min_free_disk"), "{e}");
+        std::fs::write(&path, "[limits]\nmin_free_disk = \"2GiB\"\n").unwrap();
+        let c = Config::load(&Args { config: Some(path.clone()), ..Default::default() }).unwrap();
+        assert_eq!(c.limits.min_free_disk, 2 << 30);
+        let c = Config::load(&Args {
+            config: Some(path.clone()),
+            min_free_disk: Some(0),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.limits.min_free_disk, 0, "the flag wins over the file");
         std::fs::write(&path, "unknown_key = 1\n").unwrap();
         let e = Config::load(&Args { config: Some(path), ..Default::default() }).unwrap_err();
         assert!(e.to_string().contains("unknown"), "{e}");

@@ -9,6 +9,7 @@
 //! |---|---|---|
 //! | malformed field (`Rejection::InvalidArgument`, unknown dependency, cycle) | INVALID_ARGUMENT | invalid_argument / unknown_dependency / dependency_cycle |
 //! | size or count limit, too many pending tasks | RESOURCE_EXHAUSTED | limit_exceeded |
+//! | a submit while the data disk is below its free-space floor ([`crate::disk`]) | RESOURCE_EXHAUSTED | disk_space_low |
 //! | unknown task or worker | NOT_FOUND | not_found |
 //! | unknown token (revoke) | NOT_FOUND | not_found |
 //! | another token of that name (create) | ALREADY_EXISTS | already_exists |
@@ -73,6 +74,9 @@ pub enum NodeError {
     /// A resource limit outside the state machine (pending tasks).
     #[error("{0}")]
     Exhausted(String),
+    /// The data disk is below its free-space floor: new submits are refused.
+    #[error(transparent)]
+    DiskLow(#[from] crate::disk::DiskLow),
     /// The caller is not authenticated or not allowed ([`crate::auth`]).
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),
@@ -163,6 +167,9 @@ impl From<NodeError> for Status {
             }
             NodeError::Exhausted(_) => {
                 with_meta(Code::ResourceExhausted, msg, Reason::LimitExceeded, None)
+            }
+            NodeError::DiskLow(_) => {
+                with_meta(Code::ResourceExhausted, msg, Reason::DiskSpaceLow, None)
             }
             NodeError::Rpc(
                 RpcError::Undecodable { .. }
@@ -257,5 +264,18 @@ mod tests {
         .into();
         assert_eq!(s.code(), Code::Unavailable);
         assert_eq!(s.metadata().get(proto::status::LEADER_HINT_KEY).unwrap(), "2@127.0.0.1:7002");
+
+        let s: Status = NodeError::from(crate::disk::DiskLow {
+            node: 3,
+            path: "/var/lib/raftsched".into(),
+            free: 1 << 20,
+            floor: 1 << 30,
+        })
+        .into();
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert_eq!(reason(&s), "disk_space_low");
+        for part in ["node 3", "/var/lib/raftsched", "1.0 MiB", "1.0 GiB"] {
+            assert!(s.message().contains(part), "{part}: {}", s.message());
+        }
     }
 }

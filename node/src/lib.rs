@@ -18,11 +18,15 @@
 //! * The `raft` crate below answers only "is it durable and agreed?": propose, read index,
 //!   membership, status.
 //! * Errors are [`error::NodeError`], mapped to gRPC codes in one table.
+//! * [`disk`]: the free-space floor of the data directory; below it new submits are refused
+//!   while everything that lets tasks finish keeps working. A storage error (a failed write or
+//!   fsync, a full disk) stops the node with a non-zero exit ([`server::run`]).
 //! * Configuration: [`config`]; the whole server: [`server::run`].
 
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod disk;
 pub mod error;
 pub mod http;
 pub mod leader;
@@ -56,4 +60,6 @@ pub struct Node {
     pub tokens: Option<Arc<auth::Tokens>>,
     /// Serializes raising the cluster's command version ([`version`]).
     pub version_gate: tokio::sync::Mutex<()>,
+    /// Free space of the data directory and the floor for new submits.
+    pub disk: disk::DiskGuard,
 }

@@ -1,7 +1,14 @@
 //! `schedulerd`: parse flags, load the configuration, start logging, run the node until
-//! SIGTERM/SIGINT. Exit codes: 0 clean stop, 1 runtime failure, 2 bad configuration.
+//! SIGTERM/SIGINT. Exit codes: 0 clean stop, 1 runtime failure (a storage error, a full disk,
+//! a server failure, a forced stop), 2 bad configuration.
+//!
+//! Stopping is always bounded. A runtime failure exits at once after the message, without
+//! running destructors: sled's last handle flushes when dropped, and after an IO error that
+//! flush never returns. After the first SIGTERM/SIGINT a second one, or a shutdown still
+//! running after [`SHUTDOWN_LIMIT`], ends the process at once (exit 1).
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use node::config::{Args, Config, LogFormat};
@@ -36,26 +43,56 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(node::server::run(cfg, shutdown_signal())) {
-        Ok(()) => ExitCode::SUCCESS,
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    runtime.spawn(signals(first_tx));
+    let stop = async {
+        let _ = first_rx.await;
+    };
+    match runtime.block_on(node::server::run(cfg, stop)) {
+        Ok(()) => {
+            runtime.shutdown_timeout(Duration::from_secs(5));
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             tracing::error!(error = %e, "schedulerd failed");
             eprintln!("schedulerd: {e}");
-            ExitCode::from(1)
+            // No destructors (see the module docs): the message is out, the data that was
+            // acknowledged is durable, and the rest of the cluster carries on.
+            std::process::exit(1)
         }
     }
 }
 
-async fn shutdown_signal() {
+/// How long a shutdown may take after the first signal before the process ends anyway.
+const SHUTDOWN_LIMIT: Duration = Duration::from_secs(30);
+
+/// The first SIGTERM/SIGINT asks for a clean stop; from then on a second one, or the
+/// shutdown outliving [`SHUTDOWN_LIMIT`], ends the process at once.
+async fn signals(first: tokio::sync::oneshot::Sender<()>) {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
+    let mut term = signal(SignalKind::terminate()).ok();
+    next_signal(&mut term).await;
+    let _ = first.send(());
+    // A plain thread: it must fire even if every runtime worker is stuck.
+    std::thread::spawn(|| {
+        std::thread::sleep(SHUTDOWN_LIMIT);
+        eprintln!("schedulerd: shutdown did not finish within {SHUTDOWN_LIMIT:?}; exiting");
+        std::process::exit(1);
+    });
+    next_signal(&mut term).await;
+    eprintln!("schedulerd: second stop signal; exiting now");
+    std::process::exit(1);
+}
+
+async fn next_signal(term: &mut Option<tokio::signal::unix::Signal>) {
+    match term {
+        Some(t) => {
             tokio::select! {
-                _ = term.recv() => {}
+                _ = t.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
             }
         }
-        Err(_) => {
+        None => {
             let _ = tokio::signal::ctrl_c().await;
         }
     }

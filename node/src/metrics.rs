@@ -9,7 +9,8 @@
 //!   (from the applied event stream, see [`follow_events`]), so `sum()` over nodes counts each
 //!   completion once.
 //! * **Read at scrape time** ([`render`]): this node's Raft position, the log's fsync
-//!   histogram, process metrics, and — on the leader only, so `sum()` over the nodes is right —
+//!   histogram, its data disk (free bytes, size, the floor and `disk_low`, see
+//!   [`crate::disk`]), process metrics, and — on the leader only, so `sum()` over the nodes is right —
 //!   the cluster-wide gauges: tasks per state, queue depth and the age of the oldest queued
 //!   task per queue, workers by status, replication lag per follower. A queue seen once keeps
 //!   its series at 0 after it empties instead of vanishing.
@@ -505,10 +506,43 @@ fn scrape_registry(node: &Node) -> Registry {
         ConstHistogram { sum: log.sync_micros as f64 / 1e6, count: log.syncs, buckets },
     );
 
+    disk_gauges(node, &mut r);
     if leader {
         leader_gauges(node, &mut r, status.last_log_index);
     }
     r
+}
+
+/// The data directory's free space, its floor and whether submits are refused for it
+/// ([`crate::disk`]).
+fn disk_gauges(node: &Node, r: &mut Registry) {
+    let d = &node.disk;
+    if let (Some(free), Some(total)) = (d.free(), d.total()) {
+        r.register_with_unit(
+            "disk_free",
+            "Free space on the data directory's filesystem, for this server's user",
+            Unit::Bytes,
+            ConstGauge::new(i64::try_from(free).unwrap_or(i64::MAX)),
+        );
+        r.register_with_unit(
+            "disk_size",
+            "Size of the data directory's filesystem",
+            Unit::Bytes,
+            ConstGauge::new(i64::try_from(total).unwrap_or(i64::MAX)),
+        );
+    }
+    r.register_with_unit(
+        "disk_min_free",
+        "Free-space floor of the data directory (0 = off): below it new submits are refused",
+        Unit::Bytes,
+        ConstGauge::new(i64::try_from(d.floor()).unwrap_or(i64::MAX)),
+    );
+    const_gauge(
+        r,
+        "disk_low",
+        "1 while the free disk space is below the floor and new submits are refused",
+        i64::from(d.low().is_some()),
+    );
 }
 
 /// Cluster-wide gauges, exported by the leader only.

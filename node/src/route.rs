@@ -17,6 +17,10 @@
 //!   on the leader; a follower passes the public request on, marked as forwarded
 //!   ([`proto::status::FORWARDED_KEY`]) so it never travels twice.
 //!
+//! * **New submits while a disk is low** ([`crate::disk`]): refused on the node that received
+//!   them and again on the leader, before anything is proposed; the leader's refusal is
+//!   relayed unchanged to the client (RESOURCE_EXHAUSTED names the leader's disk).
+//!
 //! Peer calls share the Raft channel pool and carry deadlines; their failures become
 //! [`NodeError`]s with the leader hint, mapped to statuses in [`crate::error`].
 
@@ -55,6 +59,7 @@ impl Node {
     async fn route_write(&self, op: Op) -> NodeResult<Written> {
         if !self.raft.is_leader() {
             if let Some(leader) = self.raft.remote_leader() {
+                self.refuse_when_disk_low(&op)?;
                 return self.forward(leader, op).await;
             }
         }
@@ -64,6 +69,7 @@ impl Node {
     /// Propose `op` on this node (the leader side of a write). Plan-ahead companions ride in
     /// the same log entry right after it; the answer is `op`'s own response.
     pub async fn propose_here(&self, op: Op) -> NodeResult<Written> {
+        self.refuse_when_disk_low(&op)?;
         self.ensure_version(&op).await?;
         let mut ops = vec![op];
         if self.cfg.planner.plan_ahead && plan_ahead::considers(&ops[0]) {
@@ -78,6 +84,15 @@ impl Node {
         let companions: Vec<Response> = responses.collect();
         plan_ahead::committed(self, &companions);
         Ok(Written { index: g.index, response })
+    }
+
+    /// New submits are refused while this node's data disk is below its floor; every other
+    /// operation passes (they are what lets tasks finish and space be freed).
+    fn refuse_when_disk_low(&self, op: &Op) -> NodeResult<()> {
+        match (op, self.disk.low()) {
+            (Op::Submit { .. }, Some(low)) => Err(low.into()),
+            _ => Ok(()),
+        }
     }
 
     async fn forward(&self, leader: LeaderHint, op: Op) -> NodeResult<Written> {
@@ -98,6 +113,9 @@ impl Node {
                 })?;
                 Ok(Written { index: r.log_index, response })
             }
+            // A definite refusal (nothing was proposed, e.g. the leader's disk is low): the
+            // client hears the leader's own answer, not an ambiguous UNAVAILABLE.
+            Err(s) if s.code() == tonic::Code::ResourceExhausted => Err(NodeError::Relayed(s)),
             Err(s) => {
                 let hint = proto::status::leader_of(&s).unwrap_or(leader);
                 Err(unavailable(format!("forward to the leader failed: {}", s.message()), hint))

@@ -11,8 +11,10 @@
 //!
 //! Shutdown (SIGTERM/SIGINT, or the `shutdown` future): streams are told to end, the gRPC
 //! server stops accepting and drains for a bounded time, then Raft shuts down and the state
-//! machine is flushed. A fatal Raft error (e.g. a storage failure) stops the node the same way
-//! and makes [`run`] return an error, so the process exits non-zero.
+//! machine is flushed. A fatal Raft error (a storage failure: a failed write or fsync, a full
+//! disk) stops the node at once — no drain, no flush into the failed disk — and makes [`run`]
+//! return an error naming the file, the error and the free space, so the process exits
+//! non-zero within about a second (see `main` for why it must not wait for destructors).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -186,7 +188,9 @@ pub async fn run(
     }
     let tokens = tokens.map(|t| Arc::new(t.with_replicated(replicated_tokens(raft.clone()))));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let disk = crate::disk::DiskGuard::new(cfg.id, cfg.data_dir.clone(), cfg.limits.min_free_disk);
     let node = Arc::new(Node {
+        disk,
         liveness: Liveness::new(cfg.workers.heartbeat_ttl, cfg.workers.failover_grace),
         metrics: Metrics::default(),
         stopping: stop_rx,
@@ -209,6 +213,7 @@ pub async fn run(
     }
 
     let leader_loops = tokio::spawn(crate::leader::supervise(node.clone()));
+    tokio::spawn(crate::disk::watch(node.clone()));
     if let Some(l) = http_listener {
         info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics, health, api and dashboard on http");
         tokio::spawn(crate::http::serve(l, node.clone(), tls.clone()));
@@ -328,7 +333,8 @@ pub async fn run(
     tokio::select! {
         _ = shutdown => info!("shutting down"),
         e = fatal => {
-            error!(error = %e, "raft stopped with a fatal error; shutting down");
+            let e = with_free_space(e, &node.cfg.data_dir);
+            error!(error = %e, "raft stopped with a fatal error; stopping at once");
             outcome = Err(ServerError::Fatal(e));
         }
         r = &mut server => {
@@ -346,19 +352,46 @@ pub async fn run(
     set_health(&health, ServingStatus::NotServing).await;
     let _ = stop_tx.send(true);
     let _ = drain_tx.send(());
-    if !server.is_finished()
-        && tokio::time::timeout(Duration::from_secs(5), &mut server).await.is_err()
-    {
-        warn!("connections did not close within 5 s; closing them");
+    // After a storage failure nothing is gained by draining: nothing more can be acknowledged.
+    let drain = if outcome.is_ok() { Duration::from_secs(5) } else { Duration::ZERO };
+    if !server.is_finished() && tokio::time::timeout(drain, &mut server).await.is_err() {
+        if outcome.is_ok() {
+            warn!("connections did not close within 5 s; closing them");
+        }
         server.abort();
     }
     if let Some(s) = peer_server {
         s.abort();
     }
     leader_loops.abort();
-    raft.shutdown().await;
+    if let Err(e) = raft.shutdown().await {
+        if outcome.is_ok() {
+            let e = with_free_space(e, &node.cfg.data_dir);
+            error!(error = %e, "stopping raft failed");
+            outcome = Err(ServerError::Fatal(e));
+        }
+    }
+    if outcome.is_err() {
+        // After a storage error sled's handles must never be dropped: dropping the last one
+        // flushes, and sled 0.34 waits forever for a flush after an IO error (a node with a
+        // full disk used to hang here, deaf to SIGTERM). The process exits right after this
+        // returns (see `main`); everything acknowledged is already durable in the Raft log.
+        std::mem::forget(node);
+        std::mem::forget(raft);
+    }
     info!("stopped");
     outcome
+}
+
+/// `e` with the free space of the data directory's filesystem, which tells a full disk from
+/// a failing one.
+fn with_free_space(e: String, data_dir: &std::path::Path) -> String {
+    match crate::disk::statvfs(data_dir) {
+        Ok((free, _)) => {
+            format!("{e} ({} free on {})", crate::disk::format_bytes(free), data_dir.display())
+        }
+        Err(s) => format!("{e} (free space of {} unknown: {s})", data_dir.display()),
+    }
 }
 
 type Served = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;

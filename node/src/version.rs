@@ -51,7 +51,11 @@ impl Node {
             let peer = (id != self.raft.id()).then(|| self.peer(info.peer()));
             calls.push(async move {
                 let reply = match peer {
-                    None => Ok(self.raft.local_status(false)),
+                    None => {
+                        let mut s = self.raft.local_status(false);
+                        self.disk.fill(&mut s);
+                        Ok(s)
+                    }
                     Some(Err(e)) => Err(e.to_string()),
                     Some(Ok(mut c)) => {
                         let mut req =

@@ -68,6 +68,9 @@ pub enum Reason {
     Unauthenticated,
     /// The credential's role does not allow the request (the message names the role needed).
     PermissionDenied,
+    /// The node's data disk has less free space than its floor (`--min-free-disk`): new
+    /// submits are refused until space is freed; everything else still works.
+    DiskSpaceLow,
     /// A reason this build does not know (a newer server).
     Other(String),
 }
@@ -94,6 +97,7 @@ impl Reason {
             "internal" => Reason::Internal,
             "unauthenticated" => Reason::Unauthenticated,
             "permission_denied" => Reason::PermissionDenied,
+            "disk_space_low" => Reason::DiskSpaceLow,
             other => Reason::Other(other.to_string()),
         }
     }
@@ -119,6 +123,7 @@ impl Reason {
             Reason::Internal => "internal",
             Reason::Unauthenticated => "unauthenticated",
             Reason::PermissionDenied => "permission_denied",
+            Reason::DiskSpaceLow => "disk_space_low",
             Reason::Other(s) => s,
         }
     }
@@ -238,6 +243,7 @@ mod tests {
             Reason::Internal,
             Reason::Unauthenticated,
             Reason::PermissionDenied,
+            Reason::DiskSpaceLow,
         ];
         for r in all {
             assert_eq!(Reason::parse(r.as_str()), r);

@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod config;
 pub mod events;
+pub mod fault;
 pub mod log;
 pub mod network;
 pub mod node;

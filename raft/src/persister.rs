@@ -23,6 +23,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{mpsc, oneshot};
 use tracing::error;
 
+use crate::fault::{Faults, Site};
+
 /// How many apply batches may wait for the persister (also bounded by [`QUEUE_BYTES`]).
 const QUEUE: usize = 1_024;
 /// Encoded bytes that may wait for the persister. This bounds the memory of the queue and the
@@ -41,6 +43,14 @@ pub(crate) struct Cow {
     pub position: Option<Vec<u8>>,
     /// Values as of the snapshot point of keys changed since (`None`: key did not exist).
     pub pre: BTreeMap<Vec<u8>, Option<sled::IVec>>,
+}
+
+/// Where the persister writes: the sled directory (named in errors) and its fault hook.
+pub(crate) struct Place {
+    /// The sled directory.
+    pub dir: std::path::PathBuf,
+    /// Test-only injected IO errors ([`crate::fault`]).
+    pub faults: Faults,
 }
 
 /// One apply's changes.
@@ -117,6 +127,7 @@ impl Persister {
         data: Arc<RwLock<sled::Tree>>,
         cow: Arc<Mutex<Option<Cow>>>,
         persisted_at: u64,
+        place: Place,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let error = Arc::new(Mutex::new(None));
@@ -125,7 +136,7 @@ impl Persister {
         let (e, p, b) = (error.clone(), persisted.clone(), budget.clone());
         let thread = std::thread::Builder::new()
             .name("sm-persister".into())
-            .spawn(move || run(rx, db, data, cow, e, p, b))?;
+            .spawn(move || run(rx, db, data, cow, e, p, b, place))?;
         Ok(Persister { tx: Some(tx), budget, thread: Some(thread), error, persisted })
     }
 
@@ -211,6 +222,7 @@ fn run(
     error: Arc<Mutex<Option<String>>>,
     persisted: Arc<AtomicU64>,
     budget: Arc<tokio::sync::Semaphore>,
+    place: Place,
 ) {
     let mut pending: Option<Msg> = None;
     let mut last_flush = std::time::Instant::now();
@@ -252,7 +264,10 @@ fn run(
                     budget.add_permits(used);
                     continue;
                 }
-                let mut result = write(&data, &cow, records, meta);
+                let mut result = match place.faults.check(Site::SmWrite) {
+                    Ok(()) => write(&data, &cow, records, meta),
+                    Err(e) => Err(sled::Error::Io(e)),
+                };
                 budget.add_permits(used);
                 if result.is_ok() && last_flush.elapsed() >= FLUSH_EVERY {
                     result = db.flush().map(|_| ());
@@ -261,8 +276,9 @@ fn run(
                 match result {
                     Ok(()) => persisted.store(index, Ordering::Release),
                     Err(e) => {
-                        error!(error = %e, "writing the state machine to sled failed; the node must stop");
-                        *lock(&error) = Some(format!("state machine write failed: {e}"));
+                        let path = place.dir.display();
+                        error!(error = %e, %path, "writing the state machine to sled failed; the node must stop");
+                        *lock(&error) = Some(format!("state machine write to {path} failed: {e}"));
                     }
                 }
             }

@@ -306,6 +306,10 @@ impl StateMachineStore {
             data.clone(),
             cow.clone(),
             applied.last.map_or(0, |l| l.index),
+            crate::persister::Place {
+                dir: sled_dir.clone(),
+                faults: crate::fault::Faults::for_store(dir),
+            },
         )
         .map_err(|source| SmOpenError::Io { path: dir.to_path_buf(), source })?;
         let shared = Arc::new(Shared {

@@ -105,7 +105,7 @@ impl TestNode {
             }
         }
         if let Some(n) = self.node.take() {
-            n.shutdown().await;
+            let _ = n.shutdown().await;
             drop(n);
         }
         // Give detached tasks a moment to drop their store handles (sled holds a dir lock).

@@ -486,6 +486,10 @@ pub fn status_json(s: &pb::ClusterStatusResponse) -> Value {
                 "matched_index": n.matched_index,
                 "digest": n.digest,
                 "command_version": n.command_version,
+                "data_dir": n.data_dir,
+                "disk_free_bytes": n.disk_free_bytes,
+                "disk_min_free_bytes": n.disk_min_free_bytes,
+                "disk_low": n.disk_low,
             })
         })
         .collect();
@@ -522,6 +526,7 @@ pub fn status_text(s: &pb::ClusterStatusResponse) -> String {
         "SNAPSHOT",
         "MATCHED",
         "VERSION",
+        "DISK FREE",
     ]);
     for n in &s.nodes {
         let role = if n.reachable { n.role.clone() } else { "-".into() };
@@ -541,10 +546,44 @@ pub fn status_text(s: &pb::ClusterStatusResponse) -> String {
             n.snapshot_index.to_string(),
             if n.matched_index == 0 { "-".into() } else { n.matched_index.to_string() },
             if n.command_version == 0 { "-".into() } else { n.command_version.to_string() },
+            match (n.reachable, n.disk_free_bytes, n.disk_low) {
+                (false, _, _) | (true, 0, false) => "-".into(),
+                (true, free, false) => bytes(free),
+                (true, free, true) => format!("{} LOW", bytes(free)),
+            },
         ]);
     }
     out.push_str(&t.render());
+    for n in s.nodes.iter().filter(|n| n.reachable && n.disk_low) {
+        out.push_str(&format!(
+            "\nnode {}: {} has {} free, below its floor of {}: it refuses new submits \
+             (free space there, or restart it with a lower --min-free-disk)",
+            n.id,
+            if n.data_dir.is_empty() { "its data directory" } else { &n.data_dir },
+            bytes(n.disk_free_bytes),
+            bytes(n.disk_min_free_bytes),
+        ));
+    }
+    if s.nodes.iter().any(|n| n.reachable && n.disk_low) {
+        out.push('\n');
+    }
     out
+}
+
+/// A byte count for people: `512 B`, `1.5 KiB`, `20.0 GiB`.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 fn yes_no(b: bool) -> String {
@@ -689,6 +728,21 @@ mod tests {
         let text = status_text(&s);
         assert!(text.starts_with("leader: 1   term: 3"), "{text}");
         assert!(text.contains("127.0.0.1:7001  leader"), "{text}");
+        assert!(!text.contains("LOW"), "{text}");
+        let mut low = s.clone();
+        low.nodes[0].disk_free_bytes = 3 << 20;
+        low.nodes[0].disk_min_free_bytes = 1 << 30;
+        low.nodes[0].disk_low = true;
+        low.nodes[0].data_dir = "/var/lib/raftsched".into();
+        let text = status_text(&low);
+        assert!(text.contains("3.0 MiB LOW"), "{text}");
+        assert!(
+            text.contains(
+                "node 1: /var/lib/raftsched has 3.0 MiB free, below its floor of 1.0 GiB"
+            ),
+            "{text}"
+        );
+        assert_eq!(status_json(&low)["nodes"][0]["disk_low"], true);
         assert_eq!(status_json(&s)["nodes"][0]["role"], "leader");
         let w = pb::ListWorkersResponse {
             workers: vec![pb::WorkerInfo {

@@ -73,6 +73,10 @@ impl ClusterApi {
                     purged_index: r.purged_index,
                     leader_id: r.leader_id,
                     command_version: r.command_version,
+                    disk_free_bytes: r.disk_free_bytes,
+                    disk_min_free_bytes: r.disk_min_free_bytes,
+                    disk_low: r.disk_low,
+                    data_dir: r.data_dir,
                     ..Default::default()
                 },
                 Err(e) => pb::NodeStatus {

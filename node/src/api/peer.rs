@@ -142,7 +142,10 @@ impl PeerService for PeerApi {
         } else {
             Ok(raft.local_status(false))
         };
-        answer(status)
+        answer(status.map(|mut s| {
+            self.node.disk.fill(&mut s);
+            s
+        }))
     }
 
     async fn control(

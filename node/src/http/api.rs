@@ -333,6 +333,8 @@ async fn cluster(
                 "applied_index": n.applied_index, "snapshot_index": n.snapshot_index,
                 "purged_index": n.purged_index, "matched_index": n.matched_index,
                 "leader_id": n.leader_id,
+                "disk_free_bytes": n.disk_free_bytes, "disk_min_free_bytes": n.disk_min_free_bytes,
+                "disk_low": n.disk_low,
             })
         })
         .collect();

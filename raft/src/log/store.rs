@@ -144,6 +144,7 @@ impl LogStore {
             dirty: false,
             pending: Vec::new(),
             buf: Vec::new(),
+            faults: crate::fault::Faults::for_store(dir),
         };
         let (tx, rx) = mpsc::channel();
         let handle = std::thread::Builder::new()

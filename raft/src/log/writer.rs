@@ -26,6 +26,7 @@ use super::format::{
     encode_record, segment_file_name, Kind, SegmentHeader, FORMAT_VERSION, VOTE_FILE, VOTE_TMP_FILE,
 };
 use super::index::{storage_error, Loc, Segment, Shared};
+use crate::fault::{Faults, Site};
 use crate::{Entry, NodeId, StorageError, TypeConfig};
 
 /// Upper bound on the requests the writer drains into one group commit.
@@ -118,6 +119,8 @@ pub(super) struct Writer {
     /// Callbacks of written appends, waiting for the next sync, in order.
     pub(super) pending: Vec<Flushed>,
     pub(super) buf: Vec<u8>,
+    /// Test-only injected IO errors ([`crate::fault`]).
+    pub(super) faults: Faults,
 }
 
 impl Writer {
@@ -272,7 +275,13 @@ impl Writer {
 
     pub(super) fn timed_sync(&self, seg: &Segment, full: bool) -> Result<(), Fault> {
         let started = Instant::now();
-        let result = if full { seg.file.sync_all() } else { seg.file.sync_data() };
+        let result = self.faults.check(Site::LogSync).and_then(|()| {
+            if full {
+                seg.file.sync_all()
+            } else {
+                seg.file.sync_data()
+            }
+        });
         result.map_err(|e| Fault::io("fdatasync", &seg.path, e))?;
         let stats = &self.shared.stats;
         stats.syncs.fetch_add(1, Ordering::Relaxed);
@@ -285,10 +294,12 @@ impl Writer {
     /// Writes `self.buf` at the end of the active segment.
     pub(super) fn write_buf(&mut self) -> Result<u64, Fault> {
         let buf = std::mem::take(&mut self.buf);
+        let injected = self.faults.check(Site::LogWrite);
         let result = match self.active_mut() {
             Some(active) => {
                 let offset = active.size;
-                match active.seg.file.write_all_at(&buf, offset) {
+                let written = injected.and_then(|()| active.seg.file.write_all_at(&buf, offset));
+                match written {
                     Ok(()) => {
                         active.size += buf.len() as u64;
                         Ok(offset)
@@ -463,8 +474,14 @@ impl Writer {
             .truncate(true)
             .open(&tmp)
             .map_err(|e| Fault::io("create", &tmp, e))?;
-        io::Write::write_all(&mut file, &self.buf).map_err(|e| Fault::io("write", &tmp, e))?;
-        file.sync_all().map_err(|e| Fault::io("fsync", &tmp, e))?;
+        self.faults
+            .check(Site::LogWrite)
+            .and_then(|()| io::Write::write_all(&mut file, &self.buf))
+            .map_err(|e| Fault::io("write", &tmp, e))?;
+        self.faults
+            .check(Site::LogSync)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| Fault::io("fsync", &tmp, e))?;
         drop(file);
         fs::rename(&tmp, &path).map_err(|e| Fault::io("rename to", &path, e))?;
         self.fsync_dir()?;

@@ -204,6 +204,16 @@ impl RaftNode {
         raft.or_else(|| self.sm.fatal())
     }
 
+    /// A storage failure (or a panic) that stopped openraft or the state machine; unlike
+    /// [`RaftNode::fatal`], a normal stop is not one.
+    pub fn storage_failure(&self) -> Option<String> {
+        let raft = match &self.raft.metrics().borrow().running_state {
+            Err(openraft::error::Fatal::Stopped) | Ok(()) => None,
+            Err(e) => Some(e.to_string()),
+        };
+        raft.or_else(|| self.sm.fatal())
+    }
+
     /// `Unavailable` with `leader`, or the leader this node knows of.
     pub(crate) fn unavailable(
         &self,
@@ -213,15 +223,26 @@ impl RaftNode {
         WriteError::Unavailable { reason: reason.into(), leader: leader.or_else(|| self.leader()) }
     }
 
-    /// Stop Raft (bounded wait) and flush the state machine.
-    pub async fn shutdown(&self) {
+    /// Stop Raft and flush the state machine, each within a bounded time. After a storage
+    /// failure nothing is flushed (the failed disk would only fail again, or hang); an error
+    /// says the node did not stop cleanly.
+    pub async fn shutdown(&self) -> Result<(), String> {
         match tokio::time::timeout(Duration::from_secs(5), self.raft.shutdown()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => warn!(error = %e, "raft shutdown reported an error"),
             Err(_) => warn!("raft did not shut down within 5 s"),
         }
+        if let Some(e) = self.storage_failure() {
+            return Err(e);
+        }
         let sm = self.sm.clone();
-        let _ = tokio::task::spawn_blocking(move || sm.flush()).await;
+        let flush = tokio::task::spawn_blocking(move || sm.flush());
+        match tokio::time::timeout(Duration::from_secs(10), flush).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(format!("flushing the state machine failed: {e}")),
+            Ok(Err(e)) => Err(format!("flushing the state machine failed: {e}")),
+            Err(_) => Err("flushing the state machine did not finish within 10 s".into()),
+        }
     }
 }
 

@@ -30,6 +30,8 @@ impl RaftNode {
             leader_id: m.current_leader.unwrap_or(0),
             digest,
             command_version: self.sm.command_version(),
+            // The disk fields belong to the server (`node` crate), which fills them in.
+            ..Default::default()
         }
     }
 

@@ -740,7 +740,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("id", "addr", "voter", "reachable", "error", "role", "term", "last_log_index", "committed_index", "applied_index", "snapshot_index", "purged_index", "leader_id", "digest", "matched_index", "peer_addr", "command_version")
+    __slots__ = ("id", "addr", "voter", "reachable", "error", "role", "term", "last_log_index", "committed_index", "applied_index", "snapshot_index", "purged_index", "leader_id", "digest", "matched_index", "peer_addr", "disk_free_bytes", "disk_min_free_bytes", "disk_low", "data_dir", "command_version")
     ID_FIELD_NUMBER: _ClassVar[int]
     ADDR_FIELD_NUMBER: _ClassVar[int]
     VOTER_FIELD_NUMBER: _ClassVar[int]
@@ -757,6 +757,10 @@ class NodeStatus(_message.Message):
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     MATCHED_INDEX_FIELD_NUMBER: _ClassVar[int]
     PEER_ADDR_FIELD_NUMBER: _ClassVar[int]
+    DISK_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_MIN_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_LOW_FIELD_NUMBER: _ClassVar[int]
+    DATA_DIR_FIELD_NUMBER: _ClassVar[int]
     COMMAND_VERSION_FIELD_NUMBER: _ClassVar[int]
     id: int
     addr: str
@@ -774,8 +778,12 @@ class NodeStatus(_message.Message):
     digest: int
     matched_index: int
     peer_addr: str
+    disk_free_bytes: int
+    disk_min_free_bytes: int
+    disk_low: bool
+    data_dir: str
     command_version: int
-    def __init__(self, id: _Optional[int] = ..., addr: _Optional[str] = ..., voter: _Optional[bool] = ..., reachable: _Optional[bool] = ..., error: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., last_log_index: _Optional[int] = ..., committed_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., snapshot_index: _Optional[int] = ..., purged_index: _Optional[int] = ..., leader_id: _Optional[int] = ..., digest: _Optional[int] = ..., matched_index: _Optional[int] = ..., peer_addr: _Optional[str] = ..., command_version: _Optional[int] = ...) -> None: ...
+    def __init__(self, id: _Optional[int] = ..., addr: _Optional[str] = ..., voter: _Optional[bool] = ..., reachable: _Optional[bool] = ..., error: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., last_log_index: _Optional[int] = ..., committed_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., snapshot_index: _Optional[int] = ..., purged_index: _Optional[int] = ..., leader_id: _Optional[int] = ..., digest: _Optional[int] = ..., matched_index: _Optional[int] = ..., peer_addr: _Optional[str] = ..., disk_free_bytes: _Optional[int] = ..., disk_min_free_bytes: _Optional[int] = ..., disk_low: _Optional[bool] = ..., data_dir: _Optional[str] = ..., command_version: _Optional[int] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
     __slots__ = ("leader_id", "term", "nodes", "cluster_version")
