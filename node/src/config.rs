@@ -90,6 +90,32 @@ pub struct Args {
         |d| duration(Duration::from_millis(d.raft.election_max_ms)),
     ))]
     pub election_max: Option<Duration>,
+    /// Open connections per gRPC port; further connections are closed at once.
+    #[arg(long, env = "SCHED_MAX_CONNECTIONS", help = with_default(
+        "Open connections per gRPC port; further connections are closed at once",
+        |d| d.limits.max_connections.to_string(),
+    ))]
+    pub max_connections: Option<usize>,
+    /// Open server streams (event, task watch and worker assignment streams) per node;
+    /// further ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SCHED_MAX_STREAMS", help = with_default(
+        "Open server streams (event, task watch and worker assignment streams) per node; further ones get RESOURCE_EXHAUSTED",
+        |d| d.limits.max_streams.to_string(),
+    ))]
+    pub max_streams: Option<usize>,
+    /// Bytes (KiB) one stream may hold for a slow reader; an event stream beyond it ends
+    /// with RESOURCE_EXHAUSTED naming the index to resume from.
+    #[arg(long, env = "SCHED_STREAM_BUFFER_KIB", help = with_default(
+        "KiB one stream may hold for a slow reader; an event stream beyond it ends with RESOURCE_EXHAUSTED naming the index to resume from",
+        |d| (d.limits.stream_buffer_bytes >> 10).to_string(),
+    ))]
+    pub stream_buffer_kib: Option<usize>,
+    /// Close a connection with no request in flight for this long.
+    #[arg(long, env = "SCHED_IDLE_TIMEOUT", value_parser = humantime::parse_duration, help = with_default(
+        "Close a connection with no request in flight for this long",
+        |d| duration(d.limits.idle_timeout),
+    ))]
+    pub idle_timeout: Option<Duration>,
     /// Source IP for connections to other nodes (multi-homed hosts).
     #[arg(long, env = "SCHED_PEER_SOURCE_IP")]
     pub peer_source_ip: Option<std::net::IpAddr>,
@@ -206,6 +232,22 @@ pub struct LimitSettings {
     pub fields: Limits,
     /// Non-terminal tasks allowed in the cluster; submits beyond it get RESOURCE_EXHAUSTED.
     pub max_pending_tasks: u64,
+    /// Open connections per gRPC listener ([`crate::conn`]).
+    pub max_connections: usize,
+    /// Concurrent requests (HTTP/2 streams) per connection.
+    pub max_streams_per_connection: u32,
+    /// Open server streams per node ([`crate::streams`]).
+    pub max_streams: usize,
+    /// Bytes one server stream may hold for its client.
+    pub stream_buffer_bytes: usize,
+    /// Bytes all server streams together may hold.
+    pub stream_buffer_total_bytes: usize,
+    /// A connection with no request in flight this long is closed.
+    pub idle_timeout: Duration,
+    /// The server pings each connection this often (HTTP/2 keepalive).
+    pub keepalive_interval: Duration,
+    /// A ping unanswered this long closes the connection.
+    pub keepalive_timeout: Duration,
 }
 
 /// Leader planner knobs.
@@ -264,6 +306,14 @@ impl Default for Config {
                 max_message_bytes: 16 << 20,
                 fields: Limits::default(),
                 max_pending_tasks: 5_000_000,
+                max_connections: 4_096,
+                max_streams_per_connection: 256,
+                max_streams: 4_096,
+                stream_buffer_bytes: 1 << 20,
+                stream_buffer_total_bytes: 256 << 20,
+                idle_timeout: Duration::from_secs(300),
+                keepalive_interval: Duration::from_secs(5),
+                keepalive_timeout: Duration::from_secs(10),
             },
             planner: PlannerSettings {
                 max_assignments_per_round: 4_096,
@@ -391,6 +441,14 @@ struct FileLimits {
     max_memory_mib: Option<u64>,
     max_named_amount: Option<u64>,
     max_named_resources: Option<usize>,
+    max_connections: Option<usize>,
+    max_streams_per_connection: Option<u32>,
+    max_streams: Option<usize>,
+    stream_buffer_kib: Option<usize>,
+    stream_buffer_total_mib: Option<usize>,
+    idle_timeout: Option<Dur>,
+    keepalive_interval: Option<Dur>,
+    keepalive_timeout: Option<Dur>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -525,6 +583,30 @@ impl Config {
         if let Some(v) = l.max_named_resources {
             c.limits.fields.max_named_resources = v;
         }
+        if let Some(v) = l.max_connections {
+            c.limits.max_connections = v;
+        }
+        if let Some(v) = l.max_streams_per_connection {
+            c.limits.max_streams_per_connection = v;
+        }
+        if let Some(v) = l.max_streams {
+            c.limits.max_streams = v;
+        }
+        if let Some(v) = l.stream_buffer_kib {
+            c.limits.stream_buffer_bytes = v << 10;
+        }
+        if let Some(v) = l.stream_buffer_total_mib {
+            c.limits.stream_buffer_total_bytes = v << 20;
+        }
+        if let Some(d) = &l.idle_timeout {
+            c.limits.idle_timeout = d.get("limits.idle_timeout")?;
+        }
+        if let Some(d) = &l.keepalive_interval {
+            c.limits.keepalive_interval = d.get("limits.keepalive_interval")?;
+        }
+        if let Some(d) = &l.keepalive_timeout {
+            c.limits.keepalive_timeout = d.get("limits.keepalive_timeout")?;
+        }
         let p = &file.planner;
         if let Some(v) = p.max_assignments_per_round {
             c.planner.max_assignments_per_round = v;
@@ -596,6 +678,18 @@ impl Config {
         }
         if let Some(d) = args.failover_grace {
             c.workers.failover_grace = d;
+        }
+        if let Some(v) = args.max_connections {
+            c.limits.max_connections = v;
+        }
+        if let Some(v) = args.max_streams {
+            c.limits.max_streams = v;
+        }
+        if let Some(v) = args.stream_buffer_kib {
+            c.limits.stream_buffer_bytes = v << 10;
+        }
+        if let Some(d) = args.idle_timeout {
+            c.limits.idle_timeout = d;
         }
         if let Some(ip) = args.peer_source_ip {
             c.raft.net.source_ip = Some(ip);
@@ -707,6 +801,32 @@ impl Config {
         if self.planner.max_assignments_per_round == 0 {
             return Err(invalid("planner.max_assignments_per_round", "must be at least 1"));
         }
+        let l = &self.limits;
+        for (key, v) in [
+            ("limits.max_connections", l.max_connections),
+            ("limits.max_streams", l.max_streams),
+            ("limits.max_streams_per_connection", l.max_streams_per_connection as usize),
+            ("limits.stream_buffer_kib", l.stream_buffer_bytes >> 10),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if l.stream_buffer_total_bytes < l.stream_buffer_bytes {
+            return Err(invalid(
+                "limits.stream_buffer_total_mib",
+                "must be at least one stream's buffer (limits.stream_buffer_kib)",
+            ));
+        }
+        for (key, d) in [
+            ("limits.idle_timeout", l.idle_timeout),
+            ("limits.keepalive_interval", l.keepalive_interval),
+            ("limits.keepalive_timeout", l.keepalive_timeout),
+        ] {
+            if d < Duration::from_millis(100) {
+                return Err(invalid(key, "must be at least 100ms"));
+            }
+        }
         let clamped = self.limits.fields.clamped();
         if clamped != self.limits.fields {
             return Err(invalid(
@@ -801,6 +921,10 @@ mod tests {
             ("raft-heartbeat", format!("{}ms", d.raft.heartbeat_ms)),
             ("election-min", format!("{}ms", d.raft.election_min_ms)),
             ("election-max", format!("{}ms", d.raft.election_max_ms)),
+            ("max-connections", d.limits.max_connections.to_string()),
+            ("max-streams", d.limits.max_streams.to_string()),
+            ("stream-buffer-kib", (d.limits.stream_buffer_bytes >> 10).to_string()),
+            ("idle-timeout", "5m".to_string()),
         ] {
             let h = help(flag);
             assert!(h.ends_with(&format!("(default {default})")), "--{flag}: {h}");

@@ -18,18 +18,23 @@
 //! * The `raft` crate below answers only "is it durable and agreed?": propose, read index,
 //!   membership, status.
 //! * Errors are [`error::NodeError`], mapped to gRPC codes in one table.
+//! * Resource limits ([`limits`]): connections per port and idle connections ([`conn`]),
+//!   server streams and their buffers ([`streams`]), oversized requests.
 //! * Configuration: [`config`]; the whole server: [`server::run`].
 
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod http;
 pub mod leader;
+pub mod limits;
 pub mod metrics;
 pub mod route;
 pub mod rpc_metrics;
 pub mod server;
+pub mod streams;
 pub mod tls;
 
 use std::sync::Arc;
@@ -49,6 +54,8 @@ pub struct Node {
     pub liveness: leader::liveness::Liveness,
     /// Counters and histograms for `/metrics`.
     pub metrics: metrics::Metrics,
+    /// Open server streams and what they hold ([`streams`]).
+    pub streams: streams::Streams,
     /// Becomes true when the node shuts down: streams end, loops stop.
     pub stopping: watch::Receiver<bool>,
     /// The accepted tokens; `None`: authentication off.
