@@ -103,13 +103,19 @@ pub struct Args {
         |d| d.limits.max_streams.to_string(),
     ))]
     pub max_streams: Option<usize>,
-    /// Bytes (KiB) one stream may hold for a slow reader; an event stream beyond it ends
-    /// with RESOURCE_EXHAUSTED naming the index to resume from.
+    /// Memory (KiB) one stream may hold for a slow reader; beyond it the stream waits for
+    /// its client.
     #[arg(long, env = "SCHED_STREAM_BUFFER_KIB", help = with_default(
-        "KiB one stream may hold for a slow reader; an event stream beyond it ends with RESOURCE_EXHAUSTED naming the index to resume from",
+        "Memory (KiB) one stream may hold for a slow reader; beyond it the stream waits for its client",
         |d| (d.limits.stream_buffer_bytes >> 10).to_string(),
     ))]
     pub stream_buffer_kib: Option<usize>,
+    /// End a stream whose client took nothing for this long while its buffer was full.
+    #[arg(long, env = "SCHED_STREAM_STALL_TIMEOUT", value_parser = humantime::parse_duration, help = with_default(
+        "End a stream whose client took nothing for this long while its buffer was full",
+        |d| duration(d.limits.stream_stall_timeout),
+    ))]
+    pub stream_stall_timeout: Option<Duration>,
     /// Close a connection with no request in flight for this long.
     #[arg(long, env = "SCHED_IDLE_TIMEOUT", value_parser = humantime::parse_duration, help = with_default(
         "Close a connection with no request in flight for this long",
@@ -242,6 +248,8 @@ pub struct LimitSettings {
     pub stream_buffer_bytes: usize,
     /// Bytes all server streams together may hold.
     pub stream_buffer_total_bytes: usize,
+    /// A full stream whose client takes nothing this long is ended.
+    pub stream_stall_timeout: Duration,
     /// A connection with no request in flight this long is closed.
     pub idle_timeout: Duration,
     /// The server pings each connection this often (HTTP/2 keepalive).
@@ -311,6 +319,7 @@ impl Default for Config {
                 max_streams: 4_096,
                 stream_buffer_bytes: 1 << 20,
                 stream_buffer_total_bytes: 256 << 20,
+                stream_stall_timeout: Duration::from_secs(30),
                 idle_timeout: Duration::from_secs(300),
                 keepalive_interval: Duration::from_secs(5),
                 keepalive_timeout: Duration::from_secs(10),
@@ -446,6 +455,7 @@ struct FileLimits {
     max_streams: Option<usize>,
     stream_buffer_kib: Option<usize>,
     stream_buffer_total_mib: Option<usize>,
+    stream_stall_timeout: Option<Dur>,
     idle_timeout: Option<Dur>,
     keepalive_interval: Option<Dur>,
     keepalive_timeout: Option<Dur>,
@@ -598,6 +608,9 @@ impl Config {
         if let Some(v) = l.stream_buffer_total_mib {
             c.limits.stream_buffer_total_bytes = v << 20;
         }
+        if let Some(d) = &l.stream_stall_timeout {
+            c.limits.stream_stall_timeout = d.get("limits.stream_stall_timeout")?;
+        }
         if let Some(d) = &l.idle_timeout {
             c.limits.idle_timeout = d.get("limits.idle_timeout")?;
         }
@@ -687,6 +700,9 @@ impl Config {
         }
         if let Some(v) = args.stream_buffer_kib {
             c.limits.stream_buffer_bytes = v << 10;
+        }
+        if let Some(d) = args.stream_stall_timeout {
+            c.limits.stream_stall_timeout = d;
         }
         if let Some(d) = args.idle_timeout {
             c.limits.idle_timeout = d;
@@ -819,6 +835,7 @@ impl Config {
             ));
         }
         for (key, d) in [
+            ("limits.stream_stall_timeout", l.stream_stall_timeout),
             ("limits.idle_timeout", l.idle_timeout),
             ("limits.keepalive_interval", l.keepalive_interval),
             ("limits.keepalive_timeout", l.keepalive_timeout),
@@ -925,6 +942,7 @@ mod tests {
             ("max-streams", d.limits.max_streams.to_string()),
             ("stream-buffer-kib", (d.limits.stream_buffer_bytes >> 10).to_string()),
             ("idle-timeout", "5m".to_string()),
+            ("stream-stall-timeout", "30s".to_string()),
         ] {
             let h = help(flag);
             assert!(h.ends_with(&format!("(default {default})")), "--{flag}: {h}");

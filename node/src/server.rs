@@ -163,6 +163,7 @@ pub async fn run(
         cfg.limits.max_streams,
         cfg.limits.stream_buffer_bytes,
         cfg.limits.stream_buffer_total_bytes,
+        cfg.limits.stream_stall_timeout,
         metrics.limits().clone(),
     );
     let node = Arc::new(Node {

@@ -5,19 +5,18 @@
 //! worker assignment stream) takes a slot when it opens: beyond `limits.max_streams` it is
 //! refused with RESOURCE_EXHAUSTED before anything is read. Its messages pass through a
 //! queue that counts their memory ([`Footprint`]: as built in memory, several times their
-//! encoded size) until the transport takes them. When a stream
-//! holds more than `limits.stream_buffer_kib` (or the node's streams together hold more than
-//! `limits.stream_buffer_total_mib`) and one more message comes:
-//!
-//! * a stream that can catch up by itself waits ([`StreamTx::send`]: `WatchTask` reads the
-//!   task's current state when it continues, the assignment stream re-reads the retained
-//!   events or resends the held set), so it costs no more memory while its client is slow;
-//! * a stream of every event ([`StreamTx::send_or_end`], `WatchEvents`) cannot skip any, so
-//!   the node drops what the client has not taken and ends the stream with
-//!   RESOURCE_EXHAUSTED (reason `limit_exceeded`), "stream fell behind ... resume with
-//!   from_index N", N being the first index the client did not get. The client resumes from
-//!   there as after any disconnect (the event log still holds it, or OUT_OF_RANGE says to
-//!   re-list).
+//! encoded size) until the transport takes them. When a stream holds more than
+//! `limits.stream_buffer_kib` (or the node's streams together hold more than
+//! `limits.stream_buffer_total_mib`), the next message waits: the producer reads no further
+//! (every stream reads from the retained event log or the state at its own cursor, so waiting
+//! costs no memory, and a client catching up from an old index just reads at its own pace).
+//! When the client takes nothing at all for `limits.stream_stall_timeout` while its stream is
+//! full, the node drops what the client has not taken and ends the stream with
+//! RESOURCE_EXHAUSTED (reason `limit_exceeded`): "stream fell behind ... Resume from index N
+//! (WatchEvents from_index = N)", N being the first index the client did not get (event
+//! streams), or "Open the stream again" (`WatchTask`, assignment streams, which resend the
+//! current state when opened). The slot is freed once the client reads the status or
+//! disconnects.
 //!
 //! A stream always may hold one message, however large (a single batch can exceed the bound).
 //! What the transport itself buffers per stream (HTTP/2 flow control windows) comes on top and
@@ -28,6 +27,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use futures::Stream;
 use proto::pb;
@@ -65,6 +65,7 @@ pub struct Streams {
     max_streams: usize,
     per_stream: usize,
     total: usize,
+    stall: Duration,
     open: Arc<AtomicUsize>,
     buffered: Arc<AtomicUsize>,
     metrics: LimitMetrics,
@@ -72,12 +73,19 @@ pub struct Streams {
 
 impl Streams {
     /// At most `max_streams` open, each holding at most `per_stream` bytes, all together at
-    /// most `total` bytes.
-    pub fn new(max_streams: usize, per_stream: usize, total: usize, metrics: LimitMetrics) -> Self {
+    /// most `total` bytes; a full stream whose client takes nothing for `stall` is ended.
+    pub fn new(
+        max_streams: usize,
+        per_stream: usize,
+        total: usize,
+        stall: Duration,
+        metrics: LimitMetrics,
+    ) -> Self {
         Streams {
             max_streams,
             per_stream,
             total,
+            stall,
             open: Arc::new(AtomicUsize::new(0)),
             buffered: Arc::new(AtomicUsize::new(0)),
             metrics,
@@ -121,6 +129,7 @@ impl Streams {
             writable: Notify::new(),
             per_stream: self.per_stream,
             total: self.total,
+            stall: self.stall,
             buffered: self.buffered.clone(),
             buffered_gauge: self.metrics.buffered_gauge(),
             metrics: self.metrics.clone(),
@@ -162,6 +171,7 @@ struct Shared<T> {
     writable: Notify,
     per_stream: usize,
     total: usize,
+    stall: Duration,
     buffered: Arc<AtomicUsize>,
     buffered_gauge: Gauge,
     metrics: LimitMetrics,
@@ -248,67 +258,80 @@ impl<T: Footprint> StreamTx<T> {
         }
     }
 
-    /// Queue `msg`, waiting while the stream holds its bound (see the module docs). An error
-    /// is queued at once and ends nothing by itself. `Err(Closed)`: the client is gone.
+    /// Queue `msg`, waiting while the stream holds its bound; end the stream when its client
+    /// takes nothing for the stall timeout (see the module docs). An error is queued at once.
+    /// `Err(Closed)`: the client is gone or the stream ended; stop producing.
     pub async fn send(&self, msg: Result<T, Status>) -> Result<(), Closed> {
+        self.enqueue(msg, None).await
+    }
+
+    /// [`StreamTx::send`] for a message of log index `index`: a stream ended for falling
+    /// behind names the index its client resumes from (the oldest one it did not get).
+    pub async fn send_resumable(&self, msg: T, index: u64) -> Result<(), Closed> {
+        self.enqueue(Ok(msg), Some(index)).await
+    }
+
+    async fn enqueue(&self, msg: Result<T, Status>, index: Option<u64>) -> Result<(), Closed> {
         let bytes = msg.as_ref().map_or(0, |m| m.footprint());
+        let mut stalled = false;
         loop {
             let writable = self.shared.writable.notified();
             {
                 let mut q = self.shared.lock();
-                if q.receiver_gone {
+                if q.receiver_gone || q.sender_gone {
                     return Err(Closed);
                 }
-                if msg.is_err() || self.shared.fits(&q, bytes).is_ok() {
-                    self.push(&mut q, msg, bytes, 0);
-                    return Ok(());
+                match self.shared.fits(&q, bytes) {
+                    Ok(()) => {
+                        self.push(&mut q, msg, bytes, index.unwrap_or(0));
+                        return Ok(());
+                    }
+                    Err(_) if msg.is_err() => {
+                        self.push(&mut q, msg, 0, index.unwrap_or(0));
+                        return Ok(());
+                    }
+                    Err(limit) if stalled => {
+                        self.end(&mut q, limit, bytes, index);
+                        return Err(Closed);
+                    }
+                    Err(_) => {}
                 }
             }
-            writable.await;
+            // Progress (the transport took a message) wakes this; a client that takes
+            // nothing for the whole stall timeout has its stream ended on the next pass.
+            stalled = tokio::time::timeout(self.shared.stall, writable).await.is_err();
         }
     }
 
-    /// Queue `msg`, or, when the stream holds its bound, drop what the client has not taken
-    /// and end the stream with RESOURCE_EXHAUSTED naming the index to resume from (the
-    /// oldest message dropped, or `resume_from`, this message's index). `Err(Closed)`: the
-    /// stream ended (or the client is gone); stop producing.
-    pub fn send_or_end(&self, msg: T, resume_from: u64) -> Result<(), Closed> {
-        let bytes = msg.footprint();
-        let mut q = self.shared.lock();
-        if q.receiver_gone || q.sender_gone {
-            return Err(Closed);
-        }
-        match self.shared.fits(&q, bytes) {
-            Ok(()) => {
-                self.push(&mut q, Ok(msg), bytes, resume_from);
-                Ok(())
-            }
-            Err(limit) => {
-                let behind = q.bytes + bytes;
-                let from = q.items.front().map_or(resume_from, |i| i.resume_from);
-                let dropped: usize = q.items.drain(..).map(|i| i.bytes).sum();
-                q.bytes = 0;
-                self.shared.release(dropped);
-                let which = match limit {
-                    Limit::StreamBufferTotal => format!(
-                        "this node's streams together hold {} bytes (limits.stream_buffer_total_mib)",
-                        self.shared.total
-                    ),
-                    _ => format!(
-                        "at most {} bytes wait per stream (limits.stream_buffer_kib)",
-                        self.shared.per_stream
-                    ),
-                };
-                let msg = format!(
-                    "stream fell behind: the client read too slowly and {behind} bytes were waiting; \
-                     {which}. Resume from index {from} (WatchEvents from_index = {from})"
-                );
-                self.shared.metrics.refused(limit, &msg);
-                self.push(&mut q, Err(NodeError::Exhausted(msg).into()), 0, from);
-                q.sender_gone = true;
-                Err(Closed)
-            }
-        }
+    /// Drop what the client has not taken and queue the final status (module docs).
+    fn end(&self, q: &mut Queue<T>, limit: Limit, bytes: usize, index: Option<u64>) {
+        let behind = q.bytes + bytes;
+        let from = index.map(|i| q.items.front().map_or(i, |it| it.resume_from));
+        let dropped: usize = q.items.drain(..).map(|i| i.bytes).sum();
+        q.bytes = 0;
+        self.shared.release(dropped);
+        let which = match limit {
+            Limit::StreamBufferTotal => format!(
+                "this node's streams together may hold {} bytes (limits.stream_buffer_total_mib)",
+                self.shared.total
+            ),
+            _ => format!(
+                "one stream may hold {} bytes (limits.stream_buffer_kib)",
+                self.shared.per_stream
+            ),
+        };
+        let next = match from {
+            Some(f) => format!("Resume from index {f} (WatchEvents from_index = {f})"),
+            None => "Open the stream again".to_string(),
+        };
+        let msg = format!(
+            "stream fell behind: the client took nothing for {} while {behind} bytes waited; \
+             {which}. {next}",
+            humantime::format_duration(self.shared.stall)
+        );
+        self.shared.metrics.refused(limit, &msg);
+        self.push(q, Err(NodeError::Exhausted(msg).into()), 0, 0);
+        q.sender_gone = true;
     }
 }
 
@@ -394,8 +417,10 @@ mod tests {
         }
     }
 
+    const STALL: Duration = Duration::from_millis(50);
+
     fn streams(max: usize, per_stream: usize, total: usize) -> Streams {
-        Streams::new(max, per_stream, total, LimitMetrics::new())
+        Streams::new(max, per_stream, total, STALL, LimitMetrics::new())
     }
 
     #[tokio::test]
@@ -403,14 +428,17 @@ mod tests {
         let one = batch(0, 100).footprint();
         let s = streams(10, 3 * one, 100 * one);
         let (tx, mut rx) = s.open::<pb::EventBatch>(StreamKind::Events).unwrap();
-        tx.send_or_end(batch(1, 100), 1).unwrap();
+        tx.send_resumable(batch(1, 100), 1).await.unwrap();
         // The transport took the first; the next three wait for a client that does not read.
         assert_eq!(rx.next().await.unwrap().unwrap().index, 1);
         for i in 2..=4 {
-            tx.send_or_end(batch(i, 100), i).unwrap();
+            tx.send_resumable(batch(i, 100), i).await.unwrap();
         }
         assert_eq!(s.buffered_bytes(), 3 * one);
-        assert_eq!(tx.send_or_end(batch(5, 100), 5), Err(Closed), "the fourth is one too many");
+        // The fourth is one too many: it waits for the client, which takes nothing.
+        let started = tokio::time::Instant::now();
+        assert_eq!(tx.send_resumable(batch(5, 100), 5).await, Err(Closed));
+        assert!(started.elapsed() >= STALL, "ended only after the stall timeout");
         assert_eq!(s.buffered_bytes(), 0, "what waited is dropped at once");
         let end = rx.next().await.unwrap().unwrap_err();
         assert_eq!(end.code(), tonic::Code::ResourceExhausted);
@@ -424,7 +452,7 @@ mod tests {
     async fn a_stream_always_holds_one_message_however_large() {
         let s = streams(10, 16, 16);
         let (tx, mut rx) = s.open::<pb::EventBatch>(StreamKind::Events).unwrap();
-        tx.send_or_end(batch(7, 1000), 7).unwrap();
+        tx.send_resumable(batch(7, 1000), 7).await.unwrap();
         assert_eq!(rx.next().await.unwrap().unwrap().index, 7);
     }
 
@@ -434,10 +462,10 @@ mod tests {
         let s = streams(10, 10 * one, 3 * one);
         let (a, _ra) = s.open::<pb::EventBatch>(StreamKind::Events).unwrap();
         let (b, _rb) = s.open::<pb::EventBatch>(StreamKind::Events).unwrap();
-        a.send_or_end(batch(1, 100), 1).unwrap();
-        a.send_or_end(batch(2, 100), 2).unwrap();
-        b.send_or_end(batch(1, 100), 1).unwrap();
-        assert_eq!(b.send_or_end(batch(2, 100), 2), Err(Closed));
+        a.send_resumable(batch(1, 100), 1).await.unwrap();
+        a.send_resumable(batch(2, 100), 2).await.unwrap();
+        b.send_resumable(batch(1, 100), 1).await.unwrap();
+        assert_eq!(b.send_resumable(batch(2, 100), 2).await, Err(Closed));
         assert_eq!(s.metrics.refusals(Limit::StreamBufferTotal), 1);
         assert_eq!(s.buffered_bytes(), 2 * one, "only a's messages remain");
     }
@@ -445,14 +473,14 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_stream_continues_when_its_client_reads() {
         let one = batch(0, 100).footprint();
-        let s = Arc::new(streams(10, 2 * one, 100 * one));
+        let s = Streams::new(10, 2 * one, 100 * one, Duration::from_secs(30), LimitMetrics::new());
         let (tx, mut rx) = s.open::<pb::EventBatch>(StreamKind::Task).unwrap();
         let producer = tokio::spawn(async move {
             for i in 1..=10 {
                 tx.send(Ok(batch(i, 100))).await.unwrap();
             }
         });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!producer.is_finished(), "the producer waits for the reader");
         assert!(s.buffered_bytes() <= 2 * one);
         let got: Vec<u64> = rx.by_ref().take(10).map(|m| m.unwrap().index).collect().await;

@@ -326,9 +326,10 @@ impl pb::tasks_server::Tasks for TasksApi {
                                 term: b.term,
                                 planned_at: b.planned_at,
                             };
-                            // A client that fell too far behind is dropped with the index to
-                            // resume from (crate::streams), not buffered for without bound.
-                            if tx.send_or_end(msg, b.index).is_err() {
+                            // Waits while the client is behind; a client that takes nothing
+                            // for the stall timeout is dropped with the index to resume from
+                            // (crate::streams), never buffered for without bound.
+                            if tx.send_resumable(msg, b.index).await.is_err() {
                                 return;
                             }
                         }
