@@ -953,6 +953,31 @@ mod tests {
     }
 
     #[test]
+    fn resource_limits_come_from_flags_and_the_file_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[limits]\nmax_connections = 50\nstream_buffer_kib = 64\nidle_timeout = \"2m\"\n\
+             stream_stall_timeout = \"5s\"\n",
+        )
+        .unwrap();
+        let args =
+            Args { config: Some(path.clone()), max_connections: Some(9), ..Default::default() };
+        let c = Config::load(&args).unwrap();
+        assert_eq!(c.limits.max_connections, 9, "flag wins over file");
+        assert_eq!(c.limits.stream_buffer_bytes, 64 << 10);
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(120));
+        assert_eq!(c.limits.stream_stall_timeout, Duration::from_secs(5));
+        let e = Config::load(&Args { max_streams: Some(0), ..Default::default() }).unwrap_err();
+        assert!(e.to_string().contains("limits.max_streams"), "{e}");
+        std::fs::write(&path, "[limits]\nstream_buffer_kib = 4096\nstream_buffer_total_mib = 1\n")
+            .unwrap();
+        let e = Config::load(&Args { config: Some(path), ..Default::default() }).unwrap_err();
+        assert!(e.to_string().contains("stream_buffer_total_mib"), "{e}");
+    }
+
+    #[test]
     fn bad_settings_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");

@@ -370,7 +370,8 @@ pub fn incoming(
                         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                             Ok(Ok(stream)) => {
                                 let info = stream.connect_info();
-                                let _ = tx.send(Ok(make(Io::Tls(Box::new(stream)), Some(info)))).await;
+                                let _ =
+                                    tx.send(Ok(make(Io::Tls(Box::new(stream)), Some(info)))).await;
                             }
                             Ok(Err(e)) => debug!(%from, error = %e, "TLS handshake failed"),
                             Err(_) => debug!(%from, "TLS handshake timed out"),
@@ -381,4 +382,18 @@ pub fn incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_fits_under_the_open_files_limit() {
+        assert_eq!(fit_cap(4096, 1, Some(1024)), 1024 - RESERVED_FDS as usize);
+        assert_eq!(fit_cap(4096, 2, Some(1024)), (1024 - RESERVED_FDS as usize) / 2);
+        assert_eq!(fit_cap(100, 2, Some(1024)), 100, "a cap that fits is kept");
+        assert_eq!(fit_cap(100, 1, None), 100, "unknown limit: kept");
+        assert_eq!(fit_cap(100, 1, Some(10)), 1, "never zero");
+    }
 }

@@ -292,9 +292,11 @@ impl LimitsLayer {
         // One gRPC frame: a flag byte, a 4-byte length, the message.
         let most = self.max_message.saturating_add(5);
         let mut buf = BytesMut::new();
-        while let Some(frame) = futures::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        while let Some(frame) =
+            futures::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
         {
-            let frame = frame.map_err(|e| tonic::Status::cancelled(format!("request body: {e}")))?;
+            let frame =
+                frame.map_err(|e| tonic::Status::cancelled(format!("request body: {e}")))?;
             if let Ok(data) = frame.into_data() {
                 buf.extend_from_slice(&data);
                 if buf.len() > most {

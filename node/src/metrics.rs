@@ -186,7 +186,7 @@ impl Metrics {
         );
         r.register(
             "connections",
-            "Open connections by gRPC listener (client, peer)",
+            "Open connections by listener (client, peer, http)",
             limits.connections.clone(),
         );
         r.register("streams", "Open server streams by kind", limits.streams.clone());

@@ -102,9 +102,13 @@ fn replicated_tokens(raft: Arc<RaftNode>) -> crate::auth::ReplicatedLookup {
 
 /// Run a node until `shutdown` completes or Raft fails.
 pub async fn run(
-    cfg: Config,
+    mut cfg: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
+    // Connection caps that fit under the open-files limit (raised to its hard maximum).
+    let listeners = 1 + usize::from(cfg.peer_listen.is_some()) + usize::from(cfg.http.is_some());
+    cfg.limits.max_connections =
+        crate::conn::fit_cap(cfg.limits.max_connections, listeners, crate::conn::raise_fd_limit());
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|source| ServerError::DataDir { path: cfg.data_dir.clone(), source })?;
     let tokens = match &cfg.auth_tokens {
@@ -225,11 +229,8 @@ pub async fn run(
             .layer(crate::rpc_metrics::RpcMetricsLayer::new(node.clone()))
             .layer(limits_layer.clone())
     };
-    // Connection caps that fit under the open-files limit (raised to its hard maximum).
-    let fds = crate::conn::raise_fd_limit();
-    let listeners = if peer_listener.is_some() { 2 } else { 1 };
     let conns = crate::conn::ConnSettings {
-        max: crate::conn::fit_cap(limits.max_connections, listeners, fds),
+        max: limits.max_connections,
         idle_timeout: limits.idle_timeout,
     };
     let raft_svc = RaftServiceServer::new(RaftApi::new(&node))

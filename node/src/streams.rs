@@ -30,8 +30,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use futures::Stream;
-use proto::pb;
 use prometheus_client::metrics::gauge::Gauge;
+use proto::pb;
 use tokio::sync::Notify;
 use tonic::Status;
 

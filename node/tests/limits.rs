@@ -202,8 +202,8 @@ async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool 
 async fn l2_connections_beyond_the_cap_are_closed_and_idle_ones_time_out() {
     const CAP: usize = 16;
     const IDLE: Duration = Duration::from_secs(4);
-    let c = Cluster::start(1, &["--max-connections", &CAP.to_string(), "--idle-timeout", "4s"])
-        .await;
+    let c =
+        Cluster::start(1, &["--max-connections", &CAP.to_string(), "--idle-timeout", "4s"]).await;
     c.wait_leader().await;
     let addr = c.nodes[0].addr.clone();
 

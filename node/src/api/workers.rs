@@ -193,11 +193,7 @@ impl WorkersApi {
 }
 
 /// Send everything `me` holds, then the resync marker.
-async fn send_held(
-    node: &Node,
-    me: &WorkerId,
-    tx: &StreamTx<pb::WorkerMessage>,
-) -> bool {
+async fn send_held(node: &Node, me: &WorkerId, tx: &StreamTx<pb::WorkerMessage>) -> bool {
     let held: Vec<pb::Assignment> =
         node.local(|s| s.held_by(me).filter_map(|t| convert::assignment_to_pb(s, t)).collect());
     let resync = pb::Resync {
