@@ -59,14 +59,19 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, tls: Option<Arc<NodeT
     let cap = Arc::new(tokio::sync::Semaphore::new(max));
     let limits = node.metrics.limits().clone();
     let open = limits.connections("http");
+    let mut backoff = false;
     loop {
+        if std::mem::take(&mut backoff) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, from) = match accepted {
                     Ok(x) => x,
                     Err(e) => {
+                        // Out of file descriptors, most likely: back off, do not spin.
                         debug!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        backoff = true;
                         continue;
                     }
                 };
