@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `connections` | `limits.max_connections` | a connection beyond it is closed right after accept ([`crate::conn`]) |
 //! | `streams` | `limits.max_streams` | a stream beyond it is refused, RESOURCE_EXHAUSTED ([`crate::streams`]) |
-//! | `stream_buffer` | `limits.stream_buffer_kib` | a stream that fell behind by more waits, or (events) ends with RESOURCE_EXHAUSTED |
+//! | `stream_buffer` | `limits.stream_buffer_kib` | a stream holding more waits for its client; counted when it is ended, after `limits.stream_stall_timeout` without progress, with RESOURCE_EXHAUSTED |
 //! | `stream_buffer_total` | `limits.stream_buffer_total_mib` | the same, for all streams together |
 //! | `message_size` | `limits.max_message_mib` | a request beyond it is refused, RESOURCE_EXHAUSTED |
 //! | `batch_tasks` | `limits.max_batch_tasks` | a `SubmitTasks` with more tasks is refused, RESOURCE_EXHAUSTED (reason `limit_exceeded`) |
@@ -401,7 +401,7 @@ mod tests {
             assert_eq!(count_tasks(&bytes, usize::MAX), Some(n));
         }
         // Stops early: a million tasks are not walked to the end once past the limit.
-        let empty = vec![0x0a, 0x00].repeat(1_000_000);
+        let empty = [0x0a, 0x00].repeat(1_000_000);
         assert_eq!(count_tasks(&empty, 10), Some(11));
         assert_eq!(count_tasks(&empty, usize::MAX), Some(1_000_000));
         // Truncated or impossible input is left to the decoder.
