@@ -299,6 +299,8 @@ async fn submit_raw(addr: &str, body: Vec<u8>) -> Result<pb::SubmitTasksResponse
     grpc.unary(tonic::Request::new(Raw(body)), path, codec).await.map(|r| r.into_inner())
 }
 
+/// Without the check of `SubmitTasks` on the wire (`node::limits`), the leader decoded each
+/// million-task request on a runtime thread and this test saw a term change on every run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn l3_an_oversized_submit_is_refused_without_a_leader_change() {
     let c = Cluster::start(3, &[]).await;
