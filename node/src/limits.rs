@@ -9,7 +9,7 @@
 //! | `streams` | `limits.max_streams` | a stream beyond it is refused, RESOURCE_EXHAUSTED ([`crate::streams`]) |
 //! | `stream_buffer` | `limits.stream_buffer_kib` | a stream holding more waits for its client; counted when it is ended, after `limits.stream_stall_timeout` without progress, with RESOURCE_EXHAUSTED |
 //! | `stream_buffer_total` | `limits.stream_buffer_total_mib` | the same, for all streams together |
-//! | `message_size` | `limits.max_message_mib` | a request beyond it is refused, RESOURCE_EXHAUSTED |
+//! | `message_size` | `limits.max_message_mib` | a `SubmitTasks` beyond it is refused, RESOURCE_EXHAUSTED (other calls: tonic's own OUT_OF_RANGE, not counted here) |
 //! | `batch_tasks` | `limits.max_batch_tasks` | a `SubmitTasks` with more tasks is refused, RESOURCE_EXHAUSTED (reason `limit_exceeded`) |
 //!
 //! # Why `SubmitTasks` is checked before decoding
