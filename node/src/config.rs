@@ -90,6 +90,38 @@ pub struct Args {
         |d| duration(Duration::from_millis(d.raft.election_max_ms)),
     ))]
     pub election_max: Option<Duration>,
+    /// Open connections per gRPC port; further connections are closed at once.
+    #[arg(long, env = "SCHED_MAX_CONNECTIONS", help = with_default(
+        "Open connections per gRPC port; further connections are closed at once",
+        |d| d.limits.max_connections.to_string(),
+    ))]
+    pub max_connections: Option<usize>,
+    /// Open server streams (event, task watch and worker assignment streams) per node;
+    /// further ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SCHED_MAX_STREAMS", help = with_default(
+        "Open server streams (event, task watch and worker assignment streams) per node; further ones get RESOURCE_EXHAUSTED",
+        |d| d.limits.max_streams.to_string(),
+    ))]
+    pub max_streams: Option<usize>,
+    /// Memory (KiB) one stream may hold for a slow reader; beyond it the stream waits for
+    /// its client.
+    #[arg(long, env = "SCHED_STREAM_BUFFER_KIB", help = with_default(
+        "Memory (KiB) one stream may hold for a slow reader; beyond it the stream waits for its client",
+        |d| (d.limits.stream_buffer_bytes >> 10).to_string(),
+    ))]
+    pub stream_buffer_kib: Option<usize>,
+    /// End a stream whose client took nothing for this long while its buffer was full.
+    #[arg(long, env = "SCHED_STREAM_STALL_TIMEOUT", value_parser = humantime::parse_duration, help = with_default(
+        "End a stream whose client took nothing for this long while its buffer was full",
+        |d| duration(d.limits.stream_stall_timeout),
+    ))]
+    pub stream_stall_timeout: Option<Duration>,
+    /// Close a connection with no request in flight for this long.
+    #[arg(long, env = "SCHED_IDLE_TIMEOUT", value_parser = humantime::parse_duration, help = with_default(
+        "Close a connection with no request in flight for this long",
+        |d| duration(d.limits.idle_timeout),
+    ))]
+    pub idle_timeout: Option<Duration>,
     /// Source IP for connections to other nodes (multi-homed hosts).
     #[arg(long, env = "SCHED_PEER_SOURCE_IP")]
     pub peer_source_ip: Option<std::net::IpAddr>,
@@ -228,6 +260,24 @@ pub struct LimitSettings {
     /// Free bytes the data directory's filesystem must keep: below it new submits get
     /// RESOURCE_EXHAUSTED ([`crate::disk`]); 0: no floor.
     pub min_free_disk: u64,
+    /// Open connections per gRPC listener ([`crate::conn`]).
+    pub max_connections: usize,
+    /// Concurrent requests (HTTP/2 streams) per connection.
+    pub max_streams_per_connection: u32,
+    /// Open server streams per node ([`crate::streams`]).
+    pub max_streams: usize,
+    /// Bytes one server stream may hold for its client.
+    pub stream_buffer_bytes: usize,
+    /// Bytes all server streams together may hold.
+    pub stream_buffer_total_bytes: usize,
+    /// A full stream whose client takes nothing this long is ended.
+    pub stream_stall_timeout: Duration,
+    /// A connection with no request in flight this long is closed.
+    pub idle_timeout: Duration,
+    /// The server pings each connection this often (HTTP/2 keepalive).
+    pub keepalive_interval: Duration,
+    /// A ping unanswered this long closes the connection.
+    pub keepalive_timeout: Duration,
 }
 
 /// Leader planner knobs.
@@ -287,6 +337,15 @@ impl Default for Config {
                 fields: Limits::default(),
                 max_pending_tasks: 5_000_000,
                 min_free_disk: 512 << 20,
+                max_connections: 4_096,
+                max_streams_per_connection: 256,
+                max_streams: 4_096,
+                stream_buffer_bytes: 1 << 20,
+                stream_buffer_total_bytes: 256 << 20,
+                stream_stall_timeout: Duration::from_secs(30),
+                idle_timeout: Duration::from_secs(300),
+                keepalive_interval: Duration::from_secs(5),
+                keepalive_timeout: Duration::from_secs(10),
             },
             planner: PlannerSettings {
                 max_assignments_per_round: 4_096,
@@ -416,6 +475,15 @@ struct FileLimits {
     max_memory_mib: Option<u64>,
     max_named_amount: Option<u64>,
     max_named_resources: Option<usize>,
+    max_connections: Option<usize>,
+    max_streams_per_connection: Option<u32>,
+    max_streams: Option<usize>,
+    stream_buffer_kib: Option<usize>,
+    stream_buffer_total_mib: Option<usize>,
+    stream_stall_timeout: Option<Dur>,
+    idle_timeout: Option<Dur>,
+    keepalive_interval: Option<Dur>,
+    keepalive_timeout: Option<Dur>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -554,6 +622,33 @@ impl Config {
         if let Some(v) = l.max_named_resources {
             c.limits.fields.max_named_resources = v;
         }
+        if let Some(v) = l.max_connections {
+            c.limits.max_connections = v;
+        }
+        if let Some(v) = l.max_streams_per_connection {
+            c.limits.max_streams_per_connection = v;
+        }
+        if let Some(v) = l.max_streams {
+            c.limits.max_streams = v;
+        }
+        if let Some(v) = l.stream_buffer_kib {
+            c.limits.stream_buffer_bytes = v << 10;
+        }
+        if let Some(v) = l.stream_buffer_total_mib {
+            c.limits.stream_buffer_total_bytes = v << 20;
+        }
+        if let Some(d) = &l.stream_stall_timeout {
+            c.limits.stream_stall_timeout = d.get("limits.stream_stall_timeout")?;
+        }
+        if let Some(d) = &l.idle_timeout {
+            c.limits.idle_timeout = d.get("limits.idle_timeout")?;
+        }
+        if let Some(d) = &l.keepalive_interval {
+            c.limits.keepalive_interval = d.get("limits.keepalive_interval")?;
+        }
+        if let Some(d) = &l.keepalive_timeout {
+            c.limits.keepalive_timeout = d.get("limits.keepalive_timeout")?;
+        }
         let p = &file.planner;
         if let Some(v) = p.max_assignments_per_round {
             c.planner.max_assignments_per_round = v;
@@ -643,6 +738,21 @@ impl Config {
         }
         if let Some(d) = args.failover_grace {
             c.workers.failover_grace = d;
+        }
+        if let Some(v) = args.max_connections {
+            c.limits.max_connections = v;
+        }
+        if let Some(v) = args.max_streams {
+            c.limits.max_streams = v;
+        }
+        if let Some(v) = args.stream_buffer_kib {
+            c.limits.stream_buffer_bytes = v << 10;
+        }
+        if let Some(d) = args.stream_stall_timeout {
+            c.limits.stream_stall_timeout = d;
+        }
+        if let Some(d) = args.idle_timeout {
+            c.limits.idle_timeout = d;
         }
         if let Some(ip) = args.peer_source_ip {
             c.raft.net.source_ip = Some(ip);
@@ -754,6 +864,33 @@ impl Config {
         if self.planner.max_assignments_per_round == 0 {
             return Err(invalid("planner.max_assignments_per_round", "must be at least 1"));
         }
+        let l = &self.limits;
+        for (key, v) in [
+            ("limits.max_connections", l.max_connections),
+            ("limits.max_streams", l.max_streams),
+            ("limits.max_streams_per_connection", l.max_streams_per_connection as usize),
+            ("limits.stream_buffer_kib", l.stream_buffer_bytes >> 10),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if l.stream_buffer_total_bytes < l.stream_buffer_bytes {
+            return Err(invalid(
+                "limits.stream_buffer_total_mib",
+                "must be at least one stream's buffer (limits.stream_buffer_kib)",
+            ));
+        }
+        for (key, d) in [
+            ("limits.stream_stall_timeout", l.stream_stall_timeout),
+            ("limits.idle_timeout", l.idle_timeout),
+            ("limits.keepalive_interval", l.keepalive_interval),
+            ("limits.keepalive_timeout", l.keepalive_timeout),
+        ] {
+            if d < Duration::from_millis(100) {
+                return Err(invalid(key, "must be at least 100ms"));
+            }
+        }
         let clamped = self.limits.fields.clamped();
         if clamped != self.limits.fields {
             return Err(invalid(
@@ -848,6 +985,11 @@ mod tests {
             ("raft-heartbeat", format!("{}ms", d.raft.heartbeat_ms)),
             ("election-min", format!("{}ms", d.raft.election_min_ms)),
             ("election-max", format!("{}ms", d.raft.election_max_ms)),
+            ("max-connections", d.limits.max_connections.to_string()),
+            ("max-streams", d.limits.max_streams.to_string()),
+            ("stream-buffer-kib", (d.limits.stream_buffer_bytes >> 10).to_string()),
+            ("idle-timeout", "5m".to_string()),
+            ("stream-stall-timeout", "30s".to_string()),
         ] {
             let h = help(flag);
             assert!(h.ends_with(&format!("(default {default})")), "--{flag}: {h}");
@@ -855,6 +997,31 @@ mod tests {
         // A help default never turns into a clap default that would hide the file's value.
         let parsed = Args::try_parse_from(["schedulerd"]).unwrap();
         assert!(parsed.heartbeat_ttl.is_none() && parsed.listen.is_none());
+    }
+
+    #[test]
+    fn resource_limits_come_from_flags_and_the_file_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[limits]\nmax_connections = 50\nstream_buffer_kib = 64\nidle_timeout = \"2m\"\n\
+             stream_stall_timeout = \"5s\"\n",
+        )
+        .unwrap();
+        let args =
+            Args { config: Some(path.clone()), max_connections: Some(9), ..Default::default() };
+        let c = Config::load(&args).unwrap();
+        assert_eq!(c.limits.max_connections, 9, "flag wins over file");
+        assert_eq!(c.limits.stream_buffer_bytes, 64 << 10);
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(120));
+        assert_eq!(c.limits.stream_stall_timeout, Duration::from_secs(5));
+        let e = Config::load(&Args { max_streams: Some(0), ..Default::default() }).unwrap_err();
+        assert!(e.to_string().contains("limits.max_streams"), "{e}");
+        std::fs::write(&path, "[limits]\nstream_buffer_kib = 4096\nstream_buffer_total_mib = 1\n")
+            .unwrap();
+        let e = Config::load(&Args { config: Some(path), ..Default::default() }).unwrap_err();
+        assert!(e.to_string().contains("stream_buffer_total_mib"), "{e}");
     }
 
     #[test]

@@ -21,19 +21,24 @@
 //! * [`disk`]: the free-space floor of the data directory; below it new submits are refused
 //!   while everything that lets tasks finish keeps working. A storage error (a failed write or
 //!   fsync, a full disk) stops the node with a non-zero exit ([`server::run`]).
+//! * Resource limits ([`limits`]): connections per port and idle connections ([`conn`]),
+//!   server streams and their buffers ([`streams`]), oversized requests.
 //! * Configuration: [`config`]; the whole server: [`server::run`].
 
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod conn;
 pub mod disk;
 pub mod error;
 pub mod http;
 pub mod leader;
+pub mod limits;
 pub mod metrics;
 pub mod route;
 pub mod rpc_metrics;
 pub mod server;
+pub mod streams;
 pub mod tls;
 pub mod version;
 
@@ -54,6 +59,8 @@ pub struct Node {
     pub liveness: leader::liveness::Liveness,
     /// Counters and histograms for `/metrics`.
     pub metrics: metrics::Metrics,
+    /// Open server streams and what they hold ([`streams`]).
+    pub streams: streams::Streams,
     /// Becomes true when the node shuts down: streams end, loops stop.
     pub stopping: watch::Receiver<bool>,
     /// The accepted tokens; `None`: authentication off.

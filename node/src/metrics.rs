@@ -81,6 +81,8 @@ pub struct Metrics {
     elections_won: Counter,
     /// Queues seen in some scrape: their series stay (at 0) once they are empty.
     known_queues: Mutex<BTreeSet<String>>,
+    /// Resource limits: refusals, open connections and streams ([`crate::limits`]).
+    limits: crate::limits::LimitMetrics,
 }
 
 impl Default for Metrics {
@@ -177,6 +179,29 @@ impl Metrics {
         );
         let elections_won = Counter::default();
         r.register("elections_won", "Times this node became leader", elections_won.clone());
+        let limits = crate::limits::LimitMetrics::new();
+        r.register(
+            "limit_refusals",
+            "Connections, streams and requests refused (or streams ended) by a resource limit, by limit",
+            limits.refusals.clone(),
+        );
+        r.register(
+            "connections",
+            "Open connections by listener (client, peer, http)",
+            limits.connections.clone(),
+        );
+        r.register("streams", "Open server streams by kind", limits.streams.clone());
+        r.register_with_unit(
+            "stream_buffered",
+            "Messages server streams hold for clients that have not read them yet",
+            Unit::Bytes,
+            limits.buffered.clone(),
+        );
+        r.register(
+            "idle_connections_closed",
+            "Connections closed after limits.idle_timeout without a request",
+            limits.idle_closed.clone(),
+        );
         for outcome in ["succeeded", "failed", "cancelled", "upstream_failed"] {
             let _ = completions.get_or_create(&vec![("outcome", outcome.to_string())]);
         }
@@ -199,6 +224,7 @@ impl Metrics {
             term_changes,
             elections_won,
             known_queues: Mutex::new(BTreeSet::new()),
+            limits,
         }
     }
 
@@ -215,6 +241,11 @@ impl Metrics {
                 self.observe_assign_latency(0);
             }
         }
+    }
+
+    /// The resource-limit series (shared handles).
+    pub fn limits(&self) -> &crate::limits::LimitMetrics {
+        &self.limits
     }
 
     /// One worker expiry and the tasks it requeued.

@@ -9,6 +9,10 @@
 //! every role or leader change and at least every [`READINESS_INTERVAL`], and updates the
 //! reporter only when the answer changes.
 //!
+//! Resource limits (`[limits]`): connections per port, idle and half-open connections
+//! ([`crate::conn`]), HTTP/2 keepalive and streams per connection, server streams
+//! ([`crate::streams`]) and oversized requests ([`crate::limits`]).
+//!
 //! Shutdown (SIGTERM/SIGINT, or the `shutdown` future): streams are told to end, the gRPC
 //! server stops accepting and drains for a bounded time, then Raft shuts down and the state
 //! machine is flushed. A fatal Raft error (a storage failure: a failed write or fsync, a full
@@ -129,9 +133,13 @@ async fn restore_data_dir(cfg: &Config, file: &std::path::Path) -> Result<(), Se
 
 /// Run a node until `shutdown` completes or Raft fails.
 pub async fn run(
-    cfg: Config,
+    mut cfg: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
+    // Connection caps that fit under the open-files limit (raised to its hard maximum).
+    let listeners = 1 + usize::from(cfg.peer_listen.is_some()) + usize::from(cfg.http.is_some());
+    cfg.limits.max_connections =
+        crate::conn::fit_cap(cfg.limits.max_connections, listeners, crate::conn::raise_fd_limit());
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|source| ServerError::DataDir { path: cfg.data_dir.clone(), source })?;
     let tokens = match &cfg.auth_tokens {
@@ -189,10 +197,19 @@ pub async fn run(
     let tokens = tokens.map(|t| Arc::new(t.with_replicated(replicated_tokens(raft.clone()))));
     let (stop_tx, stop_rx) = watch::channel(false);
     let disk = crate::disk::DiskGuard::new(cfg.id, cfg.data_dir.clone(), cfg.limits.min_free_disk);
+    let metrics = Metrics::default();
+    let streams = crate::streams::Streams::new(
+        cfg.limits.max_streams,
+        cfg.limits.stream_buffer_bytes,
+        cfg.limits.stream_buffer_total_bytes,
+        cfg.limits.stream_stall_timeout,
+        metrics.limits().clone(),
+    );
     let node = Arc::new(Node {
         disk,
         liveness: Liveness::new(cfg.workers.heartbeat_ttl, cfg.workers.failover_grace),
-        metrics: Metrics::default(),
+        metrics,
+        streams,
         stopping: stop_rx,
         tokens: tokens.clone(),
         version_gate: tokio::sync::Mutex::new(()),
@@ -234,13 +251,25 @@ pub async fn run(
         reflection_builder().build_v1alpha().map_err(|e| ServerError::Grpc(e.to_string()))?;
     let max = node.cfg.limits.max_message_bytes;
     let peer_max = node.cfg.raft.net.max_message_bytes;
+    let limits = &node.cfg.limits;
+    let limits_layer = crate::limits::LimitsLayer::new(
+        max,
+        limits.fields.max_batch_tasks,
+        node.metrics.limits().clone(),
+    );
     let builder = || {
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
-            .http2_keepalive_interval(Some(Duration::from_secs(5)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .http2_keepalive_interval(Some(limits.keepalive_interval))
+            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+            .max_concurrent_streams(Some(limits.max_streams_per_connection))
             .layer(AuthLayer::new(tokens.clone(), tls.is_some()))
             .layer(crate::rpc_metrics::RpcMetricsLayer::new(node.clone()))
+            .layer(limits_layer.clone())
+    };
+    let conns = crate::conn::ConnSettings {
+        max: limits.max_connections,
+        idle_timeout: limits.idle_timeout,
     };
     let raft_svc = RaftServiceServer::new(RaftApi::new(&node))
         .max_decoding_message_size(peer_max)
@@ -284,7 +313,8 @@ pub async fn run(
     );
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     // Our own listener (bound early to fail fast), so tonic's server-level TCP options do not
-    // apply: set them here. Without TCP_NODELAY small responses wait for delayed ACKs (~40 ms).
+    // apply: `conn::incoming` sets them (TCP_NODELAY: without it small responses wait for
+    // delayed ACKs, ~40 ms; keepalive), caps the connections and closes idle ones.
     let drained = async {
         let _ = drain_rx.await;
     };
@@ -294,7 +324,17 @@ pub async fn run(
             peers.set_tls(Some(t.peer_client()))
         });
     }
-    let mut server = serve(router, listener, tls.clone(), drained);
+    let serve_on = |router, listener, name, shutdown| {
+        let incoming = crate::conn::incoming(
+            listener,
+            tls.clone(),
+            conns.clone(),
+            node.metrics.limits().clone(),
+            name,
+        );
+        serve(router, incoming, shutdown)
+    };
+    let mut server = serve_on(router, listener, "client", Box::pin(drained) as Shutdown);
     // The peer port stops with the client port; either failing stops the node.
     let mut peer_server = match peer_router {
         Some((l, r)) => {
@@ -302,7 +342,7 @@ pub async fn run(
             let stopped = async move {
                 let _ = stopping.wait_for(|s| *s).await;
             };
-            Some(serve(r, l, tls.clone(), stopped))
+            Some(serve_on(r, l, "peer", Box::pin(stopped) as Shutdown))
         }
         None => None,
     };
@@ -396,30 +436,23 @@ fn with_free_space(e: String, data_dir: &std::path::Path) -> String {
 
 type Served = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
 
-/// Serve `router` on `listener` (TLS when `tls` is given) until `shutdown`.
-fn serve(
-    router: tonic::transport::server::Router<
-        tower::layer::util::Stack<
-            crate::rpc_metrics::RpcMetricsLayer,
-            tower::layer::util::Stack<AuthLayer, tower::layer::util::Identity>,
-        >,
+type Shutdown = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+type Layers = tower::layer::util::Stack<
+    crate::limits::LimitsLayer,
+    tower::layer::util::Stack<
+        crate::rpc_metrics::RpcMetricsLayer,
+        tower::layer::util::Stack<AuthLayer, tower::layer::util::Identity>,
     >,
-    listener: TcpListener,
-    tls: Option<Arc<NodeTls>>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+>;
+
+/// Serve `router` on the connections of `incoming` ([`crate::conn`]) until `shutdown`.
+fn serve(
+    router: tonic::transport::server::Router<Layers>,
+    incoming: tokio_stream::wrappers::ReceiverStream<Result<crate::conn::Conn, std::io::Error>>,
+    shutdown: Shutdown,
 ) -> Served {
-    match tls {
-        Some(t) => {
-            let incoming = crate::tls::incoming(listener, t);
-            tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
-        }
-        None => {
-            let incoming = tonic::transport::server::TcpIncoming::from(listener)
-                .with_nodelay(Some(true))
-                .with_keepalive(Some(Duration::from_secs(30)));
-            tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
-        }
-    }
+    tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
 }
 
 fn server_stopped(

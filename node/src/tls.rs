@@ -25,13 +25,9 @@ use std::time::{Duration, SystemTime};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 /// The name every node certificate is valid for, and the only name a peer connection may
 /// prove. Keep in sync with the development PKI in the client library.
@@ -39,9 +35,6 @@ pub const PEER_NAME: &str = "raftsched-peer";
 
 /// How often the certificate files are checked for changes.
 pub const RELOAD_CHECK: Duration = Duration::from_secs(5);
-
-/// How long a TLS handshake may take before the connection is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The certificate files.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -241,48 +234,12 @@ pub fn spawn_reloader(
     });
 }
 
-/// Accepted TLS connections of `listener` (handshakes run concurrently and are bounded in
-/// time; a failed handshake drops only that connection).
-pub fn incoming(
-    listener: TcpListener,
-    tls: Arc<NodeTls>,
-) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, from) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    debug!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            if tx.is_closed() {
-                return;
-            }
-            let _ = tcp.set_nodelay(true);
-            let acceptor = tls.acceptor();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
-                    }
-                    Ok(Err(e)) => debug!(%from, error = %e, "TLS handshake failed"),
-                    Err(_) => debug!(%from, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    ReceiverStream::new(rx)
-}
-
 /// Whether the connection a request came on proved to be a cluster member: it presented a
 /// CA-signed certificate (rustls verified the chain and validity during the handshake) that
 /// is valid for [`PEER_NAME`].
 pub fn is_peer(extensions: &http::Extensions) -> bool {
-    let Some(info) = extensions.get::<TlsConnectInfo<TcpConnectInfo>>() else { return false };
+    let Some(conn) = extensions.get::<crate::conn::ConnInfo>() else { return false };
+    let Some(info) = &conn.tls else { return false };
     let Some(certs) = info.peer_certs() else { return false };
     let Some(leaf) = certs.first() else { return false };
     let Ok(cert) = webpki::EndEntityCert::try_from(leaf) else { return false };

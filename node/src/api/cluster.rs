@@ -209,7 +209,8 @@ impl ClusterApi {
         let mut file = tokio::fs::File::open(&path).await.map_err(io)?;
         let size = file.metadata().await.map_err(io)?.len();
         let last = meta.last_log_id.expect("filtered above");
-        let (tx, rx) = super::channel();
+        // A few chunks in flight: a slow reader holds at most 4 MiB here.
+        let (tx, rx) = super::channel(4);
         tokio::spawn(async move {
             use tokio::io::AsyncReadExt;
             let mut first = true;

@@ -12,10 +12,11 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures::Stream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tonic::{Response, Status};
 
 use crate::error::NodeResult;
+use crate::streams::{StreamKind, StreamTx};
 use crate::Node;
 
 /// A server stream of `T`.
@@ -27,10 +28,23 @@ pub(crate) fn answer<T>(node: &Node, r: NodeResult<T>) -> Result<Response<T>, St
     r.map(Response::new).map_err(Status::from)
 }
 
-/// A channel-backed server stream.
-pub(crate) fn channel<T: Send + 'static>() -> (mpsc::Sender<Result<T, Status>>, BoxStream<T>) {
-    let (tx, rx) = mpsc::channel(256);
+/// A plain channel-backed server stream of at most `capacity` queued messages (snapshot
+/// downloads: admin-only, chunks of known size).
+pub(crate) fn channel<T: Send + 'static>(
+    capacity: usize,
+) -> (tokio::sync::mpsc::Sender<Result<T, Status>>, BoxStream<T>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(capacity);
     (tx, Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+}
+
+/// A new server stream of `kind`, bounded in bytes ([`crate::streams`]); RESOURCE_EXHAUSTED
+/// when the node serves its limit of streams.
+pub(crate) fn open_stream<T: Send + 'static>(
+    node: &Node,
+    kind: StreamKind,
+) -> Result<(StreamTx<T>, BoxStream<T>), Status> {
+    let (tx, rx) = answer(node, node.streams.open(kind))?.into_inner();
+    Ok((tx, Box::pin(rx)))
 }
 
 /// Wait until something past `cursor` is applied, the client left, the node stops, or a
@@ -39,7 +53,7 @@ pub(crate) async fn wait_more<T>(
     node: &Node,
     applied: &mut watch::Receiver<u64>,
     cursor: u64,
-    tx: &mpsc::Sender<Result<T, Status>>,
+    tx: &StreamTx<T>,
 ) -> bool {
     let mut stopping = node.stopping.clone();
     tokio::select! {

@@ -14,9 +14,10 @@ use state_machine::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{answer, channel, wait_more, BoxStream};
+use super::{answer, open_stream, wait_more, BoxStream};
 use crate::auth::{self, Caller};
 use crate::error::{NodeError, NodeResult};
+use crate::streams::StreamKind;
 use crate::Node;
 
 /// Implements `scheduler.v1.Tasks`.
@@ -332,7 +333,7 @@ impl pb::tasks_server::Tasks for TasksApi {
         let first =
             answer(&node, self.get(pb::GetTaskRequest { id: id.0, stale_ok: false }).await)?
                 .into_inner();
-        let (tx, stream) = channel();
+        let (tx, stream) = open_stream(&node, StreamKind::Task)?;
         tokio::spawn(async move {
             let mut applied = events.subscribe();
             let mut last = first.clone();
@@ -389,7 +390,7 @@ impl pb::tasks_server::Tasks for TasksApi {
         if let Err(e) = events.read_after(cursor, 0) {
             return Err(resume_error(e));
         }
-        let (tx, stream) = channel();
+        let (tx, stream) = open_stream(&node, StreamKind::Events)?;
         tokio::spawn(async move {
             let mut applied = events.subscribe();
             loop {
@@ -407,7 +408,10 @@ impl pb::tasks_server::Tasks for TasksApi {
                                 term: b.term,
                                 planned_at: b.planned_at,
                             };
-                            if tx.send(Ok(msg)).await.is_err() {
+                            // Waits while the client is behind; a client that takes nothing
+                            // for the stall timeout is dropped with the index to resume from
+                            // (crate::streams), never buffered for without bound.
+                            if tx.send_resumable(msg, b.index).await.is_err() {
                                 return;
                             }
                         }

@@ -18,12 +18,12 @@ use proto::pb;
 use state_machine::{
     validate, Op, Output, Rejection, ReportKind, ReportOutcome, TaskStateKind, WorkerId,
 };
-use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
-use super::{answer, channel, wait_more, BoxStream};
+use super::{answer, open_stream, wait_more, BoxStream};
 use crate::auth;
 use crate::error::{NodeError, NodeResult};
+use crate::streams::{StreamKind, StreamTx};
 use crate::Node;
 
 /// Implements `scheduler.v1.Workers`.
@@ -193,11 +193,7 @@ impl WorkersApi {
 }
 
 /// Send everything `me` holds, then the resync marker.
-async fn send_held(
-    node: &Node,
-    me: &WorkerId,
-    tx: &mpsc::Sender<Result<pb::WorkerMessage, Status>>,
-) -> bool {
+async fn send_held(node: &Node, me: &WorkerId, tx: &StreamTx<pb::WorkerMessage>) -> bool {
     let held: Vec<pb::Assignment> =
         node.local(|s| s.held_by(me).filter_map(|t| convert::assignment_to_pb(s, t)).collect());
     let resync = pb::Resync {
@@ -219,7 +215,7 @@ async fn assignment_stream(
     node: Arc<Node>,
     me: WorkerId,
     session: u64,
-    tx: mpsc::Sender<Result<pb::WorkerMessage, Status>>,
+    tx: StreamTx<pb::WorkerMessage>,
 ) {
     let events = node.raft.sm().events().clone();
     let mut applied = events.subscribe();
@@ -386,7 +382,7 @@ impl pb::workers_server::Workers for WorkersApi {
             .await
             .and_then(|r| r);
         answer(&self.node, check)?;
-        let (tx, stream) = channel();
+        let (tx, stream) = open_stream(&self.node, StreamKind::Assignments)?;
         tokio::spawn(assignment_stream(self.node.clone(), me, session, tx));
         Ok(Response::new(stream))
     }

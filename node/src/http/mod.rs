@@ -20,7 +20,8 @@
 //! Connections: HTTP/1.1, one request each (TLS with the gRPC certificate when TLS is on, handshake bounded to
 //! 5 s); request heads must arrive within 5 s and are bounded by hyper's limits; bodies of
 //! the API's POSTs are bounded ([`api::MAX_BODY_BYTES`]). Event streams stay open and are
-//! bounded per stream ([`sse`]).
+//! bounded per stream ([`sse`]). At most `limits.max_connections` connections are open; one
+//! more is closed at once and counted (`raftsched_limit_refusals_total{limit="connections"}`).
 
 pub mod api;
 pub mod sse;
@@ -53,15 +54,43 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, tls: Option<Arc<NodeT
     tokio::spawn(metrics::follow_events(node.clone()));
     let app = router(node.clone());
     let mut stopping = node.stopping.clone();
+    // The same connection cap as the gRPC ports (crate::conn): event streams stay open.
+    let max = node.cfg.limits.max_connections;
+    let cap = Arc::new(tokio::sync::Semaphore::new(max));
+    let limits = node.metrics.limits().clone();
+    let open = limits.connections("http");
+    let mut backoff = false;
     loop {
+        if std::mem::take(&mut backoff) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let (stream, from) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors, most likely: back off, do not spin.
+                        debug!(error = %e, "accept failed");
+                        backoff = true;
+                        continue;
+                    }
+                };
+                let Ok(permit) = cap.clone().try_acquire_owned() else {
+                    let msg = format!(
+                        "closed a connection from {from}: {max} connections are open on the http \
+                         port (limits.max_connections, --max-connections)"
+                    );
+                    limits.refused(crate::limits::Limit::Connections, &msg);
+                    continue;
+                };
+                open.inc();
+                let open = open.clone();
                 let _ = stream.set_nodelay(true);
                 let app = app.clone();
                 let acceptor = tls.as_ref().map(|t| t.http_acceptor());
                 let stopping = node.stopping.clone();
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let served = match acceptor {
                         Some(a) => match tokio::time::timeout(HEAD_TIMEOUT, a.accept(stream)).await {
                             Ok(Ok(s)) => serve_connection(s, app, stopping).await,
@@ -73,6 +102,7 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, tls: Option<Arc<NodeT
                     if let Err(e) = served {
                         debug!(error = %e, "http connection failed");
                     }
+                    open.dec();
                 });
             }
             _ = stopping.wait_for(|s| *s) => return,

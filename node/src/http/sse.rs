@@ -7,13 +7,16 @@
 //! retains is refused with 410 before the stream opens; the stream is the gRPC
 //! `WatchEvents` stream (same roles, same gaplessness).
 //!
-//! Memory per stream is bounded: at most [`SSE_BUFFER`] frames wait for a slow client. When
-//! the buffer is full the stream is dropped with a final `event: close` whose data says why
+//! Memory per stream is bounded: at most [`SSE_BUFFER`] frames, and at most
+//! `limits.stream_buffer_kib` of them (one frame always fits), wait for a slow client; the
+//! gRPC stream underneath is bounded the same way ([`crate::streams`]). When the buffer is
+//! full the stream is dropped with a final `event: close` whose data says why
 //! (`{"reason": "slow_consumer", "resume_from": N}`) so the client reconnects from there; the
 //! same `close` event ends a stream whose events were compacted away meanwhile. An idle stream
 //! gets a `: ping` comment every [`KEEPALIVE`].
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,7 +95,9 @@ pub async fn events(
         .watch_events(request(pb::WatchEventsRequest { from_index: from }, &who))
         .await?
         .into_inner();
-    let body = pump(stream, shows_fence(&who), from, SSE_BUFFER).map(Ok::<_, Infallible>);
+    let max_bytes = node.cfg.limits.stream_buffer_bytes;
+    let body =
+        pump(stream, shows_fence(&who), from, SSE_BUFFER, max_bytes).map(Ok::<_, Infallible>);
     Ok((
         [
             (header::CONTENT_TYPE, "text/event-stream"),
@@ -105,13 +110,22 @@ pub async fn events(
 }
 
 /// Turns a gRPC event stream into SSE frames: a task forwards each batch into a buffer of
-/// `capacity` frames and ends the stream with a `close` event when the buffer is full (slow
-/// client), the stream fails, or it ends. The frames are read from the returned stream.
-pub fn pump<S>(mut stream: S, fence: bool, from: u64, capacity: usize) -> impl Stream<Item = Bytes>
+/// `capacity` frames and `max_bytes` bytes (one frame always fits) and ends the stream with a
+/// `close` event when the buffer is full (slow client), the stream fails, or it ends. The
+/// frames are read from the returned stream.
+pub fn pump<S>(
+    mut stream: S,
+    fence: bool,
+    from: u64,
+    capacity: usize,
+    max_bytes: usize,
+) -> impl Stream<Item = Bytes>
 where
     S: Stream<Item = Result<pb::EventBatch, tonic::Status>> + Send + Unpin + 'static,
 {
     let (tx, rx) = mpsc::channel::<Bytes>(capacity);
+    let held = Arc::new(AtomicUsize::new(0));
+    let taken = held.clone();
     let (close_tx, close_rx) = oneshot::channel::<Bytes>();
     tokio::spawn(async move {
         let _ = tx.try_send(Bytes::from_static(b": connected\nretry: 2000\n\n"));
@@ -121,11 +135,22 @@ where
                 item = stream.next() => match item {
                     Some(Ok(batch)) => {
                         let index = batch.index;
-                        match tx.try_send(frame(&batch, fence)) {
+                        let f = frame(&batch, fence);
+                        let len = f.len();
+                        let now = held.load(Ordering::Acquire);
+                        let sent = if now > 0 && now + len > max_bytes {
+                            Err(mpsc::error::TrySendError::Full(f))
+                        } else {
+                            held.fetch_add(len, Ordering::AcqRel);
+                            tx.try_send(f).inspect_err(|_| {
+                                held.fetch_sub(len, Ordering::AcqRel);
+                            })
+                        };
+                        match sent {
                             Ok(()) => next = index + 1,
                             Err(mpsc::error::TrySendError::Full(_)) => {
                                 let msg = format!(
-                                    "the client fell {capacity} events behind; reconnect with Last-Event-ID: {}",
+                                    "the client fell behind (more than {capacity} events or {max_bytes} bytes waiting); reconnect with Last-Event-ID: {}",
                                     next.saturating_sub(1)
                                 );
                                 let _ = close_tx.send(close_frame("slow_consumer", &msg, Some(next)));
@@ -161,6 +186,10 @@ where
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+        .map(move |b| {
+            taken.fetch_sub(b.len(), Ordering::AcqRel);
+            b
+        })
         .chain(futures::stream::once(close_rx).filter_map(|c| async move { c.ok() }))
 }
 
@@ -180,7 +209,7 @@ mod tests {
     async fn a_slow_client_is_dropped_with_a_close_event_naming_where_to_resume() {
         // Nobody reads while 10 batches arrive for a buffer of 4 frames.
         let events = futures::stream::iter((5..15).map(batch)).chain(futures::stream::pending());
-        let out = pump(Box::pin(events), false, 5, 4);
+        let out = pump(Box::pin(events), false, 5, 4, usize::MAX);
         tokio::time::sleep(Duration::from_millis(50)).await;
         let frames = collect(out).await;
         // The hello, three batches (5, 6, 7), then the close.
@@ -195,11 +224,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_slow_client_is_dropped_when_its_frames_pass_the_byte_bound() {
+        // Room for many frames, but only ~2 frames' bytes: the third batch ends the stream.
+        let one = frame(&pb::EventBatch { index: 5, ..Default::default() }, false).len();
+        let events = futures::stream::iter((5..15).map(batch)).chain(futures::stream::pending());
+        let out = pump(Box::pin(events), false, 5, 1024, 2 * one + 40);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let frames = collect(out).await;
+        let close = frames.last().unwrap();
+        assert!(close.contains("\"reason\":\"slow_consumer\""), "{frames:?}");
+        assert!(frames.len() <= 5, "at most the hello, a few batches and the close: {frames:?}");
+    }
+
+    #[tokio::test]
     async fn a_failed_stream_ends_with_its_reason() {
         let status: tonic::Status =
             crate::error::NodeError::OutOfRange("events before 9 are gone".into()).into();
         let events = futures::stream::iter(vec![batch(1), Err(status)]);
-        let frames = collect(pump(Box::pin(events), false, 1, 16)).await;
+        let frames = collect(pump(Box::pin(events), false, 1, 16, usize::MAX)).await;
         assert_eq!(frames.len(), 3, "{frames:?}");
         assert!(
             frames[2].contains("\"reason\":\"out_of_range\"") && frames[2].contains("gone"),
