@@ -722,11 +722,15 @@ mod tests {
                 voter: true,
                 reachable: true,
                 role: "leader".into(),
+                command_version: 2,
                 ..Default::default()
             }],
+            cluster_version: 2,
         };
         let text = status_text(&s);
-        assert!(text.starts_with("leader: 1   term: 3"), "{text}");
+        assert!(text.starts_with("leader: 1   term: 3   version: 2"), "{text}");
+        assert_eq!(status_json(&s)["cluster_version"], 2);
+        assert_eq!(status_json(&s)["nodes"][0]["command_version"], 2);
         assert!(text.contains("127.0.0.1:7001  leader"), "{text}");
         assert!(!text.contains("LOW"), "{text}");
         let mut low = s.clone();
