@@ -700,3 +700,68 @@ fn a_snapshot_saved_under_load_restores_into_a_new_cluster_with_every_task() {
     let status = again.ok(&["cluster", "status"]);
     assert_eq!(status["nodes"].as_array().unwrap().len(), 3, "{status}");
 }
+
+#[test]
+fn a_wiped_member_is_refused_with_the_fix_and_rejoins_as_a_new_learner() {
+    let _serial = serial();
+    let conf = tempfile::tempdir().unwrap();
+    let file = conf.path().join("node.toml");
+    std::fs::write(
+        &file,
+        "[raft]\nsnapshot_every_entries = 100\nkeep_entries_after_snapshot = 20\n",
+    )
+    .unwrap();
+    let mut c = Cluster::start_with(3, &["--config", file.to_str().unwrap()]);
+    let mut ids = Vec::new();
+    for round in 0..2 {
+        for i in 0..60 {
+            ids.push(c.submit(&["--name", &format!("t{round}-{i}"), "--queue", "nobody-serves"]));
+        }
+        c.ok(&["cluster", "snapshot"]);
+    }
+    let status = c.ok(&["cluster", "status"]);
+    let leader = status["leader_id"].as_u64().unwrap();
+    let purged = status["nodes"].as_array().unwrap().iter().find(|n| n["id"] == leader).unwrap()
+        ["purged_index"]
+        .as_u64()
+        .unwrap();
+    assert!(purged > 0, "the leader compacted its log: {status}");
+
+    // A follower loses its data directory and comes back under its id.
+    let victim = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
+    let i = c.local().index_of(victim).unwrap();
+    c.kill(victim);
+    std::fs::remove_dir_all(&c.local().nodes[i].data_dir).unwrap();
+    c.local_mut().start_node(i).unwrap();
+    let log = c.local().nodes[i].log().to_path_buf();
+    wait_until_blocking("the wiped node to say what happened", WAIT, || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.contains("lost its data").then_some(())
+    })
+    .unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("cluster remove --id") && text.contains("add-learner"), "{text}");
+    // It took nothing: the cluster keeps serving with the other two.
+    let more = c.submit(&["--name", "while-wiped", "--queue", "nobody-serves"]);
+
+    // The fix the message names: remove it, add it back as a learner, promote it.
+    let addr = c.local().nodes[i].addr.clone();
+    let victim_s = victim.to_string();
+    c.ok(&["cluster", "remove", "--id", &victim_s]);
+    c.ok(&["cluster", "add-learner", "--id", &victim_s, "--addr", &addr, "--wait", "60s"]);
+    c.ok(&["cluster", "promote", "--id", &victim_s]);
+    wait_until_blocking("the rejoined node to hold every task", WAIT, || {
+        let s = c.ok(&["cluster", "status"]);
+        let nodes = s["nodes"].as_array()?.clone();
+        let applied: Vec<u64> =
+            nodes.iter().map(|n| n["applied_index"].as_u64().unwrap()).collect();
+        (nodes.len() == 3
+            && nodes.iter().all(|n| n["voter"] == true && n["reachable"] == true)
+            && applied.iter().all(|a| *a == applied[0]))
+        .then_some(())
+    })
+    .unwrap();
+    for id in ids.iter().chain([&more]) {
+        assert_eq!(c.task(*id)["state"], "queued");
+    }
+}

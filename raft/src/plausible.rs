@@ -82,6 +82,23 @@ pub enum Implausible {
     /// A vote request whose vote is already committed (a candidate's never is).
     #[error("a vote request must carry an uncommitted vote")]
     CommittedCandidate,
+    /// Entries from `index` > 0 with no previous entry: what a leader sends to a member it
+    /// believes holds the entries before them, after that member lost its data (a wiped data
+    /// directory or a replaced disk under the same node id). Appending them would leave a hole;
+    /// and such a node must not vote as the member it was (it may have acknowledged entries
+    /// that only it and a failed leader held), so it is refused with the way out.
+    #[error(
+        "the leader sends entries from index {index} as to a member that holds the ones before \
+         them, but this node's log is empty: its data directory was wiped or replaced after it \
+         had joined. It cannot safely rejoin as the same member. On a healthy node run \
+         `schedctl cluster remove --id ID` for this node, then add it back with its empty \
+         data directory: `schedctl cluster add-learner --id ID --addr ADDR --wait 60s` and \
+         `schedctl cluster promote --id ID` (it catches up from a snapshot)"
+    )]
+    LostLog {
+        /// The first entry's index.
+        index: u64,
+    },
     /// Entries that do not follow `prev_log_id` one by one.
     #[error("entry {position} has index {index}, expected {expected}")]
     NotConsecutive {
@@ -270,6 +287,9 @@ pub fn append_request(req: &AppendEntriesRequest<TypeConfig>) -> Result<AppendSe
     let mut named_by_entries = false;
     for (position, e) in req.entries.iter().enumerate() {
         log_id("entry", &Some(e.log_id), vote_term)?;
+        if position == 0 && req.prev_log_id.is_none() && e.log_id.index > 0 {
+            return Err(Implausible::LostLog { index: e.log_id.index });
+        }
         if e.log_id.index != expected {
             return Err(Implausible::NotConsecutive { position, index: e.log_id.index, expected });
         }
@@ -390,6 +410,11 @@ mod tests {
             append_request(&back),
             Err(Implausible::TermGoesBack { position: 0, term: 2, before: 3 })
         );
+        // Entries after a purge point with nothing before them: sent to a wiped member.
+        let lost = append(3, None, vec![blank(3, 112), blank(3, 113)]);
+        assert_eq!(append_request(&lost), Err(Implausible::LostLog { index: 112 }));
+        let text = Implausible::LostLog { index: 112 }.to_string();
+        assert!(text.contains("cluster remove --id") && text.contains("add-learner"), "{text}");
     }
 
     #[test]

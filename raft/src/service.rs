@@ -140,7 +140,11 @@ impl RaftRpcs {
             leader_commit: wire.leader_commit,
             entries,
         };
-        let sender = plausible::append_request(&rpc)?;
+        let sender = plausible::append_request(&rpc).inspect_err(|e| {
+            if matches!(e, Implausible::LostLog { .. }) {
+                lost_log_alarm(e);
+            }
+        })?;
         let node = self.node()?;
         Self::members(&node).admit("leader", sender.leader, sender.named_by_entries)?;
         Ok(reply(node.raft().append_entries(rpc).await))
@@ -223,5 +227,25 @@ impl RaftRpcs {
             return Err(refuse("its header does not match the request's metadata".into()));
         }
         Ok(())
+    }
+}
+
+/// Log (at most once a minute) that this node lost its data: the leader keeps retrying, and
+/// the operator must act (see [`Implausible::LostLog`]).
+fn lost_log_alarm(e: &Implausible) {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = crate::node::now_ms();
+    let last = LAST.load(std::sync::atomic::Ordering::Relaxed);
+    if now.saturating_sub(last) >= 60_000
+        && LAST
+            .compare_exchange(
+                last,
+                now,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
+    {
+        tracing::error!(error = %e, "this node lost its data and cannot rejoin as the same member");
     }
 }

@@ -90,6 +90,11 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `n` nodes, initialises the cluster and waits for a leader.
     pub fn start(n: usize) -> Cluster {
+        Cluster::start_with(n, &[])
+    }
+
+    /// [`Cluster::start`] with extra flags for every node.
+    pub fn start_with(n: usize, args: &[&str]) -> Cluster {
         let bin = client::local::schedulerd_for_this_exe().unwrap_or_else(|e| panic!("{e}"));
         let dir = tempfile::tempdir().expect("temp dir");
         // The harness waits until every node serves: schedctl fails at once when nothing
@@ -98,6 +103,7 @@ impl Cluster {
             .dir(dir.path())
             .http(true)
             .init(false)
+            .args(args.iter().copied())
             .startup_timeout(WAIT);
         let local = LocalCluster::start_blocking(opts).unwrap_or_else(|e| panic!("{e}"));
         let c = Cluster { workers: Vec::new(), local, dir };
