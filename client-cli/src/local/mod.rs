@@ -78,6 +78,9 @@ pub fn schedulerd_for_this_exe() -> Result<PathBuf, Error> {
     })
 }
 
+/// The free-space floor of local clusters (see [`LocalClusterOptions::new`]).
+pub const LOCAL_MIN_FREE_DISK: &str = "64MiB";
+
 /// One node to start.
 #[derive(Clone, Debug)]
 pub struct NodeOptions {
@@ -136,13 +139,22 @@ pub struct LocalClusterOptions {
 
 impl LocalClusterOptions {
     /// Nodes `1..=n` of `binary` on free ports in a temporary directory, initialized.
+    ///
+    /// Local nodes keep a free-space floor of [`LOCAL_MIN_FREE_DISK`] instead of the server's
+    /// production default (unless `SCHED_MIN_FREE_DISK` is set, or a node gets
+    /// `--min-free-disk`), so a trial or test cluster on a nearly full disk still takes
+    /// submits.
     pub fn new(binary: impl Into<PathBuf>, n: u64) -> Self {
+        let env = match std::env::var_os("SCHED_MIN_FREE_DISK") {
+            Some(_) => Vec::new(),
+            None => vec![("SCHED_MIN_FREE_DISK".to_string(), LOCAL_MIN_FREE_DISK.to_string())],
+        };
         LocalClusterOptions {
             binary: binary.into(),
             dir: None,
             nodes: (1..=n).map(NodeOptions::new).collect(),
             args: Vec::new(),
-            env: Vec::new(),
+            env,
             http: false,
             peer_ports: false,
             init: true,
@@ -811,7 +823,11 @@ mod tests {
         assert_eq!(at("--advertise"), "127.0.0.1:1");
         assert_eq!(at("--config"), "c.toml");
         assert_eq!(at("--peer-source-ip"), "127.0.0.12");
-        assert_eq!(spec.env, vec![("SCHED_LOG".into(), "debug".into())]);
+        assert!(spec.env.contains(&("SCHED_LOG".into(), "debug".into())), "{:?}", spec.env);
+        if std::env::var_os("SCHED_MIN_FREE_DISK").is_none() {
+            let floor = ("SCHED_MIN_FREE_DISK".into(), LOCAL_MIN_FREE_DISK.into());
+            assert!(spec.env.contains(&floor), "{:?}", spec.env);
+        }
         assert_eq!(c.index_of(2), Some(1));
         assert!(c.endpoints().is_empty(), "nothing started");
     }
