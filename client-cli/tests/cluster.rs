@@ -637,44 +637,27 @@ fn a_snapshot_saved_under_load_restores_into_a_new_cluster_with_every_task() {
     std::fs::write(busy.path().join("stray"), b"x").unwrap();
     let port = common::free_ports(1)[0].to_string();
     let listen = format!("127.0.0.1:{port}");
-    let busy_dir = busy.path().to_str().unwrap();
-    let (code, out) = schedulerd_exits(&[
-        "--id",
-        "1",
-        "--listen",
-        &listen,
-        "--data-dir",
-        busy_dir,
-        "--restore",
-        &file_arg,
-    ]);
-    assert_ne!(code, 0, "{out}");
+    let refused = |id: &str, dir: &std::path::Path| {
+        let dir = dir.to_str().unwrap();
+        let (code, out) = schedulerd_exits(&[
+            "--id",
+            id,
+            "--listen",
+            &listen,
+            "--data-dir",
+            dir,
+            "--restore",
+            &file_arg,
+        ]);
+        assert_ne!(code, 0, "{out}");
+        out
+    };
+    let out = refused("1", busy.path());
     assert!(out.contains("not empty") && out.contains("stray"), "{out}");
     let empty = tempfile::tempdir().unwrap();
-    let empty_dir = empty.path().to_str().unwrap();
-    let (code, out) = schedulerd_exits(&[
-        "--id",
-        "1",
-        "--listen",
-        &listen,
-        "--data-dir",
-        empty_dir,
-        "--restore",
-        &file_arg,
-    ]);
-    assert_ne!(code, 0, "{out}");
+    let out = refused("1", empty.path());
     assert!(out.contains("--bootstrap") && out.contains("advertises"), "{out}");
-    let (code, out) = schedulerd_exits(&[
-        "--id",
-        "9",
-        "--listen",
-        &listen,
-        "--data-dir",
-        empty_dir,
-        "--restore",
-        &file_arg,
-    ]);
-    assert_ne!(code, 0, "{out}");
+    let out = refused("9", empty.path());
     assert!(out.contains("not a voter"), "{out}");
     drop(r);
 

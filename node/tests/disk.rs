@@ -13,7 +13,6 @@ use proto::pb;
 use proto::pb::cluster_client::ClusterClient;
 use proto::pb::tasks_client::TasksClient;
 use proto::status::{reason_of, Reason};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// How soon a node whose disk failed must be gone. It used to drain connections for 5 s first
 /// (and with a real full disk, hang forever in sled's flush, deaf to SIGTERM).
@@ -86,46 +85,11 @@ async fn submit_via(addr: &str, name: &str) -> Result<u64, tonic::Status> {
     Ok(r.into_inner().tasks[0].id)
 }
 
-async fn http_get(addr: &str, path: &str) -> String {
-    let io = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        // HTTP/1.0: the body is not chunked and the server closes after it.
-        let req = format!("GET {path} HTTP/1.0\r\nhost: {addr}\r\n\r\n");
-        s.write_all(req.as_bytes()).await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        std::io::Result::Ok(String::from_utf8_lossy(&buf).into_owned())
-    };
-    let text = tokio::time::timeout(Duration::from_secs(5), io).await.unwrap().unwrap();
-    text.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string())
-}
-
 /// The value of the sample `name` (no labels) on a metrics page.
 fn sample(page: &str, name: &str) -> Option<f64> {
     page.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
         .and_then(|v| v.trim().parse().ok())
-}
-
-/// `promtool check metrics` finds nothing in `page` (skipped loudly without promtool).
-fn promtool_check(page: &str) {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let Ok(mut child) = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    else {
-        eprintln!("\n!!!!!!!! SKIPPED promtool check: promtool is not installed !!!!!!!!\n");
-        return;
-    };
-    child.stdin.take().unwrap().write_all(page.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    let findings =
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && findings.trim().is_empty(), "promtool: {findings}\n{page}");
 }
 
 async fn cluster_status(addr: &str) -> pb::ClusterStatusResponse {
@@ -197,12 +161,12 @@ async fn d10_a_node_below_its_disk_floor_refuses_new_submits_and_nothing_else() 
         .iter()
         .filter(|n| n.id != low_id)
         .all(|n| !n.disk_low && n.disk_free_bytes > 0));
-    let page = http_get(c.nodes[low].http.as_deref().unwrap(), "/metrics").await;
+    let page = http_get(c.nodes[low].http.as_deref().unwrap(), "/metrics").await.unwrap().1;
     assert_eq!(sample(&page, "raftsched_disk_low"), Some(1.0), "{page}");
     assert_eq!(sample(&page, "raftsched_disk_min_free_bytes"), Some(1e18));
     assert!(sample(&page, "raftsched_disk_free_bytes").is_some_and(|f| f > 0.0));
     promtool_check(&page);
-    let healthy = http_get(c.nodes[0].http.as_deref().unwrap(), "/metrics").await;
+    let healthy = http_get(c.nodes[0].http.as_deref().unwrap(), "/metrics").await.unwrap().1;
     assert_eq!(sample(&healthy, "raftsched_disk_low"), Some(0.0));
 
     // When the low node leads, new submits are refused cluster-wide, with its reason.

@@ -5,11 +5,14 @@
 //! it) with cluster-wide gauges on the leader only. Hostile requests leave state and nodes
 //! unchanged.
 
+mod common;
+
 use std::time::Duration;
 
 use client::local::{LocalCluster, LocalClusterOptions, Security};
 use client::pki::TokenSpec;
 use client::Client;
+use common::promtool_check;
 use proto::pb;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -361,30 +364,6 @@ async fn json_api_roles_validation_events_and_metrics() {
         assert!(c.nodes[i].is_running(), "node {i} died");
         c.wait_serving(i, Duration::from_secs(10)).await.expect("still serving");
     }
-}
-
-/// `promtool check metrics` finds nothing in `page` (skipped loudly without promtool).
-fn promtool_check(page: &str) {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let Ok(mut child) = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    else {
-        eprintln!(
-            "\n!!!!!!!! SKIPPED promtool check: promtool is not installed \
-             (apt-get install -y prometheus; .ci/run does this) !!!!!!!!\n"
-        );
-        return;
-    };
-    child.stdin.take().unwrap().write_all(page.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    let findings =
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && findings.trim().is_empty(), "promtool: {findings}\n{page}");
 }
 
 /// Every metric the shipped Grafana dashboard queries is on the leader's page.

@@ -13,26 +13,13 @@ use common::*;
 use proto::pb;
 use proto::pb::cluster_client::ClusterClient;
 use proto::pb::tasks_client::TasksClient;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tonic::Code;
-
-/// `GET path` on an HTTP address: the body, or None if it did not answer.
-async fn http_get(addr: &str, path: &str) -> Option<String> {
-    let io = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes()).await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        std::io::Result::Ok(String::from_utf8_lossy(&buf).into_owned())
-    };
-    let text = tokio::time::timeout(Duration::from_secs(5), io).await.ok()?.ok()?;
-    Some(text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string())
-}
 
 /// The value of one sample line of node `i`'s /metrics page (0 when absent).
 async fn metric(c: &Cluster, i: usize, sample: &str) -> f64 {
     let http = c.nodes[i].http.clone().expect("an HTTP port");
-    let page = http_get(&http, "/metrics").await.expect("the metrics page");
+    let page = http_get(&http, "/metrics").await.expect("the metrics page").1;
     page.lines()
         .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
         .unwrap_or(0.0)
@@ -106,18 +93,7 @@ async fn l1_unread_event_streams_keep_memory_bounded_and_end_with_the_resume_ind
                 ..Default::default()
             })
             .collect();
-        let r = retry(&addrs, |ch| {
-            let tasks = tasks.clone();
-            async move {
-                TasksClient::new(ch)
-                    .submit_tasks(pb::SubmitTasksRequest { tasks })
-                    .await
-                    .map(|r| r.into_inner())
-            }
-        })
-        .await
-        .expect("submit");
-        last_index = r.log_index;
+        last_index = submit_batch(&addrs, tasks).await.log_index;
     }
 
     // The reading stream saw everything.
@@ -237,7 +213,7 @@ async fn l2_connections_beyond_the_cap_are_closed_and_idle_ones_time_out() {
     assert!(open as usize <= CAP, "open connections within the cap: {open}");
     // The HTTP port and the process are fine meanwhile.
     let healthz = http_get(c.nodes[0].http.as_deref().unwrap(), "/healthz").await;
-    assert!(healthz.is_some_and(|b| b.contains("\"ok\"")), "the node is alive");
+    assert!(healthz.is_some_and(|(_, b)| b.contains("\"ok\"")), "the node is alive");
 
     // The silent connections are closed after the idle timeout.
     let closed =

@@ -7,29 +7,12 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 const SERVICES: [&str; 4] =
     ["", "scheduler.v1.Tasks", "scheduler.v1.Workers", "scheduler.v1.Cluster"];
-
-/// `GET path` on a node's HTTP port: (status code, body), or None if it did not answer.
-async fn http_get(addr: &Option<String>, path: &str) -> Option<(u16, String)> {
-    let addr = addr.as_deref().expect("the node has an HTTP address");
-    let io = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes()).await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        std::io::Result::Ok(String::from_utf8_lossy(&buf).into_owned())
-    };
-    let text = tokio::time::timeout(Duration::from_secs(5), io).await.ok()?.ok()?;
-    let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
-    Some((code, body))
-}
 
 /// The gRPC health status of every service on a node (None if the node did not answer).
 async fn grpc_health(addr: &str) -> Option<Vec<i32>> {
@@ -45,7 +28,9 @@ async fn grpc_health(addr: &str) -> Option<Vec<i32>> {
 /// `/readyz` is 200 and gRPC health SERVING for every service on node `i`.
 async fn ready(c: &Cluster, i: usize) -> bool {
     let n = &c.nodes[i];
-    http_get(&n.http, "/readyz").await.is_some_and(|(code, _)| code == 200)
+    http_get(n.http.as_deref().expect("an HTTP address"), "/readyz")
+        .await
+        .is_some_and(|(code, _)| code == 200)
         && grpc_health(&n.addr)
             .await
             .is_some_and(|s| s.iter().all(|x| *x == ServingStatus::Serving as i32))
@@ -54,7 +39,7 @@ async fn ready(c: &Cluster, i: usize) -> bool {
 /// `/readyz` is 503 saying why, and gRPC health NOT_SERVING for every service on node `i`.
 async fn not_ready(c: &Cluster, i: usize) -> bool {
     let n = &c.nodes[i];
-    let http = http_get(&n.http, "/readyz")
+    let http = http_get(n.http.as_deref().expect("an HTTP address"), "/readyz")
         .await
         .is_some_and(|(code, body)| code == 503 && body.starts_with("not ready: "));
     http && grpc_health(&n.addr)
@@ -63,7 +48,7 @@ async fn not_ready(c: &Cluster, i: usize) -> bool {
 }
 
 async fn assert_alive(c: &Cluster, i: usize) {
-    let h = http_get(&c.nodes[i].http, "/healthz").await;
+    let h = http_get(c.nodes[i].http.as_deref().expect("an HTTP address"), "/healthz").await;
     assert!(h.as_ref().is_some_and(|(code, _)| *code == 200), "/healthz of node {i}: {h:?}");
 }
 
@@ -83,7 +68,10 @@ async fn r10_leader_without_a_majority_is_not_ready_but_alive() {
     all_ready(&c).await;
     let leader = c.wait_leader().await;
     let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
-    let body = http_get(&c.nodes[leader].http, "/readyz").await.unwrap().1;
+    let body = http_get(c.nodes[leader].http.as_deref().expect("an HTTP address"), "/readyz")
+        .await
+        .unwrap()
+        .1;
     assert!(body.starts_with("ready: leader"), "{body}");
 
     for &f in &followers {
@@ -95,7 +83,9 @@ async fn r10_leader_without_a_majority_is_not_ready_but_alive() {
     })
     .await
     .unwrap();
-    let (_, body) = http_get(&c.nodes[leader].http, "/readyz").await.unwrap();
+    let (_, body) = http_get(c.nodes[leader].http.as_deref().expect("an HTTP address"), "/readyz")
+        .await
+        .unwrap();
     assert!(body.starts_with("not ready: leader without a quorum ack for "), "{body}");
     assert_alive(&c, leader).await;
 
@@ -114,7 +104,10 @@ async fn r20_follower_without_a_leader_is_not_ready_but_alive() {
     all_ready(&c).await;
     let leader = c.wait_leader().await;
     let (other, survivor) = ((leader + 1) % 3, (leader + 2) % 3);
-    let body = http_get(&c.nodes[survivor].http, "/readyz").await.unwrap().1;
+    let body = http_get(c.nodes[survivor].http.as_deref().expect("an HTTP address"), "/readyz")
+        .await
+        .unwrap()
+        .1;
     assert!(body.starts_with("ready: following leader"), "{body}");
 
     c.kill(leader);
@@ -125,7 +118,10 @@ async fn r20_follower_without_a_leader_is_not_ready_but_alive() {
     })
     .await
     .unwrap();
-    let (_, body) = http_get(&c.nodes[survivor].http, "/readyz").await.unwrap();
+    let (_, body) =
+        http_get(c.nodes[survivor].http.as_deref().expect("an HTTP address"), "/readyz")
+            .await
+            .unwrap();
     assert!(
         body.starts_with("not ready: no leader known")
             || body.starts_with("not ready: no word from leader"),

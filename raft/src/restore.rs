@@ -226,7 +226,7 @@ pub async fn restore(
     // membership changed (it lives in the header), copied otherwise.
     let snap_dir = data_dir.join("state").join("snapshots");
     fs::create_dir_all(&snap_dir).map_err(io_at(&snap_dir))?;
-    let target = snap_dir.join(format!("snapshot-{:020}-{}.snap", last.index, seeded.snapshot_id));
+    let target = snap_dir.join(snapshot::file_name(&seeded));
     let (src, dst, header) = (file.to_path_buf(), target.clone(), seeded.clone());
     let rewrite = membership == RestoreMembership::Bootstrap;
     tokio::task::spawn_blocking(move || write_snapshot(&src, &dst, &header, rewrite))

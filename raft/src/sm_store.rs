@@ -406,8 +406,7 @@ impl StateMachineStore {
     }
 
     fn snapshot_path(&self, meta: &Meta) -> PathBuf {
-        let index = meta.last_log_id.map_or(0, |l| l.index);
-        self.shared.snap_dir.join(format!("snapshot-{index:020}-{}.snap", meta.snapshot_id))
+        self.shared.snap_dir.join(crate::snapshot::file_name(meta))
     }
 
     /// Make `path` the current snapshot and delete older ones.

@@ -31,6 +31,12 @@ fn invalid(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
+/// The file name a node keeps the snapshot `meta` under (in its snapshot directory).
+pub fn file_name(meta: &Meta) -> String {
+    let index = meta.last_log_id.map_or(0, |l| l.index);
+    format!("snapshot-{index:020}-{}.snap", meta.snapshot_id)
+}
+
 /// Streams records into a new snapshot file.
 pub struct SnapshotWriter {
     out: BufWriter<File>,

@@ -594,7 +594,8 @@ fn dag(s: &state_machine::SchedulerState, id: TaskId) -> Value {
     json!({"nodes": nodes, "edges": edges, "truncated": members.len() >= MAX_DAG_TASKS})
 }
 
-fn body_json(body: &Bytes) -> Result<Value, ApiError> {
+/// The action's JSON body (an empty body is `{}`), refusing fields other than `allowed`.
+fn body_json(body: &Bytes, allowed: &str) -> Result<Value, ApiError> {
     if body.len() > MAX_BODY_BYTES {
         return Err(ApiError::of(error_body(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -608,8 +609,11 @@ fn body_json(body: &Bytes) -> Result<Value, ApiError> {
     }
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad("body", &format!("not valid JSON: {e}")))?;
-    if !v.is_object() {
+    let Some(fields) = v.as_object() else {
         return Err(ApiError::bad("body", "expected a JSON object"));
+    };
+    if let Some(k) = fields.keys().find(|k| *k != allowed) {
+        return Err(ApiError::bad(k, &format!("unknown field (expected {allowed})")));
     }
     Ok(v)
 }
@@ -623,12 +627,7 @@ async fn cancel_task(
     let id = task_id(&raw)?;
     let who = caller(&node, &headers, "/scheduler.v1.Tasks/CancelTasks")?;
     json_content(&headers)?;
-    let v = body_json(&body)?;
-    for k in v.as_object().into_iter().flat_map(|o| o.keys()) {
-        if k != "reason" {
-            return Err(ApiError::bad(k, "unknown field (expected reason)"));
-        }
-    }
+    let v = body_json(&body, "reason")?;
     let reason = match v.get("reason") {
         None | Some(Value::Null) => "cancelled from the dashboard".to_string(),
         Some(Value::String(s)) => s.clone(),
@@ -663,12 +662,7 @@ async fn retry_task(
     let id = task_id(&raw)?;
     let who = caller(&node, &headers, "/scheduler.v1.Tasks/RetryTask")?;
     json_content(&headers)?;
-    let v = body_json(&body)?;
-    for k in v.as_object().into_iter().flat_map(|o| o.keys()) {
-        if k != "with_dependents" {
-            return Err(ApiError::bad(k, "unknown field (expected with_dependents)"));
-        }
-    }
+    let v = body_json(&body, "with_dependents")?;
     let with_dependents = match v.get("with_dependents") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,

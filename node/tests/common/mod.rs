@@ -194,7 +194,12 @@ where
 
 /// Submits `tasks` as one batch (retrying on UNAVAILABLE across `addrs`); their ids in order.
 pub async fn submit(addrs: &[String], tasks: Vec<pb::TaskSpec>) -> Vec<u64> {
-    let r = retry(addrs, |ch| {
+    submit_batch(addrs, tasks).await.tasks.iter().map(|t| t.id).collect()
+}
+
+/// [`submit`], answering the whole response (ids, log index).
+pub async fn submit_batch(addrs: &[String], tasks: Vec<pb::TaskSpec>) -> pb::SubmitTasksResponse {
+    retry(addrs, |ch| {
         let tasks = tasks.clone();
         async move {
             TasksClient::new(ch)
@@ -204,8 +209,7 @@ pub async fn submit(addrs: &[String], tasks: Vec<pb::TaskSpec>) -> Vec<u64> {
         }
     })
     .await
-    .expect("submit");
-    r.tasks.iter().map(|t| t.id).collect()
+    .expect("submit")
 }
 
 pub fn spec(name: &str, priority: i32) -> pb::TaskSpec {
@@ -464,4 +468,45 @@ pub async fn all_tasks(addrs: &[String]) -> BTreeMap<u64, pb::Task> {
 
 pub fn state(t: &pb::Task) -> &'static str {
     proto::convert::state_name(t.state)
+}
+
+/// `GET path` on an HTTP address: (status code, body), or None if it did not answer within
+/// 5 s. HTTP/1.0, so the body is not chunked and the server closes after it.
+pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nhost: {addr}\r\n\r\n").as_bytes()).await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        std::io::Result::Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    let text = tokio::time::timeout(Duration::from_secs(5), io).await.ok()?.ok()?;
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    Some((code, body))
+}
+
+/// `promtool check metrics` finds nothing in `page` (skipped loudly without promtool).
+pub fn promtool_check(page: &str) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let Ok(mut child) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    else {
+        eprintln!(
+            "\n!!!!!!!! SKIPPED promtool check: promtool is not installed \
+             (apt-get install -y prometheus; .ci/run does this) !!!!!!!!\n"
+        );
+        return;
+    };
+    child.stdin.take().unwrap().write_all(page.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let findings =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && findings.trim().is_empty(), "promtool: {findings}\n{page}");
 }
